@@ -1,0 +1,37 @@
+"""canonrl: vectorized, tested advantage estimators for RL from verifiable rewards.
+
+    import canonrl
+    adv = canonrl.advantages("canon", rewards=r, group=uids, mask=response_mask,
+                             entropy=token_entropy, mu=1.0, metric="entropy")   # -> [B, T]
+"""
+
+from canonrl.batch import RolloutBatch, make_batch
+from canonrl.registry import (
+    Estimator,
+    EstimatorInfo,
+    Paper,
+    SequenceEstimator,
+    advantages,
+    estimators,
+    get_estimator,
+    register,
+)
+from canonrl.selection import dynamic_sampling_keep
+from canonrl.shaping import overlong_penalty
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Estimator",
+    "EstimatorInfo",
+    "Paper",
+    "RolloutBatch",
+    "SequenceEstimator",
+    "advantages",
+    "dynamic_sampling_keep",
+    "estimators",
+    "get_estimator",
+    "make_batch",
+    "overlong_penalty",
+    "register",
+]

@@ -1,0 +1,256 @@
+"""The batch of rollouts an estimator reads, validated once at the API boundary.
+
+Every estimator receives a :class:`RolloutBatch`. Building one checks shapes, dtypes, devices and values and raises
+``ValueError``/``TypeError`` naming the argument and the offending rows, so that no estimator ever has to produce a
+silent NaN. Per-token inputs that only some estimators read (entropies, log-probs, token ids) are checked where
+they are reduced, so an estimator that does not read them pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Names of the per-rollout inputs a batch can carry (everything else passed to ``advantages`` is a hyperparameter).
+BATCH_FIELDS = ("rewards", "token_rewards", "group", "mask", "entropy", "logprobs", "token_ids", "metric")
+
+_MAX_ROWS_IN_MESSAGE = 10
+
+
+def describe_rows(bad_rows: Tensor) -> str:
+    """Format the indices of the True entries of a [B] flag tensor as ``[3, 17]`` (truncated after 10)."""
+    rows = bad_rows.nonzero().flatten().tolist()
+    shown = ", ".join(str(r) for r in rows[:_MAX_ROWS_IN_MESSAGE])
+    more = f", ... ({len(rows)} rows)" if len(rows) > _MAX_ROWS_IN_MESSAGE else ""
+    return f"[{shown}{more}]"
+
+
+def _require_tensor(name: str, value: Any) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _require_finite_rows(name: str, values: Tensor) -> None:
+    """Raise if a [B] or [B, K] float tensor has NaN/Inf, naming the rows."""
+    finite = torch.isfinite(values)
+    if finite.all():
+        return
+    if values.dim() > 1:
+        finite = finite.flatten(1).all(1)
+    nan_rows = torch.isnan(values) if values.dim() == 1 else torch.isnan(values).flatten(1).any(1)
+    kind = "NaN" if nan_rows.any() else "Inf"
+    raise ValueError(f"{name} has {kind} at rows {describe_rows(~finite)}")
+
+
+def encode_groups(group: Any, batch_size: int, device: torch.device) -> tuple[Tensor, int]:
+    """Map group ids (an int tensor or a sequence of hashable ids, e.g. verl's uid strings) to 0..G-1.
+
+    Returns the per-row group index as a long tensor on ``device`` and the number of groups. Ids need not be
+    contiguous, sorted or of equal multiplicity.
+    """
+    if isinstance(group, Tensor):
+        if group.dtype.is_floating_point or group.dtype == torch.bool or group.is_complex():
+            raise TypeError(f"group must hold integer ids (or be a list of hashable ids), got dtype {group.dtype}")
+        if group.dim() != 1 or group.shape[0] != batch_size:
+            raise ValueError(f"group must have shape [{batch_size}] (one id per row), got {list(group.shape)}")
+        if batch_size == 0:
+            return torch.zeros(0, dtype=torch.long, device=device), 0
+        _, index = torch.unique(group.to(device), return_inverse=True)
+        return index.long(), int(index.max().item()) + 1
+    if isinstance(group, (str, bytes)) or not isinstance(group, (Sequence, np.ndarray)):
+        raise TypeError(f"group must be an int tensor or a sequence of hashable ids, got {type(group).__name__}")
+    if len(group) != batch_size:
+        raise ValueError(f"group must have one id per row: got {len(group)} ids for {batch_size} rows")
+    if batch_size == 0:
+        return torch.zeros(0, dtype=torch.long, device=device), 0
+    try:
+        ids = np.asarray(group)
+    except ValueError:  # ragged ids, e.g. tuples of different lengths
+        ids = None
+    if ids is None or ids.ndim != 1:
+        # e.g. a list of tuples, which numpy would make 2-D: keep each id whole as one object.
+        ids = np.fromiter(group, dtype=object, count=len(group))
+    try:
+        _, inverse = np.unique(ids, return_inverse=True)
+    except TypeError:  # mixed, unorderable ids
+        codes: dict[Any, int] = {}
+        inverse = np.fromiter((codes.setdefault(g, len(codes)) for g in ids), dtype=np.int64, count=len(ids))
+    index = torch.from_numpy(np.ascontiguousarray(inverse.reshape(-1), dtype=np.int64)).to(device)
+    return index, int(index.max().item()) + 1
+
+
+def _check_per_token(name: str, value: Tensor, mask: Tensor) -> Tensor:
+    value = _require_tensor(name, value)
+    if value.shape != mask.shape:
+        raise ValueError(f"{name} must have the mask's shape {list(mask.shape)}, got {list(value.shape)}")
+    if value.device != mask.device:
+        raise ValueError(f"{name} is on {value.device} but mask is on {mask.device}; put all inputs on one device")
+    return value
+
+
+@dataclass
+class RolloutBatch:
+    """A validated batch of B responses of up to T tokens, grouped by prompt.
+
+    Attributes:
+        rewards: [B] float32 outcome reward per response (the row sum of ``token_rewards`` when only those are given).
+        group_index: [B] long, the prompt group of each row mapped to 0..num_groups-1.
+        num_groups: number of distinct groups.
+        mask: [B, T] response mask as given (bool, int or float holding 0/1).
+        token_rewards: optional [B, T] per-token rewards (verl's ``token_level_rewards``).
+        entropy, logprobs: optional [B, T] per-token float inputs, read only at mask positions.
+        token_ids: optional [B, T] integer response token ids.
+        metric: optional [B] per-response metric given directly by the caller.
+    """
+
+    rewards: Tensor
+    group_index: Tensor
+    num_groups: int
+    mask: Tensor
+    token_rewards: Tensor | None = None
+    entropy: Tensor | None = None
+    logprobs: Tensor | None = None
+    token_ids: Tensor | None = None
+    metric: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+    @cached_property
+    def lengths(self) -> Tensor:
+        """[B] float32 number of response tokens (mask positions) per row."""
+        return self.mask.sum(-1, dtype=torch.float32)
+
+    @cached_property
+    def valid(self) -> Tensor:
+        """[B] bool: rows with at least one response token. Fully masked rows take no part in any statistic."""
+        return self.lengths > 0
+
+    @cached_property
+    def grouping(self):
+        from canonrl.groups import Grouping
+
+        return Grouping(self.group_index, self.valid, self.num_groups)
+
+    def masked_row_mean(self, name: str) -> Tensor:
+        """[B] float32 mean of a per-token input over each row's mask (0 for fully masked rows).
+
+        Raises if the input is NaN/Inf at a mask position; values outside the mask are ignored, whatever they are.
+        """
+        values = getattr(self, name)
+        if values is None:
+            raise ValueError(f"{name} is required here but was not given")
+        row_sum = (values * self.mask).sum(-1, dtype=torch.float32)
+        bad = ~torch.isfinite(row_sum)
+        if bad.any():
+            # Slow path only for the offending rows: NaN outside the mask is legal (padding), inside it is not.
+            rows = bad.nonzero().flatten()
+            inside = self.mask[rows] != 0
+            finite_inside = torch.isfinite(values[rows]) | ~inside
+            broken = torch.zeros_like(bad)
+            broken[rows] = ~finite_inside.all(-1)
+            if broken.any():
+                raise ValueError(f"{name} is NaN or Inf inside the mask at rows {describe_rows(broken)}")
+            row_sum[rows] = torch.where(inside, values[rows], 0).sum(-1, dtype=torch.float32)
+        return torch.where(self.valid, row_sum / self.lengths.clamp_min(1), 0.0)
+
+
+def make_batch(
+    *,
+    rewards: Tensor | Sequence[float] | None = None,
+    group: Any = None,
+    mask: Tensor | None = None,
+    token_rewards: Tensor | None = None,
+    entropy: Tensor | None = None,
+    logprobs: Tensor | None = None,
+    token_ids: Tensor | None = None,
+    metric: Tensor | None = None,
+) -> RolloutBatch:
+    """Validate raw inputs and build a :class:`RolloutBatch` (see its attributes for shapes)."""
+    if mask is None:
+        raise ValueError("mask is required: a [B, T] response mask (1 on response tokens, 0 on padding)")
+    mask = _require_tensor("mask", mask)
+    if mask.dim() != 2:
+        raise ValueError(f"mask must have shape [B, T], got {list(mask.shape)}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
+    batch_size, device = mask.shape[0], mask.device
+
+    if token_rewards is not None:
+        token_rewards = _check_per_token("token_rewards", token_rewards, mask)
+        if not token_rewards.dtype.is_floating_point and token_rewards.dtype != torch.bool:
+            token_rewards = token_rewards.float()
+        _require_finite_rows("token_rewards", token_rewards.float())
+        if rewards is None:
+            rewards = (token_rewards * mask).sum(-1, dtype=torch.float32)
+    if rewards is None:
+        raise ValueError("rewards is required: one outcome reward per response, shape [B]")
+    if not isinstance(rewards, Tensor):
+        rewards = torch.as_tensor(rewards, device=device)
+    if rewards.is_complex():
+        raise TypeError(f"rewards must be real numbers or bool, got {rewards.dtype}")
+    if rewards.dim() != 1 or rewards.shape[0] != batch_size:
+        raise ValueError(f"rewards must have shape [{batch_size}] (one per mask row), got {list(rewards.shape)}")
+    if rewards.device != device:
+        raise ValueError(f"rewards is on {rewards.device} but mask is on {device}; put all inputs on one device")
+    rewards = rewards.to(torch.float32)
+    _require_finite_rows("rewards", rewards)
+
+    if batch_size and mask.numel():
+        lo, hi = torch.aminmax(mask) if mask.dtype != torch.bool else (0, 1)
+        if lo < 0 or hi > 1:
+            bad = ((mask < 0) | (mask > 1)).any(-1)
+            raise ValueError(f"mask must hold only 0 and 1, found other values at rows {describe_rows(bad)}")
+    if group is None:
+        raise ValueError("group is required: one prompt/group id per row (int tensor or list of ids, e.g. uids)")
+    group_index, num_groups = encode_groups(group, batch_size, device)
+
+    if entropy is not None:
+        entropy = _check_per_token("entropy", entropy, mask)
+        if not entropy.dtype.is_floating_point:
+            raise TypeError(f"entropy must be a float tensor, got {entropy.dtype}")
+    if logprobs is not None:
+        logprobs = _check_per_token("logprobs", logprobs, mask)
+        if not logprobs.dtype.is_floating_point:
+            raise TypeError(f"logprobs must be a float tensor, got {logprobs.dtype}")
+    if token_ids is not None:
+        token_ids = _check_per_token("token_ids", token_ids, mask)
+        if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+            raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+    if metric is not None:
+        metric = _require_tensor("metric", metric)
+        if metric.dim() != 1 or metric.shape[0] != batch_size:
+            raise ValueError(f"metric must have shape [{batch_size}] (one value per response), got {list(metric.shape)}")
+        if metric.device != device:
+            raise ValueError(f"metric is on {metric.device} but mask is on {device}; put all inputs on one device")
+        metric = metric.to(torch.float32)
+        _require_finite_rows("metric", metric)
+
+    batch = RolloutBatch(
+        rewards=rewards,
+        group_index=group_index,
+        num_groups=num_groups,
+        mask=mask,
+        token_rewards=token_rewards,
+        entropy=entropy,
+        logprobs=logprobs,
+        token_ids=token_ids,
+        metric=metric,
+    )
+    if mask.dtype.is_floating_point and batch_size:
+        fractional = batch.lengths != batch.lengths.round()
+        if fractional.any():
+            raise ValueError(f"mask must hold only 0 and 1, found fractional values at rows {describe_rows(fractional)}")
+    return batch

@@ -1,0 +1,154 @@
+"""Side-by-side timing of the estimators against the memory floor and verl's built-ins, in one process.
+
+The floor is what any estimator must at least do on the same tensors: one masked broadcast
+``scores[:, None] * mask`` (write the [B, T] output), plus, for an estimator that reads a per-token input, one
+masked row-sum of that input. Ratios to it are what the README reports; absolute times depend on the machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import canonrl
+
+#: (label, registry name, hyperparameters, per-token input it reads or None)
+CASES: tuple[tuple[str, str, dict, str | None], ...] = (
+    ("grpo", "grpo", {}, None),
+    ("dr_grpo", "dr_grpo", {}, None),
+    ("rloo", "rloo", {}, None),
+    ("reinforce_pp", "reinforce_pp", {}, None),
+    ("reinforce_pp_baseline", "reinforce_pp_baseline", {}, None),
+    ("dapo", "dapo", {}, None),
+    ("canon (entropy, mu=1)", "canon", {"metric": "entropy", "mu": 1.0}, "entropy"),
+    ("canon (length, alpha=0.9)", "canon", {"metric": "length", "mu": 0.5, "alpha": 0.9}, None),
+    ("canon (entropy, cosine schedule)", "canon", {"metric": "entropy", "mu": "cosine-first-inter-later-intra"}, "entropy"),
+    ("canon (entropy, accuracy schedule)", "canon", {"metric": "entropy", "mu": "first-inter-later-intra"}, "entropy"),
+)
+
+
+@dataclass
+class Row:
+    device: str
+    label: str
+    seconds: float
+    floor_seconds: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.floor_seconds is None else self.seconds / self.floor_seconds
+
+
+def synthetic_batch(prompts: int, group_size: int, tokens: int, device: str, seed: int = 0) -> dict:
+    """Binary rewards, shuffled group ids, right-padded float32 masks of random length, float32 entropies."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = prompts * group_size
+    group = torch.arange(prompts).repeat_interleave(group_size)[torch.randperm(rows, generator=generator)]
+    lengths = torch.randint(tokens // 8, tokens + 1, (rows,), generator=generator)
+    mask = (torch.arange(tokens)[None, :] < lengths[:, None]).float()
+    return {
+        "rewards": (torch.rand(rows, generator=generator) < 0.5).float().to(device),
+        "group": group.to(device),
+        "mask": mask.to(device),
+        "entropy": torch.rand(rows, tokens, generator=generator).to(device),
+    }
+
+
+def _timed_round_robin(
+    contenders: list[tuple[str, Callable[[], object]]], device: str, repeats: int
+) -> dict[str, float]:
+    """Median seconds per contender; each repeat times every contender in turn, so drift hits all alike."""
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    samples: dict[str, list[float]] = {label: [] for label, _ in contenders}
+    for _, fn in contenders:  # warm-up: allocator, caches, lazy imports
+        fn()
+    sync()
+    for _ in range(repeats):
+        for label, fn in contenders:
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in samples.items()}
+
+
+def _verl_contenders(batch: dict) -> list[tuple[str, Callable[[], object]]]:
+    try:
+        from verl.trainer.ppo import core_algos
+    except Exception:  # noqa: BLE001 — verl is optional; any import failure means "not available"
+        return []
+    mask = batch["mask"]
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask * positions).amax(-1).long()
+    token_rewards = torch.zeros_like(mask)
+    token_rewards[torch.arange(mask.shape[0], device=mask.device), last] = batch["rewards"]
+    uids = np.array([f"uid-{g}" for g in batch["group"].tolist()], dtype=object)
+
+    def run(fn: Callable) -> Callable[[], object]:
+        return lambda: fn(token_level_rewards=token_rewards, response_mask=mask, index=uids)
+
+    return [
+        ("verl 0.9 grpo (loop)", run(core_algos.compute_grpo_outcome_advantage)),
+        ("verl 0.9 grpo_vectorized", run(core_algos.compute_grpo_vectorized_outcome_advantage)),
+    ]
+
+
+FLOOR = "floor: scores[:, None] * mask"
+ROW_SUM = "masked row-sum of entropy"
+
+
+def run_benchmark(
+    *,
+    prompts: int = 512,
+    group_size: int = 16,
+    tokens: int = 2048,
+    repeats: int = 5,
+    devices: list[str] | None = None,
+    with_verl: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows: list[Row] = []
+    for device in devices:
+        if progress:
+            progress(device)
+        batch = synthetic_batch(prompts, group_size, tokens, device)
+        mask, entropy, scores = batch["mask"], batch["entropy"], batch["rewards"]
+        contenders: list[tuple[str, Callable[[], object]]] = [
+            (FLOOR, lambda: scores[:, None] * mask),
+            (ROW_SUM, lambda: (entropy * mask).sum(-1)),
+        ]
+        reads: dict[str, str | None] = {}
+        for label, name, hyperparameters, reads_input in CASES:
+            inputs = {k: v for k, v in batch.items() if k != "entropy" or reads_input == "entropy"}
+            estimator = canonrl.get_estimator(name, **hyperparameters)
+            contenders.append((f"canonrl {label}", lambda e=estimator, i=inputs: e(**i)))
+            reads[f"canonrl {label}"] = reads_input
+        if with_verl:
+            contenders += _verl_contenders(batch)
+        times = _timed_round_robin(contenders, device, repeats)
+        floor = times[FLOOR]
+        floor_with_read = floor + times[ROW_SUM]
+        rows.append(Row(device, FLOOR, floor, floor))
+        rows.append(Row(device, "floor + " + ROW_SUM, floor_with_read, floor_with_read))
+        for label, _ in contenders[2:]:
+            rows.append(Row(device, label, times[label], floor_with_read if reads.get(label) else floor))
+    return rows
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| device | contender | time (ms) | × floor |", "|---|---|---:|---:|"]
+    for row in rows:
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
+        lines.append(f"| {row.device} | {row.label} | {row.seconds * 1e3:.1f} | {ratio} |")
+    return "\n".join(lines)

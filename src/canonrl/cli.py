@@ -1,0 +1,90 @@
+"""The ``canonrl`` command line: ``canonrl estimators``, ``canonrl bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="canonrl: advantage estimators for RL from verifiable rewards.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _format_default(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@app.command("estimators")
+def list_estimators(
+    details: bool = typer.Option(False, "--details", help="also list every hyperparameter with its help text"),
+) -> None:
+    """Print the registry: each estimator, its paper, the inputs it needs and its hyperparameters."""
+    import canonrl
+
+    table = Table(title="canonrl estimators", show_lines=True)
+    for column in ("name", "description", "paper", "inputs", "hyperparameters (defaults)"):
+        table.add_column(column, overflow="fold")
+    for info in canonrl.estimators():
+        paper = f"{info.paper.title}\narXiv {info.paper.arxiv}" if info.paper else "-"
+        if not info.verified:
+            paper += "\n(best reading, not fully verified)"
+        if details:
+            hyper = "\n".join(f"{h.name}={_format_default(h.default)}: {h.help}" for h in info.hyperparameters)
+        else:
+            hyper = ", ".join(f"{h.name}={_format_default(h.default)}" for h in info.hyperparameters)
+        inputs = ", ".join(info.inputs)
+        table.add_row(info.name, f"{info.description}\n[{info.level}-level]", paper, inputs, hyper or "-")
+    console.print(table)
+
+
+@app.command("bench")
+def bench(
+    prompts: int = typer.Option(512, help="prompts in the synthetic batch"),
+    group_size: int = typer.Option(16, help="responses per prompt"),
+    tokens: int = typer.Option(2048, help="response tokens (T)"),
+    repeats: int = typer.Option(5, help="timed repetitions per contender (median reported)"),
+    device: list[str] = typer.Option(None, help="device(s) to run on; default: cpu, and cuda when present"),
+    verl: bool = typer.Option(True, help="include verl's grpo and grpo_vectorized when verl is installed"),
+    markdown: Path = typer.Option(None, help="also write the table as markdown to this file"),
+) -> None:
+    """Time every estimator against the memory floor (and verl's GRPO) on one synthetic batch."""
+    import torch
+
+    from canonrl.bench import markdown_table, run_benchmark
+
+    for name in device or []:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    with console.status("benchmarking") as status:
+        rows = run_benchmark(
+            prompts=prompts,
+            group_size=group_size,
+            tokens=tokens,
+            repeats=repeats,
+            devices=device or None,
+            with_verl=verl,
+            progress=lambda text: status.update(f"benchmarking {text}"),
+        )
+    table = Table(title=f"{prompts} prompts × {group_size} responses × {tokens} tokens, median of {repeats}")
+    for column in ("device", "contender", "time (ms)", "× floor"):
+        table.add_column(column, justify="right" if column in ("time (ms)", "× floor") else "left")
+    for row in rows:
+        table.add_row(row.device, row.label, f"{row.seconds * 1e3:.1f}", "" if row.ratio is None else f"{row.ratio:.2f}")
+    console.print(table)
+    if markdown:
+        markdown.write_text(markdown_table(rows) + "\n")
+        console.print(f"markdown table written to {markdown}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

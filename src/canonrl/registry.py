@@ -1,0 +1,188 @@
+"""The estimator registry and the one entry point, :func:`advantages`.
+
+An estimator is a class with a name, a one-line description, its paper, the batch inputs it needs beyond
+``rewards``/``group``/``mask``, and a ``Params`` dataclass holding its hyperparameters with defaults. Instances are
+callable on a :class:`~canonrl.batch.RolloutBatch` and may keep state across calls (a step counter for schedules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from canonrl.batch import BATCH_FIELDS, RolloutBatch, make_batch
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    arxiv: str
+
+    def __str__(self) -> str:
+        return f"{self.title} (arXiv {self.arxiv})"
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    name: str
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class EstimatorInfo:
+    """What the registry knows about one estimator."""
+
+    name: str
+    description: str
+    paper: Paper | None
+    level: str
+    requires: tuple[str, ...]
+    hyperparameters: tuple[Hyperparameter, ...]
+    verified: bool
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return ("rewards", "group", "mask", *self.requires)
+
+
+def param(default: Any, help: str) -> Any:
+    """A hyperparameter field with a default and a one-line help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+class Estimator(ABC):
+    """Base class of every estimator. Subclasses set the class attributes and implement :meth:`compute`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    paper: ClassVar[Paper | None] = None
+    #: "sequence" (one scalar per response, broadcast over its tokens) or "token".
+    level: ClassVar[str] = "sequence"
+    #: Batch inputs needed beyond rewards, group and mask; may depend on hyperparameters (see ``required_inputs``).
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: False for a "best reading" of a method whose paper or code could not be fully checked.
+    verified: ClassVar[bool] = True
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, **hyperparameters: Any) -> None:
+        known = {f.name for f in dataclasses.fields(self.Params)}
+        unknown = sorted(set(hyperparameters) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown hyperparameter {unknown[0]!r} for estimator {self.name!r}; valid: {sorted(known) or 'none'}"
+            )
+        self.params = self.Params(**hyperparameters)
+        self.step = 0
+
+    def required_inputs(self) -> tuple[str, ...]:
+        """The optional batch inputs this configured instance reads."""
+        return self.requires
+
+    def __call__(self, batch: RolloutBatch | None = None, /, *, step: int | None = None, **fields: Any) -> Tensor:
+        """Token-level advantages [B, T] (float32, 0 outside the mask) for a batch or raw batch fields.
+
+        ``step`` is the trainer step (1-based, as verl's ``global_steps``); when omitted the estimator counts its
+        own calls.
+        """
+        if batch is None:
+            batch = make_batch(**fields)
+        elif fields:
+            raise TypeError("pass either a RolloutBatch or batch fields, not both")
+        for name in self.required_inputs():
+            if getattr(batch, name) is None:
+                raise ValueError(f"estimator {self.name!r} needs {name!r}, which was not given")
+        self.step = self.step + 1 if step is None else int(step)
+        if batch.batch_size == 0:
+            return torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.device)
+        return self.compute(batch)
+
+    @abstractmethod
+    def compute(self, batch: RolloutBatch) -> Tensor:
+        """Token-level advantages [B, T] for a non-empty validated batch."""
+
+    @classmethod
+    def info(cls) -> EstimatorInfo:
+        return EstimatorInfo(
+            name=cls.name,
+            description=cls.description,
+            paper=cls.paper,
+            level=cls.level,
+            requires=cls.requires,
+            hyperparameters=tuple(
+                Hyperparameter(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls.Params)
+            ),
+            verified=cls.verified,
+        )
+
+
+class SequenceEstimator(Estimator):
+    """An estimator that gives one scalar per response, broadcast to the response's tokens."""
+
+    def compute(self, batch: RolloutBatch) -> Tensor:
+        scores = self.sequence_advantages(batch)
+        return scores[:, None] * batch.mask
+
+    @abstractmethod
+    def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
+        """[B] float32 advantage per response; 0 for rows that are not valid."""
+
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+
+
+def register(cls: type[Estimator]) -> type[Estimator]:
+    """Class decorator adding an estimator to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"an estimator named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    import canonrl.methods  # noqa: F401  (registers the built-in estimators)
+
+
+def estimator_class(name: str) -> type[Estimator]:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown estimator {name!r}; choose from: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def get_estimator(name: str, **hyperparameters: Any) -> Estimator:
+    """An estimator instance by registry name, e.g. ``get_estimator("canon", mu="cosine-first-inter-later-intra")``."""
+    return estimator_class(name)(**hyperparameters)
+
+
+def estimators() -> list[EstimatorInfo]:
+    """Every registered estimator with its description, paper, inputs and hyperparameters, sorted by name."""
+    _load_builtins()
+    return [_REGISTRY[name].info() for name in sorted(_REGISTRY)]
+
+
+def advantages(name: str, *, step: int | None = None, **kwargs: Any) -> Tensor:
+    """Token-level advantages [B, T] from the estimator ``name``.
+
+    Keyword arguments named like batch fields (``rewards``, ``group``, ``mask``, ``token_rewards``, ``entropy``,
+    ``logprobs``, ``token_ids``, ``metric`` as a tensor) are the batch; the rest are the estimator's
+    hyperparameters. A per-response ``metric`` tensor also selects ``metric="given"`` for estimators that regroup
+    by a metric (CANON).
+    """
+    fields = {k: v for k, v in kwargs.items() if k in BATCH_FIELDS}
+    hyperparameters = {k: v for k, v in kwargs.items() if k not in BATCH_FIELDS}
+    cls = estimator_class(name)
+    if isinstance(fields.get("metric"), str):
+        hyperparameters["metric"] = fields.pop("metric")
+    elif "metric" in fields and "metric" in {f.name for f in dataclasses.fields(cls.Params)}:
+        hyperparameters["metric"] = "given"
+    return cls(**hyperparameters)(step=step, **fields)
