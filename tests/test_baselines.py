@@ -152,3 +152,20 @@ def test_estimator_objects_count_steps():
     assert estimator.step == 2
     estimator(rewards=REWARDS, group=GROUPS, mask=full_mask(8), step=10)
     assert estimator.step == 10
+
+
+def test_chunked_discounted_returns_with_holes_match_a_naive_scan():
+    # gamma 0.5 makes chunks of 865 tokens, so 2000 tokens cross two chunk boundaries
+    from canonrl.ops import discounted_returns
+
+    generator = torch.Generator().manual_seed(0)
+    rows, tokens, gamma = 3, 2000, 0.5
+    mask = (torch.rand(rows, tokens, generator=generator) < 0.7).float()
+    token_rewards = torch.randn(rows, tokens, generator=generator)
+    expected = torch.zeros(rows, tokens, dtype=torch.float64)
+    running = torch.zeros(rows, dtype=torch.float64)
+    for t in reversed(range(tokens)):  # per mask token: skip masked positions, as verl 0.9 does
+        new = token_rewards[:, t].double() + gamma * running
+        expected[:, t] = new * mask[:, t]
+        running = torch.where(mask[:, t] > 0, new, running)
+    assert torch.allclose(discounted_returns(token_rewards, mask, gamma).double(), expected, atol=1e-5)

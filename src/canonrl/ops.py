@@ -38,27 +38,33 @@ def masked_whiten(values: Tensor, mask: Tensor, eps: float = WHITEN_EPS) -> Tens
 
 
 def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """[B, T] float32 returns G_t = sum over mask positions t' >= t of gamma^(t'-t) * r_t'.
+    """[B, T] float32 returns over mask positions, discounted per mask token; 0 outside the mask.
+
+    G_t = sum over mask positions t' >= t of gamma^(k(t') - k(t)) * r_t', with k the index among the row's mask
+    positions: masked spans (e.g. tool observations) are skipped, neither rewarded nor discounted, exactly as
+    verl 0.9's REINFORCE++ loop carries its running return through them.
 
     Vectorized as a scaled reverse cumulative sum in float64, split into chunks short enough that gamma^-chunk
     cannot overflow; only the (few) chunks are looped over, never the tokens.
     """
     rewards = (token_rewards * mask).double()
     if gamma == 1.0:
-        return rewards.flip(-1).cumsum(-1).flip(-1).float()
+        return (rewards.flip(-1).cumsum(-1).flip(-1) * mask).float()
     if gamma == 0.0:
         return rewards.float()
+    weights = (mask != 0).double()
+    # e(t): number of mask positions before t; the exponent of a reward at t' seen from t is e(t') - e(t).
+    before = weights.cumsum(-1) - weights
     length = rewards.shape[-1]
     chunk = max(1, min(length, int(600 / abs(math.log(gamma)))))
-    returns = torch.empty_like(rewards)
+    running = torch.empty_like(rewards)
     carry = torch.zeros(rewards.shape[0], dtype=torch.float64, device=rewards.device)
+    carry_before = before[:, -1] + weights[:, -1]
     for end in range(length, 0, -chunk):
         start = max(0, end - chunk)
-        offsets = torch.arange(end - start, dtype=torch.float64, device=rewards.device)
-        scale = gamma**offsets  # gamma^(t - start) within the chunk
-        scaled = rewards[:, start:end] * scale
-        tail = scaled.flip(-1).cumsum(-1).flip(-1) / scale
-        # A reward after the chunk contributes gamma^(end - t) * carry, carry being the return at `end`.
-        returns[:, start:end] = tail + carry[:, None] * gamma ** (end - start - offsets)
-        carry = returns[:, start]
-    return returns.float()
+        exponent = before[:, start:end] - before[:, start : start + 1]
+        scale = gamma**exponent
+        tail = (rewards[:, start:end] * scale).flip(-1).cumsum(-1).flip(-1) / scale
+        running[:, start:end] = tail + carry[:, None] * gamma ** (carry_before[:, None] - before[:, start:end])
+        carry, carry_before = running[:, start], before[:, start]
+    return (running * mask).float()

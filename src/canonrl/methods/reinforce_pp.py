@@ -11,9 +11,9 @@ mask. ``group`` is accepted and ignored.
 
 Conventions: an outcome reward given as ``rewards`` sits on the response's last mask token (verl's placement); with
 gamma = 1 and no token rewards the returns equal the reward on every token and the whitening is computed from
-per-response sums without materialising the returns. Discounting counts positions, and rewards flow across masked
-holes in a response (verl's loop resets the running return at masked positions instead; identical for
-right-padded responses). Fewer than two mask tokens in the batch: 0 (verl raises).
+per-response sums without materialising the returns. Discounting counts mask tokens: a masked span inside a
+response (a tool observation) is skipped, neither rewarded nor discounted, as in verl 0.9. Fewer than two mask
+tokens in the batch: 0 (verl raises).
 """
 
 from __future__ import annotations
