@@ -144,6 +144,11 @@ class RolloutBatch:
 
         return Grouping(self.group_index, self.valid, self.num_groups)
 
+    def broadcast(self, scores: Tensor) -> Tensor:
+        """[B, T] float32: per-response ``scores`` [B] on every mask position, exactly 0 elsewhere."""
+        out = scores[:, None] * self.mask
+        return out if out.dtype == torch.float32 else out.float()
+
     def masked_row_mean(self, name: str) -> Tensor:
         """[B] float32 mean of a per-token input over each row's mask (0 for fully masked rows).
 

@@ -129,7 +129,7 @@ class SequenceEstimator(Estimator):
 
     def compute(self, batch: RolloutBatch) -> Tensor:
         scores = self.sequence_advantages(batch)
-        return scores[:, None] * batch.mask
+        return batch.broadcast(scores)
 
     @abstractmethod
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:

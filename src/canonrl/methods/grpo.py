@@ -47,10 +47,12 @@ def group_normalised(batch: RolloutBatch, rewards: Tensor, *, eps: float, std: s
         deviation = (rewards - mean) * valid
         spread = ((deviation * deviation).sum() / (count - int(unbiased)).clamp_min(1)).sqrt()
     else:
-        spread, eps = None, 0.0
-    advantage = centered if spread is None else centered / (spread + eps)
-    raw = rewards if spread is None else rewards / ((spread if scale == "batch" else 1.0) + eps)
-    return finish(batch, advantage, singleton=singleton, raw=torch.as_tensor(raw))
+        return finish(batch, centered, singleton=singleton, raw=rewards)
+    # A zero spread carries no scale (eps = 0 on a constant group or batch): divide by 1, never 0/0.
+    denominator = spread + eps
+    denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    singleton_scale = denominator if scale == "batch" else torch.as_tensor(1.0 + eps)
+    return finish(batch, centered / denominator, singleton=singleton, raw=rewards / singleton_scale)
 
 
 @register

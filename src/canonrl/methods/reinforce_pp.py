@@ -57,9 +57,9 @@ class ReinforcePlusPlus(Estimator):
     def compute(self, batch: RolloutBatch) -> Tensor:
         if batch.token_rewards is None and self.params.gamma == 1.0:
             whitened = whiten_broadcast_scores(batch.rewards, batch.lengths)
-            return whitened[:, None] * batch.mask
+            return batch.broadcast(whitened)
         token_rewards = batch.token_rewards
         if token_rewards is None:
             token_rewards = outcome_on_last_token(batch.rewards, batch.mask)
         returns = discounted_returns(token_rewards, batch.mask, self.params.gamma)
-        return masked_whiten(returns, batch.mask)
+        return masked_whiten(returns, batch.mask).float()

@@ -41,4 +41,4 @@ class ReinforcePlusPlusBaseline(Estimator):
     def compute(self, batch: RolloutBatch) -> Tensor:
         centered = batch.grouping.centered(batch.rewards)
         scores = finish(batch, centered, singleton=self.params.singleton, raw=batch.rewards)
-        return whiten_broadcast_scores(scores, batch.lengths)[:, None] * batch.mask
+        return batch.broadcast(whiten_broadcast_scores(scores, batch.lengths))
