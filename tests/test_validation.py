@@ -84,7 +84,7 @@ def test_unknown_estimator_and_hyperparameter():
 
 def test_empty_batch_returns_an_empty_result():
     for info in canonrl.estimators():
-        extra = {name: torch.zeros(0, 5) for name in info.requires}
+        extra = {name: torch.zeros(0, 5, dtype=torch.long if name == "token_ids" else torch.float32) for name in info.requires}
         out = canonrl.advantages(info.name, rewards=torch.zeros(0), group=[], mask=torch.zeros(0, 5), **extra)
         assert out.shape == (0, 5) and out.dtype == torch.float32
 

@@ -16,6 +16,7 @@ from canonrl.registry import (
     get_estimator,
     register,
 )
+from canonrl.methods.ktae import KeyTokens, key_token_scores
 from canonrl.selection import dynamic_sampling_keep
 from canonrl.shaping import overlong_penalty
 
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Estimator",
     "EstimatorInfo",
+    "KeyTokens",
     "Paper",
     "RolloutBatch",
     "SequenceEstimator",
@@ -31,6 +33,7 @@ __all__ = [
     "dynamic_sampling_keep",
     "estimators",
     "get_estimator",
+    "key_token_scores",
     "make_batch",
     "overlong_penalty",
     "register",

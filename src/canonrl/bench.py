@@ -29,7 +29,11 @@ CASES: tuple[tuple[str, str, dict, str | None], ...] = (
     ("canon (length, alpha=0.9)", "canon", {"metric": "length", "mu": 0.5, "alpha": 0.9}, None),
     ("canon (entropy, cosine schedule)", "canon", {"metric": "entropy", "mu": "cosine-first-inter-later-intra"}, "entropy"),
     ("canon (entropy, accuracy schedule)", "canon", {"metric": "entropy", "mu": "first-inter-later-intra"}, "entropy"),
+    ("ktae (grpo base)", "ktae", {}, "token_ids"),
+    ("ktae (upstream float32 numerics)", "ktae", {"numerics": "upstream"}, "token_ids"),
 )
+#: Qwen2.5's vocabulary size: KTAE's benchmark draws token ids from it.
+QWEN_VOCABULARY = 151_936
 
 
 @dataclass
@@ -45,7 +49,8 @@ class Row:
 
 
 def synthetic_batch(prompts: int, group_size: int, tokens: int, device: str, seed: int = 0) -> dict:
-    """Binary rewards, shuffled group ids, right-padded float32 masks of random length, float32 entropies."""
+    """Binary rewards, shuffled group ids, right-padded float32 masks of random length, float32 entropies and
+    Zipf-distributed token ids over Qwen's vocabulary (frequent ids shared across rollouts, a long rare tail)."""
     generator = torch.Generator().manual_seed(seed)
     rows = prompts * group_size
     group = torch.arange(prompts).repeat_interleave(group_size)[torch.randperm(rows, generator=generator)]
@@ -56,7 +61,17 @@ def synthetic_batch(prompts: int, group_size: int, tokens: int, device: str, see
         "group": group.to(device),
         "mask": mask.to(device),
         "entropy": torch.rand(rows, tokens, generator=generator).to(device),
+        "token_ids": zipf_token_ids(rows, tokens, generator).to(device),
     }
+
+
+def zipf_token_ids(rows: int, tokens: int, generator: torch.Generator, exponent: float = 1.1) -> torch.Tensor:
+    """[rows, tokens] ids with P(rank k) proportional to k^-exponent over the vocabulary, ranks shuffled onto ids."""
+    weights = torch.arange(1, QWEN_VOCABULARY + 1, dtype=torch.float64).pow(-exponent)
+    cumulative = torch.cumsum(weights, 0) / weights.sum()
+    uniform = torch.rand(rows * tokens, generator=generator, dtype=torch.float64)
+    ranks = torch.searchsorted(cumulative, uniform).clamp_max(QWEN_VOCABULARY - 1)
+    return torch.randperm(QWEN_VOCABULARY, generator=generator)[ranks].view(rows, tokens)
 
 
 def _timed_round_robin(
@@ -104,6 +119,7 @@ def _verl_contenders(batch: dict) -> list[tuple[str, Callable[[], object]]]:
 
 FLOOR = "floor: scores[:, None] * mask"
 ROW_SUM = "masked row-sum of entropy"
+ID_ROW_SUM = "masked row-sum of token_ids"
 
 
 def run_benchmark(
@@ -114,6 +130,7 @@ def run_benchmark(
     repeats: int = 5,
     devices: list[str] | None = None,
     with_verl: bool = True,
+    loop_groups: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
     if devices is None:
@@ -127,10 +144,11 @@ def run_benchmark(
         contenders: list[tuple[str, Callable[[], object]]] = [
             (FLOOR, lambda: scores[:, None] * mask),
             (ROW_SUM, lambda: (entropy * mask).sum(-1)),
+            (ID_ROW_SUM, lambda: (batch["token_ids"] * mask).sum(-1)),
         ]
         reads: dict[str, str | None] = {}
         for label, name, hyperparameters, reads_input in CASES:
-            inputs = {k: v for k, v in batch.items() if k != "entropy" or reads_input == "entropy"}
+            inputs = {k: v for k, v in batch.items() if k not in ("entropy", "token_ids") or k == reads_input}
             estimator = canonrl.get_estimator(name, **hyperparameters)
             contenders.append((f"canonrl {label}", lambda e=estimator, i=inputs: e(**i)))
             reads[f"canonrl {label}"] = reads_input
@@ -138,17 +156,38 @@ def run_benchmark(
             contenders += _verl_contenders(batch)
         times = _timed_round_robin(contenders, device, repeats)
         floor = times[FLOOR]
-        floor_with_read = floor + times[ROW_SUM]
+        floor_with = {None: floor, "entropy": floor + times[ROW_SUM], "token_ids": floor + times[ID_ROW_SUM]}
         rows.append(Row(device, FLOOR, floor, floor))
-        rows.append(Row(device, "floor + " + ROW_SUM, floor_with_read, floor_with_read))
-        for label, _ in contenders[2:]:
-            rows.append(Row(device, label, times[label], floor_with_read if reads.get(label) else floor))
+        rows.append(Row(device, "floor + " + ROW_SUM, floor_with["entropy"], floor_with["entropy"]))
+        rows.append(Row(device, "floor + " + ID_ROW_SUM, floor_with["token_ids"], floor_with["token_ids"]))
+        for label, _ in contenders[3:]:
+            rows.append(Row(device, label, times[label], floor_with[reads.get(label)]))
+        if loop_groups:
+            rows.append(_ktae_loop_row(batch, device, prompts, loop_groups, floor_with["token_ids"]))
     return rows
 
 
-def markdown_table(rows: list[Row]) -> str:
-    lines = ["| device | contender | time (ms) | × floor |", "|---|---|---:|---:|"]
+def _ktae_loop_row(batch: dict, device: str, prompts: int, loop_groups: int, floor: float) -> Row:
+    """The spec's per-group loop (canonrl.reference.ktae_loop) on a few groups, extrapolated to the batch."""
+    from canonrl.reference.ktae_loop import ktae_loop
+
+    rows = torch.isin(batch["group"], batch["group"].unique()[:loop_groups]).nonzero().flatten()
+    subset = {k: batch[k][rows].cpu() for k in ("rewards", "group", "mask", "token_ids")}
+    start = time.perf_counter()
+    ktae_loop(**subset)
+    seconds = (time.perf_counter() - start) * prompts / loop_groups
+    return Row(device, f"ktae per-group loop of the spec (extrapolated from {loop_groups} groups)", seconds, floor)
+
+
+def mask_tokens(prompts: int, group_size: int, tokens: int) -> int:
+    """Number of mask tokens in the synthetic batch (for tokens/s)."""
+    return int(synthetic_batch(prompts, group_size, tokens, "cpu")["mask"].sum().item())
+
+
+def markdown_table(rows: list[Row], total_tokens: int) -> str:
+    lines = ["| device | contender | time (ms) | × floor | M tokens/s |", "|---|---|---:|---:|---:|"]
     for row in rows:
         ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
-        lines.append(f"| {row.device} | {row.label} | {row.seconds * 1e3:.1f} | {ratio} |")
+        rate = total_tokens / row.seconds / 1e6
+        lines.append(f"| {row.device} | {row.label} | {row.seconds * 1e3:.1f} | {ratio} | {rate:.1f} |")
     return "\n".join(lines)

@@ -51,6 +51,7 @@ def bench(
     repeats: int = typer.Option(5, help="timed repetitions per contender (median reported)"),
     device: list[str] = typer.Option(None, help="device(s) to run on; default: cpu, and cuda when present"),
     verl: bool = typer.Option(True, help="include verl's grpo and grpo_vectorized when verl is installed"),
+    loop_groups: int = typer.Option(2, help="groups the per-group KTAE loop reference runs on (0 = skip)"),
     markdown: Path = typer.Option(None, help="also write the table as markdown to this file"),
 ) -> None:
     """Time every estimator against the memory floor (and verl's GRPO) on one synthetic batch."""
@@ -69,16 +70,22 @@ def bench(
             repeats=repeats,
             devices=device or None,
             with_verl=verl,
+            loop_groups=loop_groups,
             progress=lambda text: status.update(f"benchmarking {text}"),
         )
-    table = Table(title=f"{prompts} prompts × {group_size} responses × {tokens} tokens, median of {repeats}")
-    for column in ("device", "contender", "time (ms)", "× floor"):
-        table.add_column(column, justify="right" if column in ("time (ms)", "× floor") else "left")
+    from canonrl.bench import mask_tokens
+
+    total_tokens = mask_tokens(prompts, group_size, tokens)
+    title = f"{prompts} prompts × {group_size} responses × {tokens} tokens ({total_tokens:,} mask tokens)"
+    table = Table(title=f"{title}, median of {repeats}")
+    for column in ("device", "contender", "time (ms)", "× floor", "M tokens/s"):
+        table.add_column(column, justify="left" if column in ("device", "contender") else "right")
     for row in rows:
-        table.add_row(row.device, row.label, f"{row.seconds * 1e3:.1f}", "" if row.ratio is None else f"{row.ratio:.2f}")
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
+        table.add_row(row.device, row.label, f"{row.seconds * 1e3:.1f}", ratio, f"{total_tokens / row.seconds / 1e6:.1f}")
     console.print(table)
     if markdown:
-        markdown.write_text(markdown_table(rows) + "\n")
+        markdown.write_text(markdown_table(rows, total_tokens) + "\n")
         console.print(f"markdown table written to {markdown}")
 
 

@@ -1,0 +1,1 @@
+"""Straightforward loop implementations of the specs: test oracles and benchmark contenders, never hot paths."""
