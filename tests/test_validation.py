@@ -38,8 +38,8 @@ def test_inf_rewards():
         (dict(group=[0, 0, 1]), ValueError, "group must have one id per row"),
         (dict(group="abcd"), TypeError, "group must be"),
         (dict(mask=torch.ones(4)), ValueError, r"mask must have shape \[B, T\]"),
-        (dict(mask=torch.full((4, 3), 2.0)), ValueError, r"mask must hold only 0 and 1.*rows \[0, 1, 2, 3\]"),
-        (dict(mask=torch.tensor([[1, 0.5, 0]] * 4)), ValueError, r"mask must hold only 0 and 1, found fractional"),
+        (dict(mask=torch.full((4, 3), 2.0)), ValueError, r"mask must hold values in \[0, 1\].*rows \[0, 1, 2, 3\]"),
+        (dict(mask=torch.tensor([[1, -1.0, 0]] * 4)), ValueError, r"mask must hold values in \[0, 1\]"),
         (dict(mask=None), ValueError, "mask is required"),
         (dict(rewards=None), ValueError, "rewards is required"),
         (dict(group=None), ValueError, "group is required"),
@@ -49,6 +49,12 @@ def test_inf_rewards():
 def test_bad_batch_fields(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         grpo(**kwargs)
+
+
+def test_fractional_mask_values_weight_their_tokens():
+    mask = full_mask(4)
+    mask[:, 1] = 0.5
+    assert torch.equal(grpo(mask=mask)[:, 1], grpo()[:, 0] * 0.5)
 
 
 def test_per_token_inputs_are_checked_inside_the_mask_only():

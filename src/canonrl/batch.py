@@ -103,7 +103,8 @@ class RolloutBatch:
         rewards: [B] float32 outcome reward per response (the row sum of ``token_rewards`` when only those are given).
         group_index: [B] long, the prompt group of each row mapped to 0..num_groups-1.
         num_groups: number of distinct groups.
-        mask: [B, T] response mask as given (bool, int or float holding 0/1).
+        mask: [B, T] response mask as given (bool, int or float). Values lie in [0, 1]: 1 on response tokens, 0 on
+            padding; a value in between weights its token as verl's masked means do.
         token_rewards: optional [B, T] per-token rewards (verl's ``token_level_rewards``).
         entropy, logprobs: optional [B, T] per-token float inputs, read only at mask positions.
         token_ids: optional [B, T] integer response token ids.
@@ -119,6 +120,8 @@ class RolloutBatch:
     logprobs: Tensor | None = None
     token_ids: Tensor | None = None
     metric: Tensor | None = None
+    #: [B] largest mask value per row, when validation already computed it (saves a pass over the mask)
+    row_max: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -136,6 +139,8 @@ class RolloutBatch:
     @cached_property
     def valid(self) -> Tensor:
         """[B] bool: rows with at least one response token. Fully masked rows take no part in any statistic."""
+        if self.row_max is not None:
+            return self.row_max > 0
         return self.lengths > 0
 
     @cached_property
@@ -170,6 +175,20 @@ class RolloutBatch:
                 raise ValueError(f"{name} is NaN or Inf inside the mask at rows {describe_rows(broken)}")
             row_sum[rows] = torch.where(inside, values[rows], 0).sum(-1, dtype=torch.float32)
         return torch.where(self.valid, row_sum / self.lengths.clamp_min(1), 0.0)
+
+
+def _row_max(mask: Tensor) -> Tensor:
+    """[B] largest mask value per row, reading only the ends of left- or right-padded rows.
+
+    A row whose first or last position is in the mask has a token; only rows where both ends are 0 (fully masked
+    rows, or holes at both ends) are scanned in full.
+    """
+    ends = torch.maximum(mask[:, 0], mask[:, -1])
+    unsure = (ends == 0).nonzero().flatten()
+    if unsure.numel():
+        ends = ends.clone()
+        ends[unsure] = mask[unsure].amax(-1)
+    return ends
 
 
 def make_batch(
@@ -213,11 +232,14 @@ def make_batch(
     rewards = rewards.to(torch.float32)
     _require_finite_rows("rewards", rewards)
 
+    row_max = None
     if batch_size and mask.numel():
-        lo, hi = torch.aminmax(mask) if mask.dtype != torch.bool else (0, 1)
-        if lo < 0 or hi > 1:
-            bad = ((mask < 0) | (mask > 1)).any(-1)
-            raise ValueError(f"mask must hold only 0 and 1, found other values at rows {describe_rows(bad)}")
+        if mask.dtype != torch.bool:
+            low, high = torch.aminmax(mask)  # one vectorized pass; a per-row aminmax is not vectorized
+            if low < 0 or high > 1:
+                bad = ((mask < 0) | (mask > 1)).any(-1)
+                raise ValueError(f"mask must hold values in [0, 1] (1 = response token), not at rows {describe_rows(bad)}")
+        row_max = _row_max(mask)
     if group is None:
         raise ValueError("group is required: one prompt/group id per row (int tensor or list of ids, e.g. uids)")
     group_index, num_groups = encode_groups(group, batch_size, device)
@@ -243,7 +265,7 @@ def make_batch(
         metric = metric.to(torch.float32)
         _require_finite_rows("metric", metric)
 
-    batch = RolloutBatch(
+    return RolloutBatch(
         rewards=rewards,
         group_index=group_index,
         num_groups=num_groups,
@@ -253,9 +275,5 @@ def make_batch(
         logprobs=logprobs,
         token_ids=token_ids,
         metric=metric,
+        row_max=row_max,
     )
-    if mask.dtype.is_floating_point and batch_size:
-        fractional = batch.lengths != batch.lengths.round()
-        if fractional.any():
-            raise ValueError(f"mask must hold only 0 and 1, found fractional values at rows {describe_rows(fractional)}")
-    return batch

@@ -17,16 +17,17 @@ import torch
 
 import canonrl
 
-#: (label, registry name, hyperparameters, per-token input it reads or None)
+#: (label, registry name, hyperparameters, per-token input it must reduce per row, or None). Response lengths are
+#: the row sums of the mask, so estimators that need them have "mask" there.
 CASES: tuple[tuple[str, str, dict, str | None], ...] = (
     ("grpo", "grpo", {}, None),
     ("dr_grpo", "dr_grpo", {}, None),
     ("rloo", "rloo", {}, None),
-    ("reinforce_pp", "reinforce_pp", {}, None),
-    ("reinforce_pp_baseline", "reinforce_pp_baseline", {}, None),
-    ("dapo", "dapo", {}, None),
+    ("reinforce_pp", "reinforce_pp", {}, "mask"),
+    ("reinforce_pp_baseline", "reinforce_pp_baseline", {}, "mask"),
+    ("dapo", "dapo", {}, "mask"),
     ("canon (entropy, mu=1)", "canon", {"metric": "entropy", "mu": 1.0}, "entropy"),
-    ("canon (length, alpha=0.9)", "canon", {"metric": "length", "mu": 0.5, "alpha": 0.9}, None),
+    ("canon (length, alpha=0.9)", "canon", {"metric": "length", "mu": 0.5, "alpha": 0.9}, "mask"),
     ("canon (entropy, cosine schedule)", "canon", {"metric": "entropy", "mu": "cosine-first-inter-later-intra"}, "entropy"),
     ("canon (entropy, accuracy schedule)", "canon", {"metric": "entropy", "mu": "first-inter-later-intra"}, "entropy"),
     ("ktae (grpo base)", "ktae", {}, "token_ids"),
@@ -74,26 +75,29 @@ def zipf_token_ids(rows: int, tokens: int, generator: torch.Generator, exponent:
     return torch.randperm(QWEN_VOCABULARY, generator=generator)[ranks].view(rows, tokens)
 
 
-def _timed_round_robin(
-    contenders: list[tuple[str, Callable[[], object]]], device: str, repeats: int
-) -> dict[str, float]:
-    """Median seconds per contender; each repeat times every contender in turn, so drift hits all alike."""
+def _timed_blocks(contenders: list[tuple[str, Callable[[], object]]], device: str, repeats: int) -> dict[str, float]:
+    """Median seconds per contender, each timed in its own block of back-to-back calls after one warm-up call.
+
+    Back-to-back calls are how a trainer calls an estimator: each call allocates its own [B, T] output, and that
+    cost (page faults on CPU) belongs to the floor and the contenders alike.
+    """
 
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    samples: dict[str, list[float]] = {label: [] for label, _ in contenders}
-    for _, fn in contenders:  # warm-up: allocator, caches, lazy imports
-        fn()
-    sync()
-    for _ in range(repeats):
-        for label, fn in contenders:
+    medians = {}
+    for label, fn in contenders:
+        fn()  # warm-up: lazy imports, caches
+        sync()
+        samples = []
+        for _ in range(repeats):
             start = time.perf_counter()
             fn()
             sync()
-            samples[label].append(time.perf_counter() - start)
-    return {label: statistics.median(values) for label, values in samples.items()}
+            samples.append(time.perf_counter() - start)
+        medians[label] = statistics.median(samples)
+    return medians
 
 
 def _verl_contenders(batch: dict) -> list[tuple[str, Callable[[], object]]]:
@@ -120,6 +124,23 @@ def _verl_contenders(batch: dict) -> list[tuple[str, Callable[[], object]]]:
 FLOOR = "floor: scores[:, None] * mask"
 ROW_SUM = "masked row-sum of entropy"
 ID_ROW_SUM = "masked row-sum of token_ids"
+MASK_ROW_SUM = "row-sum of the mask (lengths)"
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Ask glibc to serve large allocations from the heap and keep freed memory (no mmap/munmap per call).
+
+    Otherwise every [B, T] output is a fresh mmap whose page faults cost more than the arithmetic and vary from
+    call to call, which drowns the differences being measured. Returns False where this is not glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def run_benchmark(
@@ -135,6 +156,7 @@ def run_benchmark(
 ) -> list[Row]:
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    keep_freed_memory_for_reuse()
     rows: list[Row] = []
     for device in devices:
         if progress:
@@ -145,6 +167,7 @@ def run_benchmark(
             (FLOOR, lambda: scores[:, None] * mask),
             (ROW_SUM, lambda: (entropy * mask).sum(-1)),
             (ID_ROW_SUM, lambda: (batch["token_ids"] * mask).sum(-1)),
+            (MASK_ROW_SUM, lambda: mask.sum(-1)),
         ]
         reads: dict[str, str | None] = {}
         for label, name, hyperparameters, reads_input in CASES:
@@ -154,13 +177,18 @@ def run_benchmark(
             reads[f"canonrl {label}"] = reads_input
         if with_verl:
             contenders += _verl_contenders(batch)
-        times = _timed_round_robin(contenders, device, repeats)
+        times = _timed_blocks(contenders, device, repeats)
         floor = times[FLOOR]
-        floor_with = {None: floor, "entropy": floor + times[ROW_SUM], "token_ids": floor + times[ID_ROW_SUM]}
+        floor_with = {
+            None: floor,
+            "mask": floor + times[MASK_ROW_SUM],
+            "entropy": floor + times[ROW_SUM],
+            "token_ids": floor + times[ID_ROW_SUM],
+        }
         rows.append(Row(device, FLOOR, floor, floor))
-        rows.append(Row(device, "floor + " + ROW_SUM, floor_with["entropy"], floor_with["entropy"]))
-        rows.append(Row(device, "floor + " + ID_ROW_SUM, floor_with["token_ids"], floor_with["token_ids"]))
-        for label, _ in contenders[3:]:
+        for name, label in (("mask", MASK_ROW_SUM), ("entropy", ROW_SUM), ("token_ids", ID_ROW_SUM)):
+            rows.append(Row(device, "floor + " + label, floor_with[name], floor_with[name]))
+        for label, _ in contenders[4:]:
             rows.append(Row(device, label, times[label], floor_with[reads.get(label)]))
         if loop_groups:
             rows.append(_ktae_loop_row(batch, device, prompts, loop_groups, floor_with["token_ids"]))

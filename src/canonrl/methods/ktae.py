@@ -259,15 +259,26 @@ class KTAE(Estimator):
         both_sides = (n_correct[g] > 0) & (n_incorrect[g] > 0)
 
         # F, IG and the arcsine term depend only on the table: compute them once per distinct table (a few hundred).
-        tables = torch.stack([a, b, c, d], 1).long()
+        columns = [a.long(), b.long(), c.long(), d.long()]
         if upstream:
             # Upstream evaluates each group's vocabulary on one k-grid as wide as its largest min(R1, C1) + 1,
             # which changes its float32 sums, so the grid width is part of the table here.
             widest = torch.minimum(a + b, a + c).long()
             width = torch.zeros(batch.num_groups, dtype=torch.long, device=batch.device)
-            width = width.scatter_reduce(0, g, widest, reduce="amax", include_self=True)[g] + 1
-            tables = torch.cat([tables, width[:, None]], 1)
-        distinct, entry_table = torch.unique(tables, dim=0, return_inverse=True)
+            columns.append(width.scatter_reduce(0, g, widest, reduce="amax", include_self=True)[g] + 1)
+        # One int64 code per table (a 1-D unique is far faster than unique over rows).
+        radix = int(grouping.count.max().item()) + 2
+        if radix ** len(columns) >= 2**63:
+            raise ValueError(f"ktae supports groups of up to 6,000 responses, got {radix - 2}")
+        code = torch.zeros_like(columns[0])
+        for column in columns:
+            code = code * radix + column
+        distinct_code, entry_table = torch.unique(code, return_inverse=True)
+        digits = []
+        for _ in columns:
+            digits.append(distinct_code % radix)
+            distinct_code = torch.div(distinct_code, radix, rounding_mode="floor")
+        distinct = torch.stack(digits[::-1], 1)
         ta, tb, tc, td = distinct[:, :4].to(dtype).unbind(1)
         if upstream:
             p_value = fisher_two_sided_upstream(ta, tb, tc, td, distinct[:, 4])
