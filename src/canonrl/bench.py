@@ -152,11 +152,13 @@ def run_benchmark(
     devices: list[str] | None = None,
     with_verl: bool = True,
     loop_groups: int = 2,
+    reuse_memory: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    keep_freed_memory_for_reuse()
+    if reuse_memory:
+        keep_freed_memory_for_reuse()
     rows: list[Row] = []
     for device in devices:
         if progress:

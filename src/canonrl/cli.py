@@ -52,6 +52,9 @@ def bench(
     device: list[str] = typer.Option(None, help="device(s) to run on; default: cpu, and cuda when present"),
     verl: bool = typer.Option(True, help="include verl's grpo and grpo_vectorized when verl is installed"),
     loop_groups: int = typer.Option(2, help="groups the per-group KTAE loop reference runs on (0 = skip)"),
+    reuse_memory: bool = typer.Option(
+        True, help="let glibc reuse freed memory, so no contender pays page faults for its output (CPU only)"
+    ),
     markdown: Path = typer.Option(None, help="also write the table as markdown to this file"),
 ) -> None:
     """Time every estimator against the memory floor (and verl's GRPO) on one synthetic batch."""
@@ -71,6 +74,7 @@ def bench(
             devices=device or None,
             with_verl=verl,
             loop_groups=loop_groups,
+            reuse_memory=reuse_memory,
             progress=lambda text: status.update(f"benchmarking {text}"),
         )
     from canonrl.bench import mask_tokens
