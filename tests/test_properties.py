@@ -608,11 +608,14 @@ def _order_preserving_within_groups(b: Batch, perm: np.ndarray) -> np.ndarray:
     return result
 
 
-def _group_order_permutation(c: Config) -> bool:
-    # Interleaving groups differently while keeping each group's internal order is an equivariance even with
-    # metric ties (ties keep batch order within a group): it covers metric="length", tied entropies and metrics,
-    # and metric="index". Only metric="random" draws one random number per batch position.
+def _position_independent(c: Config) -> bool:
+    # metric="random" draws one random number per batch position, so moving or inserting rows reshuffles it.
     return c.canon_metric != "random"
+
+
+# Interleaving groups differently while keeping each group's internal order is an equivariance even with metric
+# ties (ties keep batch order within a group): it covers metric="length", tied entropies and metrics, and "index".
+_group_order_permutation = _position_independent
 
 
 @for_estimators(_group_order_permutation)
@@ -817,10 +820,8 @@ def test_scale_invariance(name, b, k):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _ignores_fully_masked_rows(c: Config) -> bool:
-    # metric="random" draws one number per batch position, so extra rows reshuffle it; everything else must ignore
-    # fully masked rows (they take part in no statistic, whitening included, since they carry no tokens).
-    return c.canon_metric != "random"
+# Fully masked rows take part in no statistic (whitening included, since they carry no tokens).
+_ignores_fully_masked_rows = _position_independent
 
 
 @for_estimators(_ignores_fully_masked_rows)

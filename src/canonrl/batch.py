@@ -95,6 +95,26 @@ def _check_per_token(name: str, value: Tensor, mask: Tensor) -> Tensor:
     return value
 
 
+def _check_per_response(name: str, value: Tensor, batch_size: int, device: torch.device, meaning: str) -> Tensor:
+    """A [B] per-response input: shape, device and finiteness checked, returned as float32."""
+    if value.dim() != 1 or value.shape[0] != batch_size:
+        raise ValueError(f"{name} must have shape [{batch_size}] ({meaning}), got {list(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but mask is on {device}; put all inputs on one device")
+    value = value.to(torch.float32)
+    _require_finite_rows(name, value)
+    return value
+
+
+def _check_float_per_token(name: str, value: Tensor | None, mask: Tensor) -> Tensor | None:
+    if value is None:
+        return None
+    value = _check_per_token(name, value, mask)
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
+    return value
+
+
 @dataclass
 class RolloutBatch:
     """A validated batch of B responses of up to T tokens, grouped by prompt.
@@ -225,12 +245,7 @@ def make_batch(
         rewards = torch.as_tensor(rewards, device=device)
     if rewards.is_complex():
         raise TypeError(f"rewards must be real numbers or bool, got {rewards.dtype}")
-    if rewards.dim() != 1 or rewards.shape[0] != batch_size:
-        raise ValueError(f"rewards must have shape [{batch_size}] (one per mask row), got {list(rewards.shape)}")
-    if rewards.device != device:
-        raise ValueError(f"rewards is on {rewards.device} but mask is on {device}; put all inputs on one device")
-    rewards = rewards.to(torch.float32)
-    _require_finite_rows("rewards", rewards)
+    rewards = _check_per_response("rewards", rewards, batch_size, device, "one per mask row")
 
     row_max = None
     if batch_size and mask.numel():
@@ -244,26 +259,15 @@ def make_batch(
         raise ValueError("group is required: one prompt/group id per row (int tensor or list of ids, e.g. uids)")
     group_index, num_groups = encode_groups(group, batch_size, device)
 
-    if entropy is not None:
-        entropy = _check_per_token("entropy", entropy, mask)
-        if not entropy.dtype.is_floating_point:
-            raise TypeError(f"entropy must be a float tensor, got {entropy.dtype}")
-    if logprobs is not None:
-        logprobs = _check_per_token("logprobs", logprobs, mask)
-        if not logprobs.dtype.is_floating_point:
-            raise TypeError(f"logprobs must be a float tensor, got {logprobs.dtype}")
+    entropy = _check_float_per_token("entropy", entropy, mask)
+    logprobs = _check_float_per_token("logprobs", logprobs, mask)
     if token_ids is not None:
         token_ids = _check_per_token("token_ids", token_ids, mask)
         if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
             raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
     if metric is not None:
         metric = _require_tensor("metric", metric)
-        if metric.dim() != 1 or metric.shape[0] != batch_size:
-            raise ValueError(f"metric must have shape [{batch_size}] (one value per response), got {list(metric.shape)}")
-        if metric.device != device:
-            raise ValueError(f"metric is on {metric.device} but mask is on {device}; put all inputs on one device")
-        metric = metric.to(torch.float32)
-        _require_finite_rows("metric", metric)
+        metric = _check_per_response("metric", metric, batch_size, device, "one value per response")
 
     return RolloutBatch(
         rewards=rewards,
