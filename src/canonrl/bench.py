@@ -43,10 +43,21 @@ class Row:
     label: str
     seconds: float
     floor_seconds: float | None
+    #: mask tokens of the batch the contender ran on (for tokens/s)
+    tokens: int
 
     @property
     def ratio(self) -> float | None:
         return None if self.floor_seconds is None else self.seconds / self.floor_seconds
+
+    def cells(self) -> tuple[str, str, str, str, str]:
+        """device, contender, time (ms), × floor, M tokens/s — as the CLI and the markdown table print them."""
+        ratio = "" if self.ratio is None else f"{self.ratio:.2f}"
+        rate = f"{self.tokens / self.seconds / 1e6:.1f}"
+        return self.device, self.label, f"{self.seconds * 1e3:.1f}", ratio, rate
+
+
+COLUMNS = ("device", "contender", "time (ms)", "× floor", "M tokens/s")
 
 
 def synthetic_batch(prompts: int, group_size: int, tokens: int, device: str, seed: int = 0) -> dict:
@@ -122,9 +133,12 @@ def _verl_contenders(batch: dict) -> list[tuple[str, Callable[[], object]]]:
 
 
 FLOOR = "floor: scores[:, None] * mask"
-ROW_SUM = "masked row-sum of entropy"
-ID_ROW_SUM = "masked row-sum of token_ids"
-MASK_ROW_SUM = "row-sum of the mask (lengths)"
+#: what each floor reads besides writing the output, by the per-token input an estimator reduces
+FLOOR_READS = {
+    "mask": "row-sum of the mask (lengths)",
+    "entropy": "masked row-sum of entropy",
+    "token_ids": "masked row-sum of token_ids",
+}
 
 
 def keep_freed_memory_for_reuse() -> bool:
@@ -165,13 +179,16 @@ def run_benchmark(
             progress(device)
         batch = synthetic_batch(prompts, group_size, tokens, device)
         mask, entropy, scores = batch["mask"], batch["entropy"], batch["rewards"]
-        contenders: list[tuple[str, Callable[[], object]]] = [
-            (FLOOR, lambda: scores[:, None] * mask),
-            (ROW_SUM, lambda: (entropy * mask).sum(-1)),
-            (ID_ROW_SUM, lambda: (batch["token_ids"] * mask).sum(-1)),
-            (MASK_ROW_SUM, lambda: mask.sum(-1)),
-        ]
+        total_tokens = int(mask.sum().item())
+        # Each floor: the output write plus one masked row-sum of the per-token input an estimator must reduce.
+        floor_reads = {
+            "mask": lambda: mask.sum(-1),
+            "entropy": lambda: (entropy * mask).sum(-1),
+            "token_ids": lambda: (batch["token_ids"] * mask).sum(-1),
+        }
         reads: dict[str, str | None] = {}
+        contenders: list[tuple[str, Callable[[], object]]] = [(FLOOR, lambda: scores[:, None] * mask)]
+        contenders += [(f"read {name}", fn) for name, fn in floor_reads.items()]
         for label, name, hyperparameters, reads_input in CASES:
             inputs = {k: v for k, v in batch.items() if k not in ("entropy", "token_ids") or k == reads_input}
             estimator = canonrl.get_estimator(name, **hyperparameters)
@@ -181,23 +198,19 @@ def run_benchmark(
             contenders += _verl_contenders(batch)
         times = _timed_blocks(contenders, device, repeats)
         floor = times[FLOOR]
-        floor_with = {
-            None: floor,
-            "mask": floor + times[MASK_ROW_SUM],
-            "entropy": floor + times[ROW_SUM],
-            "token_ids": floor + times[ID_ROW_SUM],
-        }
-        rows.append(Row(device, FLOOR, floor, floor))
-        for name, label in (("mask", MASK_ROW_SUM), ("entropy", ROW_SUM), ("token_ids", ID_ROW_SUM)):
-            rows.append(Row(device, "floor + " + label, floor_with[name], floor_with[name]))
-        for label, _ in contenders[4:]:
-            rows.append(Row(device, label, times[label], floor_with[reads.get(label)]))
+        floor_with = {None: floor} | {name: floor + times[f"read {name}"] for name in floor_reads}
+        rows.append(Row(device, FLOOR, floor, floor, total_tokens))
+        for name, label in FLOOR_READS.items():
+            rows.append(Row(device, "floor + " + label, floor_with[name], floor_with[name], total_tokens))
+        for label, _ in contenders:
+            if label != FLOOR and not label.startswith("read "):
+                rows.append(Row(device, label, times[label], floor_with[reads.get(label)], total_tokens))
         if loop_groups:
-            rows.append(_ktae_loop_row(batch, device, prompts, loop_groups, floor_with["token_ids"]))
+            rows.append(_ktae_loop_row(batch, device, prompts, loop_groups, floor_with["token_ids"], total_tokens))
     return rows
 
 
-def _ktae_loop_row(batch: dict, device: str, prompts: int, loop_groups: int, floor: float) -> Row:
+def _ktae_loop_row(batch: dict, device: str, prompts: int, loop_groups: int, floor: float, tokens: int) -> Row:
     """The spec's per-group loop (canonrl.reference.ktae_loop) on a few groups, extrapolated to the batch."""
     from canonrl.reference.ktae_loop import ktae_loop
 
@@ -206,18 +219,11 @@ def _ktae_loop_row(batch: dict, device: str, prompts: int, loop_groups: int, flo
     start = time.perf_counter()
     ktae_loop(**subset)
     seconds = (time.perf_counter() - start) * prompts / loop_groups
-    return Row(device, f"ktae per-group loop of the spec (extrapolated from {loop_groups} groups)", seconds, floor)
+    label = f"ktae per-group loop of the spec (extrapolated from {loop_groups} groups)"
+    return Row(device, label, seconds, floor, tokens)
 
 
-def mask_tokens(prompts: int, group_size: int, tokens: int) -> int:
-    """Number of mask tokens in the synthetic batch (for tokens/s)."""
-    return int(synthetic_batch(prompts, group_size, tokens, "cpu")["mask"].sum().item())
-
-
-def markdown_table(rows: list[Row], total_tokens: int) -> str:
-    lines = ["| device | contender | time (ms) | × floor | M tokens/s |", "|---|---|---:|---:|---:|"]
-    for row in rows:
-        ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
-        rate = total_tokens / row.seconds / 1e6
-        lines.append(f"| {row.device} | {row.label} | {row.seconds * 1e3:.1f} | {ratio} | {rate:.1f} |")
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|"]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     return "\n".join(lines)

@@ -60,7 +60,7 @@ def bench(
     """Time every estimator against the memory floor (and verl's GRPO) on one synthetic batch."""
     import torch
 
-    from canonrl.bench import markdown_table, run_benchmark
+    from canonrl.bench import COLUMNS, markdown_table, run_benchmark
 
     for name in device or []:
         if name.startswith("cuda") and not torch.cuda.is_available():
@@ -77,19 +77,16 @@ def bench(
             reuse_memory=reuse_memory,
             progress=lambda text: status.update(f"benchmarking {text}"),
         )
-    from canonrl.bench import mask_tokens
-
-    total_tokens = mask_tokens(prompts, group_size, tokens)
-    title = f"{prompts} prompts × {group_size} responses × {tokens} tokens ({total_tokens:,} mask tokens)"
-    table = Table(title=f"{title}, median of {repeats}")
-    for column in ("device", "contender", "time (ms)", "× floor", "M tokens/s"):
+    mask_tokens = f" ({rows[0].tokens:,} mask tokens)" if rows else ""
+    title = f"{prompts} prompts × {group_size} responses × {tokens} tokens{mask_tokens}, median of {repeats}"
+    table = Table(title=title)
+    for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("device", "contender") else "right")
     for row in rows:
-        ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
-        table.add_row(row.device, row.label, f"{row.seconds * 1e3:.1f}", ratio, f"{total_tokens / row.seconds / 1e6:.1f}")
+        table.add_row(*row.cells())
     console.print(table)
     if markdown:
-        markdown.write_text(markdown_table(rows, total_tokens) + "\n")
+        markdown.write_text(markdown_table(rows) + "\n")
         console.print(f"markdown table written to {markdown}")
 
 

@@ -33,7 +33,7 @@ def masked_whiten(values: Tensor, mask: Tensor, eps: float = WHITEN_EPS) -> Tens
     mean = (values * mask).sum() / total.clamp_min(1)
     centered = (values - mean) * mask
     variance = (centered * centered).sum() / (total - 1).clamp_min(1)
-    whitened = centered * torch.rsqrt(variance + eps)
+    whitened = (centered * torch.rsqrt(variance + eps)).float()  # float32 even for a float64 mask
     return torch.where(total > 1, whitened, torch.zeros_like(whitened))
 
 

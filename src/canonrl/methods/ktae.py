@@ -124,6 +124,40 @@ def _information_gain_upstream(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Te
     return h_y - ((a + b) / n * conditional(a, b) + (c + d) / n * conditional(c, d))
 
 
+def _table_statistics(
+    a: Tensor, b: Tensor, c: Tensor, d: Tensor, width: Tensor | None, *, radix: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """p-value, F, IG and the arcsine term of each table [[a, b], [c, d]], computed once per distinct table.
+
+    They depend only on the table (and, upstream, its k-grid ``width``), and a batch has a few hundred distinct
+    tables among millions of (group, token) entries. ``radix`` exceeds every count, so each table packs into one
+    int64 code and a 1-D unique finds them (far faster than a unique over rows). The float dtype of ``a`` decides
+    the numerics: float32 reproduces the official code, float64 is exact.
+    """
+    columns = [x.long() for x in (a, b, c, d)] + ([] if width is None else [width])
+    if radix ** len(columns) >= 2**63:
+        raise ValueError(f"ktae supports groups of up to 6,000 responses, got {radix - 2}")
+    code = torch.zeros_like(columns[0])
+    for column in columns:
+        code = code * radix + column
+    distinct, entry_table = torch.unique(code, return_inverse=True)
+    entries = torch.arange(code.numel(), device=code.device)
+    representative = torch.zeros_like(distinct).scatter_(0, entry_table, entries)  # one entry of each table
+    ta, tb, tc, td = (x[representative] for x in (a, b, c, d))
+    if width is not None:
+        p_value = fisher_two_sided_upstream(ta, tb, tc, td, width[representative])
+        fisher = torch.where(p_value != 1.0, torch.exp(-2 * p_value), 0.0)
+        information_gain = _information_gain_upstream(ta, tb, tc, td)
+    else:
+        p_value = fisher_two_sided(ta, tb, tc, td)
+        fisher = torch.where(p_value < 1.0, torch.exp(-2 * p_value), 0.0)
+        information_gain = _information_gain(ta, tb, tc, td)
+    proportion = torch.asin(torch.sqrt((ta / (ta + tc + PROPORTION_EPS)).clamp(0, 1))) - torch.asin(
+        torch.sqrt((tb / (tb + td + PROPORTION_EPS)).clamp(0, 1))
+    )
+    return tuple(x[entry_table] for x in (p_value, fisher, information_gain, proportion))
+
+
 @dataclass
 class _Occurrences:
     """(group, token) entries of a batch and how each mask position maps to one."""
@@ -156,23 +190,18 @@ def _occurrences(batch: RolloutBatch, correct: Tensor) -> _Occurrences:
     # One sort orders positions by (group, token, row): rollouts containing a token are runs of equal keys.
     key = (batch.group_index[rows] * vocabulary + token_ids) * rows_count + rows
     sorted_key, order = torch.sort(key)
-    new_triple = torch.ones_like(sorted_key, dtype=torch.bool)
-    new_triple[1:] = sorted_key[1:] != sorted_key[:-1]
-    triple_of_sorted = torch.cumsum(new_triple, 0) - 1
-    triple_key = sorted_key[new_triple]
-    occurrences = torch.bincount(triple_of_sorted, minlength=triple_key.numel()).float()
+    triple_key, triple_of_sorted, occurrences = torch.unique_consecutive(
+        sorted_key, return_inverse=True, return_counts=True
+    )
     entry_key = torch.div(triple_key, rows_count, rounding_mode="floor")
     triple_row = triple_key - entry_key * rows_count
-    new_entry = torch.ones_like(entry_key, dtype=torch.bool)
-    new_entry[1:] = entry_key[1:] != entry_key[:-1]
-    entry_of_triple = torch.cumsum(new_entry, 0) - 1
-    entries = int(new_entry.sum().item())
+    unique_key, entry_of_triple = torch.unique_consecutive(entry_key, return_inverse=True)
     side = correct[triple_row].float()
+    occurrences = occurrences.float()
 
     def per_entry(values: Tensor) -> Tensor:
-        return torch.zeros(entries, device=values.device).index_add_(0, entry_of_triple, values)
+        return torch.zeros(unique_key.numel(), device=values.device).index_add_(0, entry_of_triple, values)
 
-    unique_key = entry_key[new_entry]
     entry_of_position = torch.empty_like(order)
     entry_of_position[order] = entry_of_triple[triple_of_sorted]
     group = torch.div(unique_key, vocabulary, rounding_mode="floor")
@@ -258,41 +287,16 @@ class KTAE(Estimator):
         c, d = n_correct[g].to(dtype) - a, n_incorrect[g].to(dtype) - b
         both_sides = (n_correct[g] > 0) & (n_incorrect[g] > 0)
 
-        # F, IG and the arcsine term depend only on the table: compute them once per distinct table (a few hundred).
-        columns = [a.long(), b.long(), c.long(), d.long()]
+        width = None
         if upstream:
             # Upstream evaluates each group's vocabulary on one k-grid as wide as its largest min(R1, C1) + 1,
             # which changes its float32 sums, so the grid width is part of the table here.
             widest = torch.minimum(a + b, a + c).long()
             width = torch.zeros(batch.num_groups, dtype=torch.long, device=batch.device)
-            columns.append(width.scatter_reduce(0, g, widest, reduce="amax", include_self=True)[g] + 1)
-        # One int64 code per table (a 1-D unique is far faster than unique over rows).
-        radix = int(grouping.count.max().item()) + 2
-        if radix ** len(columns) >= 2**63:
-            raise ValueError(f"ktae supports groups of up to 6,000 responses, got {radix - 2}")
-        code = torch.zeros_like(columns[0])
-        for column in columns:
-            code = code * radix + column
-        distinct_code, entry_table = torch.unique(code, return_inverse=True)
-        digits = []
-        for _ in columns:
-            digits.append(distinct_code % radix)
-            distinct_code = torch.div(distinct_code, radix, rounding_mode="floor")
-        distinct = torch.stack(digits[::-1], 1)
-        ta, tb, tc, td = distinct[:, :4].to(dtype).unbind(1)
-        if upstream:
-            p_value = fisher_two_sided_upstream(ta, tb, tc, td, distinct[:, 4])
-            fisher = torch.where(p_value != 1.0, torch.exp(-2 * p_value), 0.0)
-            information_gain = _information_gain_upstream(ta, tb, tc, td)
-        else:
-            p_value = fisher_two_sided(ta, tb, tc, td)
-            fisher = torch.where(p_value < 1.0, torch.exp(-2 * p_value), 0.0)
-            information_gain = _information_gain(ta, tb, tc, td)
-        proportion = torch.asin(torch.sqrt((ta / (ta + tc + PROPORTION_EPS)).clamp(0, 1))) - torch.asin(
-            torch.sqrt((tb / (tb + td + PROPORTION_EPS)).clamp(0, 1))
+            width = width.scatter_reduce(0, g, widest, reduce="amax", include_self=True)[g] + 1
+        p_value, fisher, information_gain, proportion = _table_statistics(
+            a, b, c, d, width, radix=int(grouping.count.max().item()) + 2
         )
-        p_value, fisher = p_value[entry_table], fisher[entry_table]
-        information_gain, proportion = information_gain[entry_table], proportion[entry_table]
         direction = proportion + p.h3 * self._frequency_ratio(
             occ, length_correct[g].to(dtype), length_incorrect[g].to(dtype), dtype
         )

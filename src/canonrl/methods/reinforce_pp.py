@@ -62,4 +62,4 @@ class ReinforcePlusPlus(Estimator):
         if token_rewards is None:
             token_rewards = outcome_on_last_token(batch.rewards, batch.mask)
         returns = discounted_returns(token_rewards, batch.mask, self.params.gamma)
-        return masked_whiten(returns, batch.mask).float()
+        return masked_whiten(returns, batch.mask)
