@@ -1,0 +1,47 @@
+"""What a lab task is: problems from a seed on a split that never overlaps the other, and a verifier.
+
+A task is any object with this interface; `canonrl.lab.tasks.get_task(name)` builds the registered ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Split = Literal["train", "heldout"]
+SPLITS: tuple[str, ...] = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt. `prompt` is the text the policy sees before the chat template (if any) is applied."""
+
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A verifier's verdict: `score` in [0, 1] plus named components (each in [0, 1]) where a task has several."""
+
+    score: float
+    components: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+    #: reward components every verdict reports (empty when the score is the only one)
+    components: tuple[str, ...]
+
+    def problems(self, split: Split, count: int, seed: int) -> list[Problem]:
+        """`count` problems of `split`, a pure function of (split, count, seed).
+
+        A problem of the "train" split is never a problem of the "heldout" split, whatever the seeds.
+        """
+        ...
+
+    def verify(self, response: str, problem: Problem) -> Reward:
+        """Score one response. May raise or run long: callers bound it (see `canonrl.lab.verification`)."""
+        ...

@@ -1,0 +1,398 @@
+"""Lab tasks and bounded verification: reasoning-gym and boxed-math tasks, the registry, and verify_all's rules.
+
+The fake tasks below live at module level so that verification workers can unpickle them (they import this
+module by name; pytest puts tests/ on sys.path before the worker fork server starts).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from canonrl.lab.task import Problem, Reward
+from canonrl.lab.tasks import get_task, task_names
+from canonrl.lab import verification
+from canonrl.lab.verification import Verifier, VerifyResult, verify_all
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fake tasks: the response says what the verifier does.
+
+
+class ScriptedTask:
+    """verify() obeys the response: ok, wrong, boom (raise), sleep (10 s), nan, big (1.5), float, none, die."""
+
+    name = "scripted"
+    components = ("correct", "formatted")
+    cheap = False
+
+    def problems(self, split, count, seed):
+        return [Problem(f"{split}{seed}-{i}", "ok") for i in range(count)]
+
+    def verify(self, response: str, problem: Problem):
+        if response == "ok":
+            return Reward(1.0, {"correct": 1.0, "formatted": 1.0})
+        if response == "wrong":
+            return Reward(0.0, {"correct": 0.0, "formatted": 1.0})
+        if response == "boom":
+            raise ValueError("verifier bug")
+        if response == "sleep":
+            time.sleep(10)
+            return Reward(1.0)
+        if response == "nan":
+            return Reward(float("nan"), {"correct": 1.0})
+        if response == "big":
+            return Reward(1.5, {"correct": -2.0, "formatted": float("inf")})
+        if response == "float":
+            return 0.5
+        if response == "none":
+            return None
+        if response == "die":
+            os._exit(3)
+        raise AssertionError(response)
+
+
+class CheapScriptedTask(ScriptedTask):
+    cheap = True
+
+
+class UnpicklableTask(ScriptedTask):
+    def __init__(self):
+        self.hook = lambda: None
+
+
+PROBLEM = Problem("p", "ok")
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with Verifier(workers=2) as v:
+        yield v
+    verification.shutdown()
+
+
+def _run(verifier_or_none, task, responses, **kwargs) -> VerifyResult:
+    problems = [PROBLEM] * len(responses)
+    if verifier_or_none is None:
+        return verify_all(task, responses, problems, **kwargs)
+    return verifier_or_none.verify_all(task, responses, problems, **kwargs)
+
+
+def _check_rules(result: VerifyResult) -> None:
+    # responses: ok, boom, nan, big, float, none, wrong
+    assert result.scores == [1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0]
+    assert result.components["correct"] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert result.components["formatted"] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # inf is invalid: 0
+    assert (result.failures, result.timeouts, result.clamped) == (3, 0, 1)
+
+
+RULES = ["ok", "boom", "nan", "big", "float", "none", "wrong"]
+
+
+def test_cheap_task_is_verified_inline_with_the_same_rules():
+    with Verifier(workers=2) as v:
+        _check_rules(_run(v, CheapScriptedTask(), RULES))
+        assert v.processes() == []  # no worker was started
+    _check_rules(_run(None, CheapScriptedTask(), RULES))
+    assert verification._default is None  # the module-level path did not build a pool either
+
+
+def test_pool_applies_the_rules(verifier):
+    result = _run(verifier, ScriptedTask(), RULES)
+    _check_rules(result)
+    assert len(result) == len(RULES)
+    assert _run(verifier, ScriptedTask(), []).scores == []
+
+
+def test_sleeping_verifier_times_out_without_hanging_the_caller(verifier):
+    _run(verifier, ScriptedTask(), ["ok"])  # warm: the fork server's start-up is not what this measures
+    start = time.monotonic()
+    result = _run(verifier, ScriptedTask(), ["ok", "sleep", "ok", "wrong", "ok"], timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert result.scores == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert (result.timeouts, result.failures) == (1, 0)
+    assert elapsed < 5.0
+    # the killed worker was replaced: the pool still works
+    assert _run(verifier, ScriptedTask(), ["ok", "ok", "ok"]).scores == [1.0, 1.0, 1.0]
+
+
+def test_total_timeout_caps_the_whole_call(verifier):
+    start = time.monotonic()
+    result = _run(verifier, ScriptedTask(), ["sleep"] * 4, timeout=8.0, total_timeout=1.0)
+    assert time.monotonic() - start < 4.0
+    assert result.scores == [0.0] * 4 and result.timeouts == 4
+
+
+def test_dead_worker_is_a_failure_and_is_replaced(verifier):
+    result = _run(verifier, ScriptedTask(), ["die", "ok", "die", "ok"])
+    assert result.scores == [0.0, 1.0, 0.0, 1.0]
+    assert (result.failures, result.timeouts) == (2, 0)
+
+
+def test_module_level_verify_all_uses_a_shared_pool_and_shuts_down():
+    result = _run(None, ScriptedTask(), ["ok", "boom", "sleep"], timeout=1.0)
+    assert result.scores == [1.0, 0.0, 0.0] and (result.failures, result.timeouts) == (1, 1)
+    pids = [p.pid for p in verification._default.processes()]
+    assert pids
+    verification.shutdown()
+    assert verification._default is None
+    for pid in pids:  # reaped: not even a zombie is left
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_close_reaps_workers():
+    with Verifier(workers=2) as v:
+        assert _run(v, ScriptedTask(), ["ok"] * 4).scores == [1.0] * 4
+        pids = [p.pid for p in v.processes()]
+        assert len(pids) == 2
+    assert v.processes() == []
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_bad_calls_raise_one_line_errors(verifier):
+    for kwargs, word in (({"timeout": 0.0}, "timeout"), ({"total_timeout": -1.0}, "total_timeout")):
+        with pytest.raises(ValueError, match=word):
+            _run(verifier, ScriptedTask(), ["ok"], **kwargs)
+    with pytest.raises(ValueError, match="same length"):
+        verifier.verify_all(ScriptedTask(), ["ok", "ok"], [PROBLEM])
+    with pytest.raises(ValueError, match="cannot be pickled") as error:
+        _run(verifier, UnpicklableTask(), ["ok"])
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="workers"):
+        Verifier(workers=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Extraction helpers (no optional dependency)
+
+
+def test_answer_and_boxed_extraction():
+    from canonrl.lab.gym_tasks import extract_answer_tag, last_boxed
+
+    assert extract_answer_tag("<answer>1</answer> then <answer> 42 </answer>") == "42"
+    assert extract_answer_tag("<answer>unclosed") is None and extract_answer_tag("none") is None
+    assert last_boxed(r"\boxed{1} and \boxed{\frac{3}{4}}") == r"\frac{3}{4}"
+    assert last_boxed(r"\boxed {x^{2}}") == "x^{2}"
+    assert last_boxed(r"\boxed{1} then \boxed{2") is None  # a cut-off last box does not fall back
+    assert last_boxed("no box") is None
+    start = time.monotonic()  # linear scans: adversarial repetitions stay fast
+    assert extract_answer_tag("<answer>" * 100_000 + "</answer>") == ""
+    assert last_boxed("\\boxed{" * 50_000) is None
+    assert time.monotonic() - start < 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reasoning-gym tasks
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _questions(problems) -> set[str]:
+    return {_norm(p.meta["entry"]["question"]) for p in problems}
+
+
+@pytest.fixture(scope="module")
+def rg():
+    return pytest.importorskip("reasoning_gym")
+
+
+@pytest.mark.parametrize(
+    "dataset, config",
+    [
+        ("chain_sum", None),
+        ("basic_arithmetic", None),
+        ("spell_backward", None),
+        # few distinct questions: both seed streams produce the same ones, only the hash filter separates them
+        ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
+    ],
+)
+def test_rg_splits_never_share_a_question(rg, dataset, config):
+    from canonrl.lab.gym_tasks import ReasoningGymTask
+
+    task = ReasoningGymTask(dataset, config=config)
+    train = [p for seed in range(3) for p in task.problems("train", 120, seed=seed)]
+    heldout = [p for seed in range(3) for p in task.problems("heldout", 40, seed=seed)]
+    assert len(train) == 360 and len(heldout) == 120
+    assert not _questions(train) & _questions(heldout)
+    assert all(task.in_split(p.meta["entry"]["question"], "heldout") for p in heldout)
+    if config is not None:
+        assert len(_questions(train)) < 200  # the space really is small: the test would catch an overlap
+        raw = rg.create_dataset(dataset, size=300, seed=0, **config)
+        assert {_norm(e["question"]) for e in raw} & _questions(heldout)
+
+
+def test_rg_problems_are_a_pure_function_of_the_seed(rg):
+    task = get_task("rg:chain_sum")
+    a = task.problems("train", 20, seed=5)
+    assert [(p.prompt, p.answer) for p in a] == [(p.prompt, p.answer) for p in task.problems("train", 20, seed=5)]
+    assert [p.prompt for p in a[:7]] == [p.prompt for p in task.problems("train", 7, seed=5)]
+    assert [p.prompt for p in a] != [p.prompt for p in task.problems("train", 20, seed=6)]
+    assert task.problems("heldout", 0, seed=5) == []
+    assert "<answer>" in a[0].prompt and a[0].prompt.startswith(a[0].meta["entry"]["question"].rstrip())
+    with pytest.raises(ValueError, match="split"):
+        task.problems("test", 3, seed=0)
+
+
+RG_GOLD = ["chain_sum", "basic_arithmetic", "spell_backward", "gsm_symbolic", "prime_factorization"]
+
+
+@pytest.mark.parametrize("dataset", RG_GOLD)
+def test_rg_gold_scores_one_and_wrong_scores_zero(rg, verifier, dataset):
+    task = get_task(f"rg:{dataset}")
+    problems = task.problems("heldout", 4, seed=1)
+    responses = [f"reasoning...\n<answer>{p.answer}</answer>" for p in problems]
+    responses += ["<answer>999999937 wrong</answer>", "no tags at all"]
+    result = verifier.verify_all(task, responses, problems + problems[:2])
+    assert result.scores == [1.0] * 4 + [0.0, 0.0], result
+    if dataset == "prime_factorization":  # its scorer raises on junk: a failure, every component 0
+        assert result.failures == 1 and result.components["formatted"] == [1.0] * 4 + [0.0, 0.0]
+    else:
+        assert result.failures == 0 and result.components["formatted"] == [1.0] * 5 + [0.0]
+
+
+def test_rg_binary_threshold_and_raw_component(rg, verifier):
+    task = get_task("rg:fraction_simplification")  # gives 0.01 for any wrong answer
+    problems = task.problems("train", 2, seed=0)
+    result = verifier.verify_all(task, [f"<answer>{problems[0].answer}</answer>", "<answer>wrong</answer>"], problems)
+    assert result.scores == [1.0, 0.0]
+    assert result.components["raw"] == [1.0, 0.01]
+    # spell_backward gives partial credit; binary=False passes it through
+    partial = get_task("rg:spell_backward", binary=False)
+    p = partial.problems("train", 1, seed=0)[0]
+    reward = partial.verify(f"<answer>{p.answer[:-1]}</answer>", p)
+    assert 0.0 < reward.score < 1.0 and reward.components["raw"] == reward.score
+
+
+def test_rg_raising_scorer_becomes_a_counted_failure(rg, verifier):
+    task = get_task("rg:prime_factorization")
+    problems = task.problems("train", 3, seed=0)
+    with pytest.raises(ValueError):
+        task.verify("<answer>zzz_wrong</answer>", problems[1])  # the dataset itself raises on junk
+    responses = [f"<answer>{problems[0].answer}</answer>", "<answer>zzz_wrong</answer>", "<answer>zzz_wrong</answer>"]
+    result = verifier.verify_all(task, responses, problems)
+    assert result.scores == [1.0, 0.0, 0.0] and result.failures == 2
+
+
+def test_rg_composite_and_bad_names(rg):
+    with pytest.raises(ValueError, match="chain_sum") as error:
+        get_task("rg:no_such_dataset")
+    assert "\n" not in str(error.value) and "dataset" in str(error.value)
+    with pytest.raises(ValueError, match="config") as error:
+        get_task("rg:composite")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="config"):
+        get_task("rg:chain_sum", config={"no_such_option": 1})
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        get_task("rg:chain_sum", heldout_fraction=1.0)
+    composite = get_task("rg:composite", config={"datasets": [{"name": "chain_sum", "weight": 1.0, "config": {}}]})
+    p = composite.problems("train", 2, seed=0)[1]
+    assert composite.verify(f"<answer>{p.answer}</answer>", p).score == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Boxed math (math-verify)
+
+
+@pytest.fixture(scope="module")
+def boxed():
+    pytest.importorskip("reasoning_gym")
+    pytest.importorskip("math_verify")
+    return get_task("boxed")
+
+
+def test_boxed_splits_and_determinism(boxed):
+    assert boxed.name == "boxed:gsm_symbolic"
+    train = boxed.problems("train", 150, seed=0) + boxed.problems("train", 150, seed=1)
+    heldout = boxed.problems("heldout", 60, seed=0)
+    assert not _questions(train) & _questions(heldout)
+    again = boxed.problems("heldout", 60, seed=0)
+    assert [(p.prompt, p.answer) for p in again] == [(p.prompt, p.answer) for p in heldout]
+    assert "\\boxed{}" in heldout[0].prompt
+
+
+def test_boxed_gold_scores_one_and_wrong_scores_zero(boxed, verifier):
+    problems = boxed.problems("heldout", 4, seed=2)
+    responses = [f"So the answer is $\\boxed{{{p.answer}}}$." for p in problems]
+    responses += [
+        f"\\boxed{{{float(problems[0].answer) + 1}}}",  # wrong value
+        f"the answer is {problems[1].answer}",  # right value, but not boxed
+        f"\\boxed{{{problems[2].answer}}} wait, no: \\boxed{{-7}}",  # only the last box counts
+    ]
+    result = verifier.verify_all(boxed, responses, problems + problems[:3])
+    assert result.scores == [1.0] * 4 + [0.0, 0.0, 0.0], result
+    assert result.components["formatted"] == [1.0] * 4 + [1.0, 0.0, 1.0]
+    assert (result.failures, result.timeouts) == (0, 0)
+    # inline, in the main thread, math-verify's own alarms work too
+    assert boxed.verify(responses[0], problems[0]).score == 1.0
+
+
+def test_boxed_adversarial_inputs_return_within_the_bound(boxed, verifier):
+    from canonrl.lab.gym_tasks import BoxedMathTask
+
+    problem = boxed.problems("train", 1, seed=3)[0]
+    power_tower = r"\boxed{9^{9^{9^{9}}}}"
+    polynomial = "\\boxed{" + "+".join(f"{i}x^{{{i % 97}}}y^{{{i % 13}}}" for i in range(1, 2200)) + "}"
+    assert len(polynomial) > 20_000
+    verifier.verify_all(boxed, ["\\boxed{1}"], [problem])  # warm
+    start = time.monotonic()
+    responses = [power_tower, polynomial, f"\\boxed{{{problem.answer}}}"]
+    result = verifier.verify_all(boxed, responses, [problem] * 3, timeout=2.0)
+    assert result.scores == [0.0, 0.0, 1.0]
+    assert time.monotonic() - start < 6.0
+    # with no length limit the polynomial reaches math-verify; the worker's deadline still bounds the call
+    unlimited = BoxedMathTask(max_boxed_chars=100_000)
+    start = time.monotonic()
+    result = verifier.verify_all(unlimited, [polynomial, power_tower], [problem] * 2, timeout=1.5)
+    assert result.scores == [0.0, 0.0]
+    assert time.monotonic() - start < 6.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+
+
+def test_registry_names_and_errors():
+    assert task_names() == ["lab", "rg:<dataset>", "boxed[:<dataset>]"]
+    for bad in ("nope", "rgchain_sum", "boxed-gsm"):
+        with pytest.raises(ValueError, match="unknown task") as error:
+            get_task(bad)
+        message = str(error.value)
+        assert "\n" not in message and "'lab'" in message and "rg:" in message and "boxed[:" in message
+
+
+def test_registry_builds_each_family(rg):
+    assert get_task("rg:chain_sum").name == "rg:chain_sum"
+    assert get_task("rg:chain_sum", cheap=True).cheap is True
+    pytest.importorskip("math_verify")
+    task = get_task("boxed:basic_arithmetic")
+    assert task.name == "boxed:basic_arithmetic" and task.components == ("correct", "formatted")
+    p = task.problems("train", 1, seed=0)[0]
+    assert task.verify(f"\\boxed{{{p.answer}}}", p).score == 1.0
+
+
+def test_lab_task_through_the_registry_is_cheap():
+    pytest.importorskip("canonrl.lab.lab_task")  # written separately; this test only checks the wiring
+    task = get_task("lab")
+    assert task.name == "lab" and getattr(task, "cheap", False)
+    problems = task.problems("train", 3, seed=0)
+    result = verify_all(task, [f"ans={p.answer}" for p in problems], problems)
+    assert result.scores == [1.0] * 3 and verification._default is None
+
+
+def test_importing_the_registry_imports_no_optional_dependency():
+    code = (
+        "import sys, canonrl.lab.tasks, canonrl.lab.gym_tasks, canonrl.lab.verification; "
+        "print(sorted(m for m in ('reasoning_gym', 'math_verify', 'canonrl.lab.lab_task') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
