@@ -1,4 +1,4 @@
-"""The ``canonrl`` command line: ``canonrl estimators``, ``canonrl bench``."""
+"""The ``canonrl`` command line: ``estimators``, ``bench``, and the lab's ``train``, ``compare``, ``eval``, ``lab warmstart``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,16 @@ def bench(
     if markdown:
         markdown.write_text(markdown_table(rows) + "\n")
         console.print(f"markdown table written to {markdown}")
+
+
+def _register_lab() -> None:
+    # the lab's imports (transformers, tasks) stay lazy inside its commands; registering them costs nothing
+    from canonrl.lab.cli import register
+
+    register(app)
+
+
+_register_lab()
 
 
 def main() -> None:

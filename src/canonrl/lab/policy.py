@@ -1,0 +1,84 @@
+"""Policies: a local Hugging Face causal-LM directory, or a shipped preset (`lab-tiny`, `smollm2-135m-instruct`).
+
+A `Policy` pairs the model with its tokenizer and knows how to turn task prompts into model input (through the
+chat template when the tokenizer has one) and responses back into text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LAB_TINY_DIR = Path(__file__).parent / "policies" / "lab-tiny"
+PRESETS = ("lab-tiny", "smollm2-135m-instruct")
+
+
+def resolve_policy_dir(name_or_path: str) -> Path:
+    """The checkpoint directory for a preset name or a local path; a one-line error for anything else."""
+    if name_or_path == "lab-tiny":
+        if not (LAB_TINY_DIR / "config.json").exists():
+            raise ValueError(f"the lab-tiny weights are missing from {LAB_TINY_DIR}; rebuild them with `canonrl lab warmstart`")
+        return LAB_TINY_DIR
+    if name_or_path == "smollm2-135m-instruct":
+        from canonrl.lab.smollm2 import smollm2_checkpoint
+
+        return smollm2_checkpoint()
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"policy {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with a Hugging Face config.json"
+        )
+    return path
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(self.eos_id if pad is None else pad)
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def prompt_text(self, prompt: str) -> str:
+        if self.uses_chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        return prompt
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and attention mask, [N, P] each."""
+        texts = [self.prompt_text(p) for p in prompts]
+        # a chat template writes its own BOS; don't add a second one
+        encoded = self.tokenizer(
+            texts, add_special_tokens=not self.uses_chat_template, padding=True, return_tensors="pt", padding_side="left"
+        )
+        return encoded["input_ids"], encoded["attention_mask"]
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        lengths = response_mask.sum(dim=1).long().tolist()
+        rows = [ids[:n] for ids, n in zip(response_ids.tolist(), lengths)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32) -> Policy:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = resolve_policy_dir(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    model.config.use_cache = True
+    return Policy(model=model, tokenizer=tokenizer, source=name_or_path)

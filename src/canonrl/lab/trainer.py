@@ -1,0 +1,377 @@
+"""The lab trainer: on-policy RLVR with any registered estimator, PPO-clip updates, checkpoints and evaluation.
+
+One step: draw `prompts_per_step` training problems, sample `group_size` responses each (recording the sampling
+policy's log-probs and entropies), verify them, compute advantages with the configured estimator (which sees the
+step, and through the rewards the batch accuracy, for its schedules), then update with PPO-clip over
+`ppo_epochs` x `minibatches`. The sampling log-probs serve as the old log-probs, so an on-policy single-epoch
+update needs no second forward pass.
+
+Determinism: every random draw of step s comes from generators seeded by (seed, s), never from global RNG state,
+so a run resumed from its checkpoint at step s repeats the uninterrupted run exactly on CPU — the same metrics,
+bit for bit, apart from wall-clock fields (`time`, `step_seconds`, `*_per_second`).
+
+A run directory holds config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-NNNNNN/ (a Hugging Face model
+directory plus optimizer and trainer state), policy/ (the final model) and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from canonrl.lab.config import TrainConfig, load_config, save_config
+from canonrl.losses import aggregate_loss, kl_penalty, ppo_clip_loss
+
+WALL_CLOCK_KEYS = ("time", "step_seconds", "rollout_tokens_per_second")
+CHECKPOINT_PREFIX = "step-"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is left intact."""
+
+
+def _seed(*parts: object) -> int:
+    import hashlib
+
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+@dataclass
+class StepResult:
+    metrics: dict
+    rollouts: object
+    advantages: torch.Tensor
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Holds the policy, optimizer, estimator and run directory; `train()` runs to `config.steps`."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, *, resume: bool = False):
+        from canonrl.lab.policy import load_policy
+        from canonrl.lab.tasks import get_task
+
+        self.config = config.validate()
+        self.run_dir = Path(run_dir)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.task = get_task(config.task, **config.task_options)
+        self.estimator = config.build_estimator()
+        self.step = 0
+        self.tokens = 0
+        checkpoint = self.latest_checkpoint() if resume else None
+        if resume and checkpoint is None:
+            raise ValueError(f"nothing to resume: {self.run_dir} has no checkpoint")
+        self.policy = load_policy(str(checkpoint) if checkpoint else config.policy)
+        self.policy.model.train()
+        self.reference = None
+        if config.kl_coef > 0:
+            self.reference = load_policy(config.policy).model.eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.inputs = self.estimator.required_inputs()
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.checkpoint_root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.checkpoint_root / pointer.read_text().strip()
+        return path if (path / "trainer_state.pt").is_file() else None
+
+    def save_checkpoint(self) -> Path:
+        """Write step-NNNNNN/ through a temporary directory, then move the `latest` pointer: never half-written."""
+        self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+        name = f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.checkpoint_root))
+        self.policy.model.save_pretrained(staging, safe_serialization=True)
+        self.policy.tokenizer.save_pretrained(staging)
+        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        metrics_bytes = (self.run_dir / "metrics.jsonl").stat().st_size
+        torch.save(
+            {"step": self.step, "tokens": self.tokens, "estimator": self.estimator, "metrics_bytes": metrics_bytes},
+            staging / "trainer_state.pt",
+        )
+        final = self.checkpoint_root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _atomic_write_text(self.checkpoint_root / "latest", name + "\n")
+        kept = sorted(p for p in self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+        for old in kept[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _restore(self, checkpoint: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        self.step, self.tokens, self.estimator = state["step"], state["tokens"], state["estimator"]
+        # drop whatever the killed run logged after this checkpoint, so the log continues exactly
+        with open(self.run_dir / "metrics.jsonl", "r+b") as handle:
+            handle.truncate(state["metrics_bytes"])
+
+    # ---------------------------------------------------------------- one step
+    def lr_at(self, step: int) -> float:
+        warmup = self.config.warmup_steps
+        return self.config.lr * (min(1.0, step / warmup) if warmup else 1.0)
+
+    def rollout(self, step: int):
+        from canonrl.lab.evaluate import score_rollouts
+        from canonrl.lab.sampling import generate
+
+        config = self.config
+        problems = self.task.problems("train", config.prompts_per_step, seed=_seed(config.seed, "problems", step))
+        prompt_ids, prompt_mask = self.policy.encode_prompts([p.prompt for p in problems])
+        prompt_ids = prompt_ids.repeat_interleave(config.group_size, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(config.group_size, dim=0)
+        generator = torch.Generator().manual_seed(_seed(config.seed, "rollout", step))
+        self.policy.model.eval()
+        rollouts = generate(
+            self.policy.model, prompt_ids, prompt_mask,
+            max_new_tokens=config.max_new_tokens, eos_id=self.policy.eos_id, pad_id=self.policy.pad_id,
+            temperature=config.temperature, top_p=config.top_p, generator=generator,
+        )  # fmt: skip
+        self.policy.model.train()
+        repeated = [p for p in problems for _ in range(config.group_size)]
+        _, verdict = score_rollouts(self.policy, self.task, rollouts, repeated, timeout=config.verify_timeout)
+        return rollouts, verdict
+
+    def advantages(self, step: int, rollouts, rewards: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        group = torch.arange(config.prompts_per_step).repeat_interleave(config.group_size)
+        fields = {"rewards": rewards, "group": group, "mask": rollouts.response_mask}
+        available = {"entropy": rollouts.entropy, "logprobs": rollouts.logprobs, "token_ids": rollouts.response_ids}
+        fields.update({name: available[name] for name in self.inputs if name in available})
+        return self.estimator(step=step, **fields)
+
+    def update(self, step: int, rollouts, advantages: torch.Tensor) -> dict:
+        from canonrl.lab.sampling import Rollouts, sequence_logprobs
+
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        rows = rollouts.response_ids.shape[0]
+        generator = torch.Generator().manual_seed(_seed(config.seed, "minibatches", step))
+        scale = config.loss_scale_factor or config.max_new_tokens
+        sums = {"loss": 0.0, "pg_clipfrac": 0.0, "pg_clipfrac_lower": 0.0, "ppo_kl": 0.0, "kl": 0.0, "grad_norm": 0.0}
+        updates = 0
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(rows, generator=generator) if config.minibatches > 1 else torch.arange(rows)
+            for part in order.chunk(config.minibatches):
+                mini = Rollouts(*(t[part] for t in rollouts.__dict__.values()))
+                mask = mini.response_mask
+                logprobs, _ = sequence_logprobs(self.policy.model, mini, config.temperature)
+                token_loss, indicators = ppo_clip_loss(
+                    logprobs, mini.logprobs, advantages[part], config.clip_low, config.clip_high, config.dual_clip
+                )
+                loss = aggregate_loss(token_loss, mask, config.loss_agg, scale)
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref_logprobs, _ = sequence_logprobs(self.reference, mini, config.temperature)
+                    kl = aggregate_loss(kl_penalty(logprobs, ref_logprobs, config.kl_estimator), mask, config.loss_agg, scale)
+                    loss = loss + config.kl_coef * kl
+                    sums["kl"] += kl.item()
+                if not torch.isfinite(loss):
+                    last = self.latest_checkpoint()
+                    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                    raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}; {where}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), config.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingError(f"non-finite gradient norm at step {step}; the last good checkpoint is {self.latest_checkpoint()}")
+                self.optimizer.step()
+                tokens = mask.sum().clamp(min=1)
+                with torch.no_grad():
+                    sums["loss"] += loss.item()
+                    sums["pg_clipfrac"] += ((indicators["clipped"] * mask).sum() / tokens).item()
+                    if "dual_clipped" in indicators:
+                        sums["pg_clipfrac_lower"] += ((indicators["dual_clipped"] * mask).sum() / tokens).item()
+                    sums["ppo_kl"] += (((mini.logprobs - logprobs) * mask).sum() / tokens).item()
+                    sums["grad_norm"] += grad_norm.item()
+                updates += 1
+        metrics = {key: value / updates for key, value in sums.items()}
+        if self.reference is None:
+            del metrics["kl"]
+        metrics["lr"] = self.lr_at(step)
+        return metrics
+
+    def train_step(self, step: int) -> StepResult:
+        started = time.perf_counter()
+        rollouts, verdict = self.rollout(step)
+        rollout_seconds = time.perf_counter() - started
+        rewards = torch.tensor(verdict.scores, dtype=torch.float32)
+        advantages = self.advantages(step, rollouts, rewards)
+        metrics = self.update(step, rollouts, advantages)
+        mask = rollouts.response_mask
+        lengths = rollouts.lengths
+        new_tokens = int(lengths.sum().item())
+        self.tokens += new_tokens
+        group_rewards = rewards.view(self.config.prompts_per_step, self.config.group_size)
+        adv_per_response = (advantages * mask).sum(dim=1) / lengths.clamp(min=1)
+        metrics.update(
+            reward=rewards.mean().item(),
+            accuracy=(rewards >= 1.0).float().mean().item(),
+            **{f"reward/{name}": sum(v) / len(v) for name, v in verdict.components.items()},
+            response_length=lengths.mean().item(),
+            response_length_max=lengths.max().item(),
+            clipped_ratio=(~rollouts.finished).float().mean().item(),
+            entropy=((rollouts.entropy * mask).sum() / mask.sum().clamp(min=1)).item(),
+            mixed_groups=(group_rewards.std(dim=1) > 0).float().mean().item(),
+            advantage_abs=adv_per_response.abs().mean().item(),
+            zero_advantage=(adv_per_response == 0).float().mean().item(),
+            verify_failures=verdict.failures,
+            verify_timeouts=verdict.timeouts,
+            tokens=self.tokens,
+            step_seconds=time.perf_counter() - started,
+            rollout_tokens_per_second=new_tokens / rollout_seconds,
+        )
+        mu_at = getattr(self.estimator, "mu_at", None)
+        if mu_at is not None:
+            metrics["mu"] = float(mu_at(step, metrics["accuracy"]))
+        return StepResult(metrics, rollouts, advantages)
+
+    def evaluate(self, step: int) -> dict:
+        from canonrl.lab.evaluate import evaluate
+
+        config = self.config
+        return evaluate(
+            self.policy, self.task, problems=config.eval_problems, seed=config.eval_seed, samples=config.eval_samples,
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+            timeout=config.verify_timeout, sample_seed=_seed(config.seed, "eval", step),
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- the run
+    def _log(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record, allow_nan=True) + "\n")
+        if self.writer is not None:
+            prefix = "eval" if record["kind"] == "eval" else "train"
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "kind"):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+                elif isinstance(value, dict):
+                    for sub, v in value.items():
+                        self.writer.add_scalar(f"{prefix}/{key}/{sub}", v, record["step"])
+
+    def train(self, on_step: Callable[[int, dict], None] | None = None) -> dict:
+        """Run (or continue) to `config.steps`; returns the summary written to summary.json."""
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.run_dir / "config.yaml")
+        (self.run_dir / "metrics.jsonl").touch()
+        self.writer = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+        started = time.perf_counter()
+        elapsed_before = self._elapsed_before()
+        initial = None
+        try:
+            if self.step == 0:
+                initial = self._evaluate_and_log(0, started, elapsed_before)
+                if on_step:
+                    on_step(0, {"eval": initial})
+                if config.checkpoint_every:
+                    self.save_checkpoint()
+            while self.step < config.steps:
+                step = self.step + 1
+                result = self.train_step(step)
+                self.step = step
+                record = {"kind": "train", "step": step, "time": elapsed_before + time.perf_counter() - started, **result.metrics}
+                self._log(record)
+                evaluation = None
+                if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+                    evaluation = self._evaluate_and_log(step, started, elapsed_before)
+                if on_step:
+                    on_step(step, {"train": record, "eval": evaluation})
+                if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
+                    self.save_checkpoint()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return self._write_summary(elapsed_before + time.perf_counter() - started)
+
+    def _elapsed_before(self) -> float:
+        last = 0.0
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    last = json.loads(line).get("time", last)
+        return last
+
+    def _evaluate_and_log(self, step: int, started: float, elapsed_before: float) -> dict:
+        result = self.evaluate(step)
+        record = {"kind": "eval", "step": step, "time": elapsed_before + time.perf_counter() - started, **result}
+        self._log(record)
+        return record
+
+    def _write_summary(self, wall_time: float) -> dict:
+        from canonrl.lab.report import read_run
+
+        run = read_run(self.run_dir)
+        final_dir = self.run_dir / "policy"
+        staging = Path(tempfile.mkdtemp(prefix=".policy-", dir=self.run_dir))
+        self.policy.model.save_pretrained(staging, safe_serialization=True)
+        self.policy.tokenizer.save_pretrained(staging)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(staging, final_dir)
+        summary = {
+            "estimator": self.config.estimator,
+            "label": self.config.name,
+            "seed": self.config.seed,
+            "task": self.config.task,
+            "steps": self.config.steps,
+            "wall_time": wall_time,
+            "initial": run.initial,
+            "final": run.final,
+            "policy": str(final_dir),
+        }
+        _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
+        return summary
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    return Path("runs") / f"{config.name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(config: TrainConfig | None = None, run_dir: Path | None = None, resume: bool = False, on_step=None) -> dict:
+    """Train from a config (default: the shipped default) into `run_dir`; `resume` continues that run."""
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume needs the run directory")
+        config = load_config(Path(run_dir) / "config.yaml")
+    config = config or TrainConfig()
+    run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    return Trainer(config, run_dir, resume=resume).train(on_step)
+
