@@ -7,6 +7,7 @@ policy, a hyperparameter the estimator does not have — becomes a one-line `Con
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,21 @@ from canonrl.losses import KL_ESTIMATORS, LOSS_AGG_MODES
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string (a float needs a dot there); users mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _default_estimator_params() -> dict[str, Any]:
@@ -165,7 +181,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("+")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: value is not valid YAML") from None
         head, _, rest = key.partition(".")
@@ -189,16 +205,21 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> TrainCon
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {_one_line(error)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         values.update(loaded)
+    params_given_whole = "estimator_params" in values or any(
+        item.split("=", 1)[0].strip().lstrip("+") == "estimator_params" for item in overrides
+    )
     values = apply_overrides(values, list(overrides))
-    # a new estimator starts from its own defaults, not from canon's
-    if "estimator" in values and values["estimator"] != TrainConfig.estimator and "estimator_params" not in values:
-        values["estimator_params"] = {}
+    if not params_given_whole:
+        # the default estimator keeps its configured defaults under dotted overrides; another starts from its own
+        default_estimator = values.get("estimator", TrainConfig.estimator) == TrainConfig.estimator
+        base = _default_estimator_params() if default_estimator else {}
+        values["estimator_params"] = {**base, **values.get("estimator_params", {})}
     for key in values:
         if key not in FIELDS:
             raise _unknown_key(key)
