@@ -217,11 +217,21 @@ def test_same_seed_same_rollouts_other_seed_other_rollouts(policy, prompts):
     assert a.response_ids.shape != c.response_ids.shape or not torch.equal(a.response_ids, c.response_ids)
 
 
-def test_repeat_interleave_repeats_every_field(policy, prompts):
-    rollouts = _sampled(policy, prompts, rows=1, max_new_tokens=4)
-    twice = rollouts.repeat_interleave(2)
-    for name, value in rollouts.__dict__.items():
-        assert torch.equal(getattr(twice, name), value.repeat_interleave(2, dim=0)), name
+def test_select_keeps_rows_and_drops_all_padding_columns(policy, prompts):
+    rollouts = _sampled(policy, prompts, rows=1, max_new_tokens=12)
+    shortest = rollouts.lengths.argmin().reshape(1)
+    picked = rollouts.select(shortest)
+    width = int(rollouts.lengths[shortest].item())
+    assert picked.response_ids.shape == (1, width)
+    assert torch.equal(picked.response_ids, rollouts.response_ids[shortest, :width])
+    assert torch.equal(picked.logprobs, rollouts.logprobs[shortest, :width])
+    # left padding that no selected row uses is gone; the real prompt tokens are all there
+    assert bool(picked.prompt_mask[:, 0].all())
+    assert int(picked.prompt_mask.sum()) == int(rollouts.prompt_mask[shortest].sum())
+    # the forward over the trimmed rows gives the same log-probs as over the full batch
+    full, _ = sequence_logprobs(policy.model, rollouts)
+    trimmed, _ = sequence_logprobs(policy.model, picked)
+    assert torch.allclose(trimmed, full[shortest, :width], atol=1e-5)
 
 
 def test_lab_task_prompts_encode_and_generate(policy):
@@ -273,3 +283,39 @@ def test_top_p_sampling_draws_only_from_the_nucleus(policy, prompts):
     # the recorded log-probs are still those of the untruncated distribution (as verl records them)
     full = logits.log_softmax(-1).gather(-1, rollouts.response_ids.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(rollouts.logprobs[mask], full[mask], atol=1e-5, rtol=0)
+
+
+def test_llama_decoder_matches_the_generic_decoder_on_lab_tiny(monkeypatch):
+    """The fast Llama path (in-place cache, finished rows dropped) samples what the model's own forward samples."""
+    from canonrl.lab import decoding, sampling
+    from canonrl.lab.lab_task import LabTask
+    from canonrl.lab.policy import LAB_TINY_DIR, load_policy
+
+    if not (LAB_TINY_DIR / "config.json").exists():
+        pytest.skip("lab-tiny is not built")
+    policy = load_policy("lab-tiny")
+    problems = LabTask().problems("heldout", 24, seed=5)
+    ids, mask = policy.encode_prompts([p.prompt for p in problems for _ in range(2)])
+    assert decoding.LlamaDecoder.supports(policy.model)
+
+    def run(greedy):
+        return sampling.generate(
+            policy.model, ids, mask, max_new_tokens=96, eos_id=policy.eos_id, pad_id=policy.pad_id,
+            greedy=greedy, generator=torch.Generator().manual_seed(11),
+        )
+
+    # sampled: dropping rows changes which draws the generator makes, so check the records, not the draws
+    sampled = run(greedy=False)
+    assert sampled.lengths.unique().numel() > 3  # rows finished at different lengths: rows were dropped
+    full_logprobs, full_entropy = sequence_logprobs(policy.model, sampled, with_entropy=True)
+    assert torch.allclose(sampled.logprobs, full_logprobs.detach(), atol=1e-4)
+    assert torch.allclose(sampled.entropy, full_entropy, atol=1e-4)
+
+    fast = run(greedy=True)
+    monkeypatch.setattr(decoding.LlamaDecoder, "supports", staticmethod(lambda model: False))
+    generic = run(greedy=True)
+    assert fast.lengths.unique().numel() > 3
+    assert torch.equal(fast.response_ids, generic.response_ids)
+    assert torch.equal(fast.response_mask, generic.response_mask)
+    assert torch.allclose(fast.logprobs, generic.logprobs, atol=1e-5)
+    assert torch.allclose(fast.entropy, generic.entropy, atol=1e-5)

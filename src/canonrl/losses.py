@@ -21,15 +21,28 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 KL_ESTIMATORS = ("low_var_kl", "k1", "k2")
 
 
-def aggregate_loss(loss: Tensor, mask: Tensor, mode: str, scale_factor: float | None = None) -> Tensor:
-    """One scalar from a per-token loss [B, T] under `mask`, as verl's `agg_loss` (single process)."""
+def aggregate_loss(
+    loss: Tensor,
+    mask: Tensor,
+    mode: str,
+    scale_factor: float | None = None,
+    total_tokens: float | Tensor | None = None,
+    total_responses: float | Tensor | None = None,
+) -> Tensor:
+    """One scalar from a per-token loss [B, T] under `mask`, as verl's `agg_loss` (single process).
+
+    `total_tokens` / `total_responses` (verl's ``batch_num_tokens`` / ``global_batch_size``) replace this
+    chunk's own counts when the batch is split into micro-batches: the chunks' losses then add up to the loss
+    of the whole batch. For ``seq-mean-token-sum-norm`` pass `scale_factor` too (it defaults to this chunk's T).
+    """
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGG_MODES)}; got {mode!r}")
     mask = mask.to(loss.dtype)
     if mode == "token-mean":
-        return (loss * mask).sum() / mask.sum().clamp(min=1)
+        tokens = mask.sum().clamp(min=1) if total_tokens is None else total_tokens
+        return (loss * mask).sum() / tokens
     token_count = mask.sum(dim=-1)
-    responses = (token_count > 0).to(loss.dtype).sum().clamp(min=1)
+    responses = (token_count > 0).to(loss.dtype).sum().clamp(min=1) if total_responses is None else total_responses
     if mode == "seq-mean-token-mean":
         return ((loss * mask).sum(dim=-1) / token_count.clamp(min=1)).sum() / responses
     total = (loss * mask).sum(dim=-1).sum() / responses

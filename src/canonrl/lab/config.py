@@ -63,6 +63,7 @@ class TrainConfig:
     warmup_steps: int = 0
     ppo_epochs: int = 1
     minibatches: int = 1
+    micro_batch_size: int = 32  # rows per forward/backward (similar lengths together); gradients accumulate
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float | None = 3.0
@@ -84,7 +85,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "minibatches",
-                    "eval_problems", "eval_samples", "keep_checkpoints")  # fmt: skip
+                    "eval_problems", "eval_samples", "keep_checkpoints", "micro_batch_size")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from canonrl.lab.decoding import make_decoder, positions_from_mask
+
 
 @dataclass
 class Rollouts:
@@ -32,13 +34,16 @@ class Rollouts:
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(dim=1)
 
-    def repeat_interleave(self, times: int) -> "Rollouts":
-        return Rollouts(*(t.repeat_interleave(times, dim=0) for t in self.__dict__.values()))
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Left padding shifts nothing: the first real token is at position 0 in every row."""
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    def select(self, rows: torch.Tensor) -> "Rollouts":
+        """These rows only, without the columns that are padding in all of them (cheaper forwards)."""
+        prompt_mask = self.prompt_mask[rows]
+        response_mask = self.response_mask[rows]
+        first = int(prompt_mask.any(dim=0).long().argmax())  # prompts are left-padded
+        width = int(response_mask.sum(dim=1).max().item()) if rows.numel() else 0
+        return Rollouts(
+            self.prompt_ids[rows, first:], prompt_mask[:, first:], self.response_ids[rows, :width],
+            response_mask[:, :width], self.logprobs[rows, :width], self.entropy[rows, :width], self.finished[rows],
+        )  # fmt: skip
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -64,25 +69,23 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
 ) -> Rollouts:
-    """Sample (or, with `greedy`, decode) up to `max_new_tokens` tokens per prompt row."""
-    from transformers import DynamicCache
+    """Sample (or, with `greedy`, decode) up to `max_new_tokens` tokens per prompt row.
 
+    Finished rows leave the decode batch once a quarter of it has finished (where the decoder can drop rows),
+    so the cost follows the live rows rather than the longest response.
+    """
     rows = prompt_ids.shape[0]
     device = prompt_ids.device
-    attention = prompt_mask.clone()
-    positions = positions_from_mask(attention)
-    cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True)
-    next_position = positions[:, -1:] + 1
-
+    decoder = make_decoder(model, prompt_ids, prompt_mask, max_new_tokens)
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
     logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
     entropy = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-    alive = torch.ones(rows, dtype=torch.bool, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    live = torch.arange(rows, device=device)  # original row of each decoder row
+    alive = torch.ones(rows, dtype=torch.bool, device=device)  # per decoder row
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float() / temperature
+        logits = decoder.logits.float() / temperature
         log_dist = logits.log_softmax(dim=-1)
         if greedy:
             token = logits.argmax(dim=-1)
@@ -90,24 +93,22 @@ def generate(
             sample_logits = _top_p_filter(logits, top_p) if top_p < 1.0 else logits
             token = torch.multinomial(sample_logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
-        tokens[:, step] = token
-        mask[:, step] = alive.float()
-        logprobs[:, step] = torch.where(alive, log_dist.gather(1, token.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
-        entropy[:, step] = torch.where(alive, -(log_dist.exp() * log_dist).nansum(dim=-1), 0.0)
+        rows_now = live[alive]
+        tokens[rows_now, step] = token[alive]
+        mask[rows_now, step] = 1.0
+        logprobs[rows_now, step] = log_dist.gather(1, token.unsqueeze(1)).squeeze(1)[alive]
+        entropy[rows_now, step] = -(log_dist.exp() * log_dist).nansum(dim=-1)[alive]
         ended = alive & (token == eos_id)
-        finished |= ended
-        alive &= ~ended
-        if not alive.any() or step == max_new_tokens - 1:
+        finished[live[ended]] = True
+        alive = alive & ~ended
+        remaining = int(alive.sum())
+        if remaining == 0 or step == max_new_tokens - 1:
             break
-        attention = torch.cat([attention, alive.long().unsqueeze(1)], dim=1)
-        out = model(
-            input_ids=token.unsqueeze(1),
-            attention_mask=attention,
-            position_ids=next_position,
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-        next_position = next_position + 1
+        if decoder.can_drop_rows and remaining <= 0.75 * alive.numel():
+            kept = alive.nonzero().squeeze(1)
+            decoder.keep(kept)
+            live, token, alive = live[kept], token[kept], alive[kept]
+        decoder.step(token, alive)
     used = int(mask.sum(dim=0).nonzero().max().item()) + 1 if mask.any() else 0
     return Rollouts(
         prompt_ids, prompt_mask, tokens[:, :used], mask[:, :used], logprobs[:, :used], entropy[:, :used], finished

@@ -170,7 +170,14 @@ class Trainer:
         return self.estimator(step=step, **fields)
 
     def update(self, step: int, rollouts, advantages: torch.Tensor) -> dict:
-        from canonrl.lab.sampling import Rollouts, sequence_logprobs
+        """PPO-clip over `ppo_epochs` x `minibatches`; each minibatch is one optimizer step.
+
+        A minibatch runs as micro-batches of similar lengths (rows sorted by response length, each micro-batch
+        cut to its own longest row) with gradients accumulated: the loss is that of the whole minibatch, since
+        every micro-batch divides by the minibatch's token and response counts, but no forward pays for the
+        padding of the longest response in the batch.
+        """
+        from canonrl.lab.sampling import sequence_logprobs
 
         config = self.config
         for group in self.optimizer.param_groups:
@@ -178,48 +185,73 @@ class Trainer:
         rows = rollouts.response_ids.shape[0]
         generator = torch.Generator().manual_seed(_seed(config.seed, "minibatches", step))
         scale = config.loss_scale_factor or config.max_new_tokens
+        lengths = rollouts.lengths
         sums = {"loss": 0.0, "pg_clipfrac": 0.0, "pg_clipfrac_lower": 0.0, "ppo_kl": 0.0, "kl": 0.0, "grad_norm": 0.0}
         updates = 0
         for _ in range(config.ppo_epochs):
             order = torch.randperm(rows, generator=generator) if config.minibatches > 1 else torch.arange(rows)
             for part in order.chunk(config.minibatches):
-                mini = Rollouts(*(t[part] for t in rollouts.__dict__.values()))
-                mask = mini.response_mask
-                logprobs, _ = sequence_logprobs(self.policy.model, mini, config.temperature)
-                token_loss, indicators = ppo_clip_loss(
-                    logprobs, mini.logprobs, advantages[part], config.clip_low, config.clip_high, config.dual_clip
-                )
-                loss = aggregate_loss(token_loss, mask, config.loss_agg, scale)
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref_logprobs, _ = sequence_logprobs(self.reference, mini, config.temperature)
-                    kl = aggregate_loss(kl_penalty(logprobs, ref_logprobs, config.kl_estimator), mask, config.loss_agg, scale)
-                    loss = loss + config.kl_coef * kl
-                    sums["kl"] += kl.item()
-                if not torch.isfinite(loss):
-                    last = self.latest_checkpoint()
-                    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                    raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}; {where}")
+                part = part[lengths[part].argsort(stable=True)]
+                total_tokens = lengths[part].sum().clamp(min=1)
+                total_responses = (lengths[part] > 0).float().sum().clamp(min=1)
+                totals = {"tokens": total_tokens, "responses": total_responses}
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                counted = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "dual_clipped": 0.0, "ppo_kl": 0.0}
+                for chunk in part.split(config.micro_batch_size):
+                    self._accumulate(step, rollouts.select(chunk), advantages[chunk], scale, totals, counted)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), config.grad_clip)
                 if not torch.isfinite(grad_norm):
-                    raise TrainingError(f"non-finite gradient norm at step {step}; the last good checkpoint is {self.latest_checkpoint()}")
+                    raise TrainingError(f"non-finite gradient norm at step {step}; {self._last_good()}")
                 self.optimizer.step()
-                tokens = mask.sum().clamp(min=1)
-                with torch.no_grad():
-                    sums["loss"] += loss.item()
-                    sums["pg_clipfrac"] += ((indicators["clipped"] * mask).sum() / tokens).item()
-                    if "dual_clipped" in indicators:
-                        sums["pg_clipfrac_lower"] += ((indicators["dual_clipped"] * mask).sum() / tokens).item()
-                    sums["ppo_kl"] += (((mini.logprobs - logprobs) * mask).sum() / tokens).item()
-                    sums["grad_norm"] += grad_norm.item()
+                tokens = float(total_tokens)
+                sums["loss"] += counted["loss"]
+                sums["kl"] += counted["kl"]
+                sums["pg_clipfrac"] += counted["clipped"] / tokens
+                sums["pg_clipfrac_lower"] += counted["dual_clipped"] / tokens
+                sums["ppo_kl"] += counted["ppo_kl"] / tokens
+                sums["grad_norm"] += grad_norm.item()
                 updates += 1
         metrics = {key: value / updates for key, value in sums.items()}
         if self.reference is None:
             del metrics["kl"]
         metrics["lr"] = self.lr_at(step)
         return metrics
+
+    def _accumulate(self, step: int, mini, advantages: torch.Tensor, scale: float, totals: dict, counted: dict) -> None:
+        """Forward and backward one micro-batch; its loss is its share of the minibatch's loss."""
+        from canonrl.lab.sampling import sequence_logprobs
+
+        config = self.config
+        mask = mini.response_mask
+        advantages = advantages[:, : mask.shape[1]]
+        logprobs, _ = sequence_logprobs(self.policy.model, mini, config.temperature)
+        token_loss, indicators = ppo_clip_loss(
+            logprobs, mini.logprobs, advantages, config.clip_low, config.clip_high, config.dual_clip
+        )
+
+        def aggregate(values: torch.Tensor) -> torch.Tensor:
+            return aggregate_loss(values, mask, config.loss_agg, scale, totals["tokens"], totals["responses"])
+
+        loss = aggregate(token_loss)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logprobs, _ = sequence_logprobs(self.reference, mini, config.temperature)
+            kl = aggregate(kl_penalty(logprobs, ref_logprobs, config.kl_estimator))
+            loss = loss + config.kl_coef * kl
+            counted["kl"] += kl.item()
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}; {self._last_good()}")
+        loss.backward()
+        with torch.no_grad():
+            counted["loss"] += loss.item()
+            counted["clipped"] += (indicators["clipped"] * mask).sum().item()
+            if "dual_clipped" in indicators:
+                counted["dual_clipped"] += (indicators["dual_clipped"] * mask).sum().item()
+            counted["ppo_kl"] += ((mini.logprobs - logprobs) * mask).sum().item()
+
+    def _last_good(self) -> str:
+        last = self.latest_checkpoint()
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 
     def train_step(self, step: int) -> StepResult:
         started = time.perf_counter()

@@ -6,7 +6,7 @@ Both contenders train the same policy weights (loaded twice, one copy each) on t
 prompts per step, group size G, max new tokens, temperature 1 / top-p 1 sampling, learning rate (constant),
 Dr.GRPO advantages (reward minus group mean, no std) and Dr.GRPO's loss (token sums divided by
 rows x max_new_tokens), no KL term, fp32 on CPU. TRL runs with ``bf16=False, gradient_checkpointing=False,
-use_cpu=True`` (its CPU defaults would turn both on; see docs/specs environment.md section 4).
+use_cpu=True`` (TRL 1.16 turns both on by default, also on CPU, which makes a step about 10x slower).
 
 Timing. After `warmup` untimed steps each (ours first, then TRL's first steps, which also pay for TRL's
 dataloader and optimizer set-up), the timed steps alternate in blocks: ours `block` steps, TRL `block` steps,
@@ -18,10 +18,12 @@ step, and the previous step's logging. Our step is the wall time of `Trainer.tra
 fixed for the whole run.
 
 Throughput. "rollout tokens/s" is generated completion tokens (EOS included, padding excluded, counted the same
-way on both sides) divided by the wall time of the whole step. "rollout-phase tokens/s" divides the same tokens
-by the time spent turning prompts into scored completions: for us `Trainer.rollout` (encode, sample, decode,
-verify; from the step's own `rollout_tokens_per_second`), for TRL `_generate` plus `_calculate_rewards` (tokenize,
-`model.generate`, decode, reward function), timed by a thin subclass that only wraps those two methods.
+way on both sides) divided by the wall time of the whole step. "generation tokens/s" divides the same tokens by
+the sampling time alone: our `canonrl.lab.sampling.generate` call (wrapped for the duration of our steps), TRL's
+`_generate_single_turn` (padding, `model.generate`, EOS masking). The result dict also has
+"rollout_phase_tokens_per_second": prompts to scored completions, i.e. for us `Trainer.rollout` (encode, sample,
+decode, verify; from the step's own `rollout_tokens_per_second`), for TRL `_generate` plus `_calculate_rewards`
+(tokenize, generate, decode, reward function). TRL's methods are timed by a thin subclass that only wraps them.
 
 What differs in the work per step (policy defaults, all kept as they are):
 
@@ -60,7 +62,14 @@ __all__ = ["run_trl_benchmark", "markdown_table"]
 Progress = Callable[[str, int, int, float], None]  # (contender, timed steps done, timed steps total, seconds)
 
 
-def _contender(name: str, seconds: list[float], tokens: list[int], phase_seconds: list[float], rows: int, **extra) -> dict:
+def _rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else float("nan")
+
+
+def _contender(
+    name: str, seconds: list[float], tokens: list[int], phase_seconds: list[float], generation_seconds: list[float],
+    rows: int, **extra,
+) -> dict:  # fmt: skip
     total = sum(seconds)
     total_tokens = sum(tokens)
     return {
@@ -74,7 +83,9 @@ def _contender(name: str, seconds: list[float], tokens: list[int], phase_seconds
         "rollout_tokens": total_tokens,
         "rollout_tokens_per_second": total_tokens / total,
         "rollout_phase_seconds": sum(phase_seconds),
-        "rollout_phase_tokens_per_second": total_tokens / sum(phase_seconds) if sum(phase_seconds) > 0 else float("nan"),
+        "rollout_phase_tokens_per_second": _rate(total_tokens, sum(phase_seconds)),
+        "generation_seconds": sum(generation_seconds),
+        "generation_tokens_per_second": _rate(total_tokens, sum(generation_seconds)),
         "mean_completion_tokens": total_tokens / (rows * len(seconds)),
         **extra,
     }
@@ -98,8 +109,9 @@ def run_trl_benchmark(
     `policy` is a preset name (``lab-tiny``) or a Hugging Face model directory. `threads` = 0 keeps torch's
     default thread count (fixed for the run either way). `block` is how many timed steps each contender runs
     before handing over to the other. Returns a dict with ``config``, ``contenders`` (``canonrl`` and ``trl``:
-    steps/s, s/step, rollout tokens/s, rollout-phase tokens/s, mean completion tokens, the per-step times) and
-    ``ratio_steps_per_second`` (ours / TRL's), plus ``notes`` and the load average before and after.
+    steps/s, s/step, rollout tokens/s over the whole step, over sampling alone and over the rollout phase, mean
+    completion tokens, the per-step times), ``ratio_steps_per_second`` (ours / TRL's), ``notes`` and the load
+    average before and after.
     """
     try:
         import datasets
@@ -110,6 +122,7 @@ def run_trl_benchmark(
     except ImportError:
         raise RuntimeError("the TRL benchmark needs trl and datasets: pip install trl") from None
 
+    from canonrl.lab import sampling
     from canonrl.lab.config import load_config
     from canonrl.lab.lab_task import LabTask
     from canonrl.lab.policy import resolve_policy_dir
@@ -127,6 +140,7 @@ def run_trl_benchmark(
         raise ValueError(f"threads must be >= 0, got {threads}")
 
     policy_dir = resolve_policy_dir(policy)
+    sample = sampling.generate
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = prompts * group_size
@@ -151,20 +165,36 @@ def run_trl_benchmark(
         ours_seconds: list[float] = []
         ours_tokens: list[int] = []
         ours_phase: list[float] = []
+        ours_generation: list[float] = []
+        ours_generate_seconds = [0.0]
         ours_step = 0
+
+        def timed_generate(*args, **kwargs):
+            # the trainer imports `generate` from canonrl.lab.sampling when it samples, so it finds this wrapper
+            started = time.perf_counter()
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                ours_generate_seconds[0] += time.perf_counter() - started
 
         def run_ours(count: int, timed: bool) -> None:
             nonlocal ours_step
             for _ in range(count):
                 ours_step += 1
-                started = time.perf_counter()
-                result = ours.train_step(ours_step)
-                elapsed = time.perf_counter() - started
+                ours_generate_seconds[0] = 0.0
+                sampling.generate = timed_generate
+                try:
+                    started = time.perf_counter()
+                    result = ours.train_step(ours_step)
+                    elapsed = time.perf_counter() - started
+                finally:
+                    sampling.generate = sample
                 if timed:
                     new_tokens = int(round(result.metrics["response_length"] * rows))
                     ours_seconds.append(elapsed)
                     ours_tokens.append(new_tokens)
                     ours_phase.append(new_tokens / result.metrics["rollout_tokens_per_second"])
+                    ours_generation.append(ours_generate_seconds[0])
                     if progress is not None:
                         progress("canonrl", len(ours_seconds), steps, elapsed)
 
@@ -191,10 +221,17 @@ def run_trl_benchmark(
             return [task.verify(text, Problem("", str(a))).score for text, a in zip(texts, answer)]
 
         trl_phase_current = [0.0]
+        trl_generation_current = [0.0]
         trl_tokens_current = [0]
 
         class TimedGRPOTrainer(GRPOTrainer):
             """GRPOTrainer with its rollout methods timed; nothing else changes."""
+
+            def _generate_single_turn(self, *args, **kwargs):
+                started = time.perf_counter()
+                out = super()._generate_single_turn(*args, **kwargs)
+                trl_generation_current[0] += time.perf_counter() - started
+                return out
 
             def _generate(self, prompts_):
                 started = time.perf_counter()
@@ -212,6 +249,7 @@ def run_trl_benchmark(
         trl_seconds: list[float] = []
         trl_tokens: list[int] = []
         trl_phase: list[float] = []
+        trl_generation: list[float] = []
         trl_logged_lengths: list[float] = []
         thread_drift: list[int] = []
 
@@ -231,10 +269,12 @@ def run_trl_benchmark(
                     trl_seconds.append(now - self.mark)
                     trl_tokens.append(trl_tokens_current[0])
                     trl_phase.append(trl_phase_current[0])
+                    trl_generation.append(trl_generation_current[0])
                     if progress is not None:
                         progress("trl", len(trl_seconds), steps, trl_seconds[-1])
                 trl_tokens_current[0] = 0
                 trl_phase_current[0] = 0.0
+                trl_generation_current[0] = 0.0
                 if step >= warmup and (step - warmup) % block == 0 and len(ours_seconds) < steps:
                     run_ours(min(block, steps - len(ours_seconds)), timed=True)
                 self.mark = time.perf_counter()
@@ -304,9 +344,9 @@ def run_trl_benchmark(
             "eos_token_ids": list(trainer.eos_token_ids),
         }
 
-    canon = _contender("canonrl", ours_seconds, ours_tokens, ours_phase, rows)
+    canon = _contender("canonrl", ours_seconds, ours_tokens, ours_phase, ours_generation, rows)
     theirs = _contender(
-        "trl", trl_seconds, trl_tokens, trl_phase, rows,
+        "trl", trl_seconds, trl_tokens, trl_phase, trl_generation, rows,
         logged_mean_completion_tokens=(sum(trl_logged_lengths) / len(trl_logged_lengths)) if trl_logged_lengths else None,
         settings=trl_settings,
     )  # fmt: skip
@@ -344,16 +384,16 @@ def run_trl_benchmark(
 
 
 def markdown_table(result: dict) -> str:
-    """One row per contender: steps/s, rollout tokens/s (whole step and rollout phase), lengths, s/step, ratio."""
+    """One row per contender: steps/s, rollout tokens/s (whole step; sampling only), lengths, s/step, ratio."""
     trl_rate = result["contenders"]["trl"]["steps_per_second"]
     lines = [
-        "| contender | steps/s | rollout tokens/s | rollout-phase tokens/s | mean completion tokens | s/step | ratio to TRL |",
+        "| contender | steps/s | rollout tokens/s | generation tokens/s | mean completion tokens | s/step | ratio to TRL |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in result["contenders"].items():
         lines.append(
             f"| {name} | {row['steps_per_second']:.3f} | {row['rollout_tokens_per_second']:.0f} "
-            f"| {row['rollout_phase_tokens_per_second']:.0f} | {row['mean_completion_tokens']:.1f} "
+            f"| {row['generation_tokens_per_second']:.0f} | {row['mean_completion_tokens']:.1f} "
             f"| {row['seconds_per_step']:.3f} | {row['steps_per_second'] / trl_rate:.2f}x |"
         )
     return "\n".join(lines)
