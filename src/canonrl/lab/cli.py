@@ -194,6 +194,32 @@ def warmstart_command(
     )
 
 
+@lab_app.command("bench-trl")
+def bench_trl_command(
+    policy: str = typer.Option("lab-tiny"),
+    prompts: int = typer.Option(16, help="prompts per step"),
+    group_size: int = typer.Option(8, help="G: responses per prompt"),
+    max_new_tokens: int = typer.Option(96),
+    steps: int = typer.Option(10, help="timed steps per contender"),
+    warmup: int = typer.Option(2, help="untimed steps per contender first"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch's default)"),
+    markdown: Path = typer.Option(None, help="also write the table to this file"),
+) -> None:
+    """Time the lab trainer against TRL's GRPOTrainer (same policy, task, batch, lr, Dr.GRPO loss) in one process."""
+    from canonrl.lab.trl_bench import markdown_table, run_trl_benchmark
+
+    with lab_command(), console.status("benchmarking against TRL") as status:
+        result = run_trl_benchmark(
+            policy=policy, prompts=prompts, group_size=group_size, max_new_tokens=max_new_tokens,
+            steps=steps, warmup=warmup, threads=threads,
+            progress=lambda name, done, total, seconds: status.update(f"{name} step {done}/{total}: {seconds:.2f} s"),
+        )  # fmt: skip
+    table = markdown_table(result)
+    console.print(table, highlight=False, soft_wrap=True)
+    if markdown:
+        markdown.write_text(table + "\n")
+
+
 def compare_command(
     estimators: list[str] = typer.Option(
         ["grpo", "dr_grpo", "canon"], "--estimator", "-e",
@@ -232,7 +258,7 @@ def _print_comparison_table(summary_path: Path) -> None:
         elif table_lines:
             break
     if table_lines:
-        console.print("\n".join(table_lines), highlight=False)
+        console.print("\n".join(table_lines), highlight=False, soft_wrap=True)
 
 
 def _int_list(text: str, option: str) -> list[int]:

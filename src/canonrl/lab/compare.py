@@ -51,9 +51,11 @@ def plan_runs(
 def _run_one(config_dict: dict, run_dir: str, threads: int) -> str:
     """Child process: train (or resume) one run; returns '' or a one-line error."""
     import torch
+    from transformers.utils import logging as transformers_logging
 
     from canonrl.lab.trainer import Trainer, TrainingError
 
+    transformers_logging.disable_progress_bar()  # the parent draws one bar per run
     torch.set_num_threads(threads)
     config = TrainConfig(**{**config_dict, "threads": threads})
     path = Path(run_dir)

@@ -51,14 +51,14 @@ class TrainConfig:
     label: str | None = None  # a name for this configuration in `canonrl compare` reports (default: estimator)
     seed: int = 0
     # rollouts
-    steps: int = 120
+    steps: int = 200
     prompts_per_step: int = 16
     group_size: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 96
     # updates
-    lr: float = 5e-4
+    lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
     ppo_epochs: int = 1

@@ -96,7 +96,7 @@ def run_trl_benchmark(
     prompts: int = 16,
     group_size: int = 8,
     max_new_tokens: int = 96,
-    lr: float = 5e-4,
+    lr: float = 2e-4,
     steps: int = 10,
     warmup: int = 2,
     threads: int = 0,
@@ -407,7 +407,7 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
