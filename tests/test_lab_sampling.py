@@ -12,27 +12,20 @@ import math
 import pytest
 import torch
 
-from canonrl.lab.lab_task import LabTask, build_tokenizer
+from canonrl.lab.lab_task import LabTask
 from canonrl.lab.policy import Policy
 from canonrl.lab.sampling import Rollouts, _top_p_filter, generate, positions_from_mask, sequence_logprobs
-from canonrl.lab.warmstart import WarmstartConfig, build_model
+from conftest import tiny_lab_model
 
 PROMPTS = ["1+2?", "7+5-3+8?", "3-1+9-2+4?", "9?", "4+4-8+6?", "2+2+2?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def policy(one_thread) -> Policy:
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    model = build_model(WarmstartConfig(hidden_size=32, intermediate_size=64, layers=2, heads=2), tokenizer)
+    model, tokenizer = tiny_lab_model()
     model.eval()
     return Policy(model, tokenizer, "tiny")
 

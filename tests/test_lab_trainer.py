@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from canonrl.lab.config import ConfigError, TrainConfig, load_config
-from canonrl.lab.lab_task import LabTask, build_tokenizer
+from canonrl.lab.lab_task import LabTask
 from canonrl.lab.task import Reward
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, TrainingError, train
-from canonrl.lab.warmstart import WarmstartConfig, build_model
+from conftest import tiny_lab_model
 
 TINY = [
     "max_new_tokens=16",
@@ -30,19 +30,12 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    model = build_model(WarmstartConfig(hidden_size=32, intermediate_size=64, layers=2, heads=2), tokenizer)
+    model, tokenizer = tiny_lab_model()
     directory = tmp_path_factory.mktemp("tiny-policy")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -433,18 +426,10 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(policy_dir, tmp_pat
     assert summary["final"]["step"] == 4
 
 
-class FlakyTask:
+class FlakyTask(ParityTask):
     """Lab problems; the verifier raises on responses of odd length and scores the others (1 if length % 4 == 0)."""
 
     name = "flaky"
-    components = ("correct",)
-    cheap = True
-
-    def __init__(self):
-        self.inner = LabTask()
-
-    def problems(self, split, count, seed):
-        return self.inner.problems(split, count, seed)
 
     def verify(self, response, problem):
         if len(response) % 2:

@@ -11,12 +11,10 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory):
-    from canonrl.lab.lab_task import build_tokenizer
-    from canonrl.lab.warmstart import WarmstartConfig, build_model
+    from conftest import tiny_lab_model
 
     path = tmp_path_factory.mktemp("tiny-policy")
-    tokenizer = build_tokenizer()
-    model = build_model(WarmstartConfig(hidden_size=32, intermediate_size=64, layers=2, heads=2), tokenizer)
+    model, tokenizer = tiny_lab_model()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

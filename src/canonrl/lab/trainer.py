@@ -17,7 +17,6 @@ directory plus optimizer and trainer state), policy/ (the final model) and summa
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -177,8 +176,6 @@ class Trainer:
         every micro-batch divides by the minibatch's token and response counts, but no forward pays for the
         padding of the longest response in the batch.
         """
-        from canonrl.lab.sampling import sequence_logprobs
-
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
