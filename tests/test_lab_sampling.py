@@ -312,3 +312,80 @@ def test_llama_decoder_matches_the_generic_decoder_on_lab_tiny(monkeypatch):
     assert torch.equal(fast.response_mask, generic.response_mask)
     assert torch.allclose(fast.logprobs, generic.logprobs, atol=1e-5)
     assert torch.allclose(fast.entropy, generic.entropy, atol=1e-5)
+
+
+def test_shared_prompts_give_the_full_forwards_logprobs_and_gradients(policy):
+    """Prompts run once per group (leaf KV cache, one backward through them) = every row's full forward."""
+    from canonrl.lab.sampling import SharedPrompts
+
+    ids, mask = policy.encode_prompts(PROMPTS[:4])
+    rollouts = generate(
+        policy.model, ids, mask, max_new_tokens=10, eos_id=policy.eos_id, pad_id=policy.pad_id,
+        generator=torch.Generator().manual_seed(3), repeats=3,
+    )  # fmt: skip
+    assert rollouts.repeats == 3 and rollouts.response_ids.shape[0] == 12
+    weights = torch.randn(rollouts.response_ids.shape, generator=torch.Generator().manual_seed(4))
+    rows = torch.tensor([7, 0, 5, 11, 1, 2, 9])  # unsorted, several groups, some groups partly
+
+    def gradients(logprob_fn):
+        policy.model.zero_grad(set_to_none=True)
+        logprob_fn()
+        return {name: p.grad.clone() for name, p in policy.model.named_parameters() if p.grad is not None}
+
+    full_values = {}
+
+    def full():
+        logprobs, _ = sequence_logprobs(policy.model, rollouts.select(rows))
+        full_values["logprobs"] = logprobs.detach()
+        (logprobs * weights[rows, : logprobs.shape[1]]).sum().backward()
+
+    shared_values = {}
+
+    def shared():
+        prompts = SharedPrompts(policy.model, rollouts, rows)
+        parts = []
+        for chunk in (rows[:3], rows[3:]):  # two micro-batches, each trimmed to its own width
+            mini = rollouts.select(chunk)
+            logprobs = prompts.logprobs(chunk, mini)
+            (logprobs * weights[chunk, : logprobs.shape[1]]).sum().backward()
+            parts.append(torch.nn.functional.pad(logprobs.detach(), (0, rollouts.response_ids.shape[1] - logprobs.shape[1])))
+        prompts.backward()
+        shared_values["logprobs"] = torch.cat(parts)
+
+    expected, got = gradients(full), gradients(shared)
+    width = full_values["logprobs"].shape[1]
+    assert torch.allclose(shared_values["logprobs"][:, :width], full_values["logprobs"], atol=1e-5)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_llama_decoder_handles_grouped_query_attention(monkeypatch):
+    """SmolLM2 shares each KV head between 3 query heads; the fast decoder must group queries as transformers does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from canonrl.lab import decoding
+
+    from canonrl.lab.lab_task import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    policy = Policy(LlamaForCausalLM(config).eval(), tokenizer, "gqa")
+    ids, mask = policy.encode_prompts(PROMPTS)
+    assert decoding.LlamaDecoder.supports(policy.model)
+
+    def run():
+        return generate(policy.model, ids, mask, max_new_tokens=12, eos_id=policy.eos_id, pad_id=policy.pad_id,
+                        greedy=True, repeats=2)
+
+    fast = run()
+    monkeypatch.setattr(decoding.LlamaDecoder, "supports", staticmethod(lambda model: False))
+    generic = run()
+    assert torch.equal(fast.response_ids, generic.response_ids)
+    assert torch.allclose(fast.logprobs, generic.logprobs, atol=1e-5)
+    assert torch.allclose(fast.entropy, generic.entropy, atol=1e-5)

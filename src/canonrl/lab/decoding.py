@@ -26,10 +26,12 @@ class HFDecoder:
 
     can_drop_rows = False
 
-    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, repeats: int = 1):
         from transformers import DynamicCache
 
         self.model = model
+        prompt_ids = prompt_ids.repeat_interleave(repeats, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(repeats, dim=0)
         self.attention = prompt_mask.clone()
         positions = positions_from_mask(self.attention)
         out = model(
@@ -97,33 +99,35 @@ class LlamaDecoder:
             and next(model.parameters()).dtype == torch.float32
         )
 
-    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, repeats: int = 1):
+        """Prefill each distinct prompt once, then give each of its `repeats` rows a copy of its cache."""
         from transformers import DynamicCache
 
         self.model = model
         config = model.config
-        rows, prompt_len = prompt_ids.shape
+        rows, prompt_len = prompt_ids.shape[0] * repeats, prompt_ids.shape[1]
         capacity = prompt_len + max_new_tokens
         positions = positions_from_mask(prompt_mask)
         out = model(
             input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
             past_key_values=DynamicCache(), use_cache=True,
         )  # fmt: skip
+        # the cache as [rows * kv_heads, capacity, head_dim]: a single-token query is then one batched matmul
         self.keys, self.values = [], []
         for layer_cache in out.past_key_values.layers:
-            keys, values = layer_cache.keys, layer_cache.values  # [rows, kv_heads, prompt_len, head_dim]
-            k = keys.new_zeros(rows, keys.shape[1], capacity, keys.shape[3])
-            v = values.new_zeros(rows, values.shape[1], capacity, values.shape[3])
-            k[:, :, :prompt_len] = keys
-            v[:, :, :prompt_len] = values
-            self.keys.append(k)
-            self.values.append(v)
+            for source, target in ((layer_cache.keys, self.keys), (layer_cache.values, self.values)):
+                kv_heads, head_dim = source.shape[1], source.shape[3]
+                # uninitialised is safe: position t is written for every row before any row reads it
+                cache = source.new_empty(rows * kv_heads, capacity, head_dim)
+                cache[:, :prompt_len] = source.repeat_interleave(repeats, dim=0).reshape(rows * kv_heads, prompt_len, head_dim)
+                target.append(cache)
         self.layers = [_FusedLayer(layer) for layer in model.model.layers]
-        self.attend = torch.zeros(rows, capacity, dtype=torch.bool, device=prompt_ids.device)
-        self.attend[:, :prompt_len] = prompt_mask.bool()
+        # additive attention bias: 0 where a row attends, -inf on its padding
+        self.bias = out.logits.new_zeros(rows, capacity, dtype=torch.float32)
+        self.bias[:, :prompt_len].masked_fill_(~prompt_mask.bool().repeat_interleave(repeats, dim=0), float("-inf"))
         self.length = prompt_len
-        self.logits = out.logits[:, -1, :]
-        self.next_position = positions[:, -1] + 1
+        self.logits = out.logits[:, -1, :].repeat_interleave(repeats, dim=0)
+        self.next_position = (positions[:, -1] + 1).repeat_interleave(repeats, dim=0)
         table_positions = torch.arange(capacity + 1, device=prompt_ids.device).unsqueeze(0)
         cos, sin = model.model.rotary_emb(out.logits.new_zeros(1, 1, 1), table_positions)
         self.cos_table, self.sin_table = cos[0], sin[0]  # [capacity + 1, head_dim]
@@ -134,34 +138,35 @@ class LlamaDecoder:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every row not in `rows` (indices into the current rows)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-        self.attend = self.attend.index_select(0, rows)
+        cache_rows = (rows.unsqueeze(1) * self.kv_heads + torch.arange(self.kv_heads, device=rows.device)).flatten()
+        self.keys = [k.index_select(0, cache_rows) for k in self.keys]
+        self.values = [v.index_select(0, cache_rows) for v in self.values]
+        self.bias = self.bias.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
         self.logits = self.logits.index_select(0, rows)
 
     def step(self, tokens: torch.Tensor, alive: torch.Tensor) -> None:
         rows = tokens.shape[0]
         t = self.length
-        self.attend[:, t] = alive
-        mask = self.attend[:, None, None, : t + 1]
-        cos = self.cos_table[self.next_position][:, None, None, :]  # [rows, 1, 1, head_dim]
-        sin = self.sin_table[self.next_position][:, None, None, :]
         q_heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        groups = q_heads // kv_heads  # query heads per KV head, in order (as transformers' repeat_kv)
+        self.bias[:, t] = torch.where(alive, 0.0, float("-inf"))
+        bias = self.bias[:, : t + 1].repeat_interleave(kv_heads, dim=0).unsqueeze(1)  # [rows * kv_heads, 1, t + 1]
+        cos = self.cos_table[self.next_position].unsqueeze(1)  # [rows, 1, head_dim]
+        sin = self.sin_table[self.next_position].unsqueeze(1)
         hidden = self.model.model.embed_tokens(tokens)  # [rows, hidden]
         for index, layer in enumerate(self.layers):
             qkv = F.linear(_rms_norm(hidden, layer.input_norm), layer.qkv_weight, layer.qkv_bias)
-            qkv = qkv.view(rows, q_heads + 2 * kv_heads, 1, head_dim)
+            qkv = qkv.view(rows, q_heads + 2 * kv_heads, head_dim)
             qk = qkv[:, : q_heads + kv_heads]
             qk = qk * cos + _rotate_half(qk) * sin
-            q, k, v = qk[:, :q_heads], qk[:, q_heads:], qkv[:, q_heads + kv_heads :]
-            self.keys[index][:, :, t : t + 1] = k
-            self.values[index][:, :, t : t + 1] = v
-            context = F.scaled_dot_product_attention(
-                q, self.keys[index][:, :, : t + 1], self.values[index][:, :, : t + 1],
-                attn_mask=mask, scale=layer.scaling, enable_gqa=kv_heads != q_heads,
-            )  # fmt: skip
-            hidden = hidden + layer.o_proj(context.reshape(rows, -1))
+            queries = qk[:, :q_heads].reshape(rows * kv_heads, groups, head_dim)
+            keys, values = self.keys[index], self.values[index]
+            keys[:, t] = qk[:, q_heads:].reshape(rows * kv_heads, head_dim)
+            values[:, t] = qkv[:, q_heads + kv_heads :].reshape(rows * kv_heads, head_dim)
+            scores = torch.baddbmm(bias, queries, keys[:, : t + 1].transpose(1, 2), alpha=layer.scaling)
+            context = torch.bmm(scores.softmax(dim=-1), values[:, : t + 1])  # [rows * kv_heads, groups, head_dim]
+            hidden = hidden + layer.o_proj(context.reshape(rows, q_heads * head_dim))
             gate, up = F.linear(_rms_norm(hidden, layer.post_norm), layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
             hidden = hidden + layer.down_proj(layer.act_fn(gate) * up)
         self.logits = self.model.lm_head(_rms_norm(hidden, self.final_norm))
@@ -169,6 +174,7 @@ class LlamaDecoder:
         self.next_position = self.next_position + 1
 
 
-def make_decoder(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+def make_decoder(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, repeats: int = 1):
+    """A decoder over `repeats` rows per prompt row (in `repeat_interleave` order), prefilled."""
     cls = LlamaDecoder if LlamaDecoder.supports(model) else HFDecoder
-    return cls(model, prompt_ids, prompt_mask, max_new_tokens)
+    return cls(model, prompt_ids, prompt_mask, max_new_tokens, repeats)

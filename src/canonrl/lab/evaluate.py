@@ -25,11 +25,15 @@ def score_rollouts(policy, task: Task, rollouts: Rollouts, problems, timeout: fl
     return texts, verify_all(task, texts, problems, timeout=timeout)
 
 
-def _sample_in_chunks(policy, prompts: list[str], chunk: int, **sampling) -> list[Rollouts]:
+def _sample_in_chunks(policy, prompts: list[str], chunk: int, repeats: int = 1, **sampling) -> list[Rollouts]:
+    """Rollouts for `repeats` samples of each prompt, about `chunk` rows per generate call."""
     out = []
-    for start in range(0, len(prompts), chunk):
-        ids, mask = policy.encode_prompts(prompts[start : start + chunk])
-        out.append(generate(policy.model, ids, mask, eos_id=policy.eos_id, pad_id=policy.pad_id, **sampling))
+    per_call = max(1, chunk // repeats)
+    for start in range(0, len(prompts), per_call):
+        ids, mask = policy.encode_prompts(prompts[start : start + per_call])
+        out.append(
+            generate(policy.model, ids, mask, eos_id=policy.eos_id, pad_id=policy.pad_id, repeats=repeats, **sampling)
+        )
     return out
 
 
@@ -59,12 +63,12 @@ def evaluate(
     policy.model.eval()
     heldout = task.problems("heldout", problems, seed=seed)
     generator = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
-    prompts = [p.prompt for p in heldout for _ in range(samples)]
     repeated = [p for p in heldout for _ in range(samples)]
     scores, lengths, entropies, finished = [], [], [], []
     for part in _sample_in_chunks(
-        policy, prompts, chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator
-    ):
+        policy, [p.prompt for p in heldout], chunk, samples,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
+    ):  # fmt: skip
         start = len(scores)
         _, verdict = score_rollouts(policy, task, part, repeated[start : start + part.response_ids.shape[0]], timeout)
         scores += verdict.scores

@@ -29,13 +29,17 @@ class Rollouts:
     logprobs: torch.Tensor  # [N, T] float32, 0 outside the mask
     entropy: torch.Tensor  # [N, T] float32, 0 outside the mask
     finished: torch.Tensor  # [N] bool: the response ended with EOS within the budget
+    repeats: int = 1  # rows r*repeats .. (r+1)*repeats-1 share one prompt
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(dim=1)
 
     def select(self, rows: torch.Tensor) -> "Rollouts":
-        """These rows only, without the columns that are padding in all of them (cheaper forwards)."""
+        """These rows only, without the columns that are padding in all of them (cheaper forwards).
+
+        The selected rows no longer come in groups of one prompt, so `repeats` is 1.
+        """
         prompt_mask = self.prompt_mask[rows]
         response_mask = self.response_mask[rows]
         first = int(prompt_mask.any(dim=0).long().argmax())  # prompts are left-padded
@@ -68,36 +72,42 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    repeats: int = 1,
 ) -> Rollouts:
-    """Sample (or, with `greedy`, decode) up to `max_new_tokens` tokens per prompt row.
+    """Sample (or, with `greedy`, decode) up to `max_new_tokens` tokens, `repeats` responses per prompt row.
+
+    Rows come out in `repeat_interleave` order (prompt 0's responses first); each distinct prompt is run
+    through the model once.
 
     Finished rows leave the decode batch once a quarter of it has finished (where the decoder can drop rows),
     so the cost follows the live rows rather than the longest response.
     """
-    rows = prompt_ids.shape[0]
     device = prompt_ids.device
-    decoder = make_decoder(model, prompt_ids, prompt_mask, max_new_tokens)
-    tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-    logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-    entropy = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
+    decoder = make_decoder(model, prompt_ids, prompt_mask, max_new_tokens, repeats)
+    prompt_ids = prompt_ids.repeat_interleave(repeats, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(repeats, dim=0)
+    rows = prompt_ids.shape[0]
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     live = torch.arange(rows, device=device)  # original row of each decoder row
     alive = torch.ones(rows, dtype=torch.bool, device=device)  # per decoder row
+    # per step: where its values go (flat row * max_new_tokens + step) and the values; scattered once at the end
+    slots, step_tokens, step_logprobs, step_entropy = [], [], [], []
     for step in range(max_new_tokens):
         logits = decoder.logits.float() / temperature
         log_dist = logits.log_softmax(dim=-1)
+        dist = log_dist.exp()
         if greedy:
             token = logits.argmax(dim=-1)
+        elif top_p < 1.0:
+            token = torch.multinomial(_top_p_filter(logits, top_p).softmax(dim=-1), 1, generator=generator).squeeze(1)
         else:
-            sample_logits = _top_p_filter(logits, top_p) if top_p < 1.0 else logits
-            token = torch.multinomial(sample_logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+            token = torch.multinomial(dist, 1, generator=generator).squeeze(1)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
-        rows_now = live[alive]
-        tokens[rows_now, step] = token[alive]
-        mask[rows_now, step] = 1.0
-        logprobs[rows_now, step] = log_dist.gather(1, token.unsqueeze(1)).squeeze(1)[alive]
-        entropy[rows_now, step] = -(log_dist.exp() * log_dist).nansum(dim=-1)[alive]
+        rows_alive = alive.nonzero().squeeze(1)
+        slots.append(live[rows_alive] * max_new_tokens + step)
+        step_tokens.append(token[rows_alive])
+        step_logprobs.append(log_dist.gather(1, token.unsqueeze(1)).squeeze(1)[rows_alive])
+        step_entropy.append(-(dist * log_dist).nansum(dim=-1)[rows_alive])
         ended = alive & (token == eos_id)
         finished[live[ended]] = True
         alive = alive & ~ended
@@ -109,10 +119,24 @@ def generate(
             decoder.keep(kept)
             live, token, alive = live[kept], token[kept], alive[kept]
         decoder.step(token, alive)
+    index = torch.cat(slots)
+    tokens = torch.full((rows * max_new_tokens,), pad_id, dtype=torch.long, device=device)
+    tokens[index] = torch.cat(step_tokens)
+    tokens = tokens.view(rows, max_new_tokens)
+    mask = torch.zeros(rows * max_new_tokens, dtype=torch.float32, device=device)
+    mask[index] = 1.0
+    mask = mask.view(rows, max_new_tokens)
+    logprobs = torch.zeros(rows * max_new_tokens, dtype=torch.float32, device=device)
+    logprobs[index] = torch.cat(step_logprobs)
+    logprobs = logprobs.view(rows, max_new_tokens)
+    entropy = torch.zeros(rows * max_new_tokens, dtype=torch.float32, device=device)
+    entropy[index] = torch.cat(step_entropy)
+    entropy = entropy.view(rows, max_new_tokens)
     used = int(mask.sum(dim=0).nonzero().max().item()) + 1 if mask.any() else 0
     return Rollouts(
-        prompt_ids, prompt_mask, tokens[:, :used], mask[:, :used], logprobs[:, :used], entropy[:, :used], finished
-    )
+        prompt_ids, prompt_mask, tokens[:, :used], mask[:, :used], logprobs[:, :used], entropy[:, :used], finished,
+        repeats,
+    )  # fmt: skip
 
 
 def sequence_logprobs(
@@ -134,3 +158,68 @@ def sequence_logprobs(
         with torch.no_grad():
             token_entropy = -(log_dist.exp() * log_dist).nansum(dim=-1) * rollouts.response_mask
     return token_logprobs, token_entropy
+
+
+class SharedPrompts:
+    """Run each distinct prompt of some rows once, with grad, and let micro-batches of responses continue from it.
+
+    The update's forward over prompt + response repeats each prompt for every one of its `repeats` responses.
+    Here the prompts run once; their KV cache and last logits become leaf tensors that every micro-batch's
+    response forward reads (so each micro-batch's backward stops at them and accumulates their gradients), and
+    `backward()` then carries those gradients through the prompt forward once. The result equals the full
+    forward's gradients up to float rounding. Llama-architecture models (`LlamaDecoder.supports`) only.
+    """
+
+    def __init__(self, model, rollouts: Rollouts, rows: torch.Tensor, temperature: float = 1.0):
+        from canonrl.lab.decoding import LlamaDecoder
+
+        if not LlamaDecoder.supports(model):
+            raise ValueError("SharedPrompts supports Llama-architecture float32 models only")
+        self.model = model
+        self.temperature = temperature
+        prompts, inverse = (rows // rollouts.repeats).unique(return_inverse=True)
+        self.slot = torch.full((rollouts.response_ids.shape[0],), -1, dtype=torch.long)
+        self.slot[rows] = inverse
+        first_rows = prompts * rollouts.repeats
+        mask = rollouts.prompt_mask[first_rows]
+        first = int(mask.any(dim=0).long().argmax())  # left padding none of these prompts uses
+        self.prompt_ids = rollouts.prompt_ids[first_rows, first:]
+        self.prompt_mask = mask[:, first:]
+        out = model(
+            input_ids=self.prompt_ids, attention_mask=self.prompt_mask,
+            position_ids=positions_from_mask(self.prompt_mask), use_cache=True,
+        )  # fmt: skip
+        self.outputs = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        self.outputs.append(out.logits[:, -1, :])
+        self.leaves = [t.detach().requires_grad_() for t in self.outputs]
+
+    def logprobs(self, rows: torch.Tensor, mini: Rollouts) -> torch.Tensor:
+        """Log-probs [n, T] of `mini`'s response tokens (`mini` = the rollouts' `select(rows)`), with grad."""
+        from transformers import DynamicCache
+
+        slots = self.slot[rows]
+        cache = DynamicCache()
+        for layer in range(len(self.leaves) // 2):
+            keys, values = self.leaves[2 * layer], self.leaves[2 * layer + 1]
+            cache.update(keys[slots], values[slots], layer)
+        prompt_mask = self.prompt_mask[slots]
+        first_logits = self.leaves[-1][slots].unsqueeze(1)
+        width = mini.response_ids.shape[1]
+        if width > 1:
+            inputs = mini.response_ids[:, : width - 1]
+            attention = torch.cat([prompt_mask, mini.response_mask[:, : width - 1].long()], dim=1)
+            positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(width - 1).unsqueeze(0)
+            out = self.model(
+                input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+            logits = torch.cat([first_logits, out.logits], dim=1)
+        else:
+            logits = first_logits
+        log_dist = (logits.float() / self.temperature).log_softmax(dim=-1)
+        return log_dist.gather(-1, mini.response_ids.unsqueeze(-1)).squeeze(-1) * mini.response_mask
+
+    def backward(self) -> None:
+        """Carry the gradients the micro-batches left on the prompt leaves through the prompt forward."""
+        pairs = [(out, leaf.grad) for out, leaf in zip(self.outputs, self.leaves) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])

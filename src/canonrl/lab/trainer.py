@@ -146,14 +146,12 @@ class Trainer:
         config = self.config
         problems = self.task.problems("train", config.prompts_per_step, seed=_seed(config.seed, "problems", step))
         prompt_ids, prompt_mask = self.policy.encode_prompts([p.prompt for p in problems])
-        prompt_ids = prompt_ids.repeat_interleave(config.group_size, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(config.group_size, dim=0)
         generator = torch.Generator().manual_seed(_seed(config.seed, "rollout", step))
         self.policy.model.eval()
         rollouts = generate(
             self.policy.model, prompt_ids, prompt_mask,
             max_new_tokens=config.max_new_tokens, eos_id=self.policy.eos_id, pad_id=self.policy.pad_id,
-            temperature=config.temperature, top_p=config.top_p, generator=generator,
+            temperature=config.temperature, top_p=config.top_p, generator=generator, repeats=config.group_size,
         )  # fmt: skip
         self.policy.model.train()
         repeated = [p for p in problems for _ in range(config.group_size)]
@@ -174,8 +172,17 @@ class Trainer:
         A minibatch runs as micro-batches of similar lengths (rows sorted by response length, each micro-batch
         cut to its own longest row) with gradients accumulated: the loss is that of the whole minibatch, since
         every micro-batch divides by the minibatch's token and response counts, but no forward pays for the
-        padding of the longest response in the batch.
+        padding of the longest response in the batch. The G responses of a prompt share one run of the prompt
+        (`SharedPrompts`, Llama-architecture models).
+
+        Rows whose advantage is 0 on every token (all-equal groups, under most estimators) add exactly nothing
+        to the PPO loss's gradient, so without a KL term they are not run at all; they still count in the
+        loss's denominators, and the gradients are zeroed rather than dropped so that AdamW steps exactly as if
+        they had been run. `ppo_kl` is then measured on the rows that ran.
         """
+        from canonrl.lab.decoding import LlamaDecoder
+        from canonrl.lab.sampling import SharedPrompts
+
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
@@ -183,19 +190,28 @@ class Trainer:
         generator = torch.Generator().manual_seed(_seed(config.seed, "minibatches", step))
         scale = config.loss_scale_factor or config.max_new_tokens
         lengths = rollouts.lengths
+        trains = self._rows_to_train(rollouts, advantages)
         sums = {"loss": 0.0, "pg_clipfrac": 0.0, "pg_clipfrac_lower": 0.0, "ppo_kl": 0.0, "kl": 0.0, "grad_norm": 0.0}
         updates = 0
         for _ in range(config.ppo_epochs):
             order = torch.randperm(rows, generator=generator) if config.minibatches > 1 else torch.arange(rows)
             for part in order.chunk(config.minibatches):
-                part = part[lengths[part].argsort(stable=True)]
                 total_tokens = lengths[part].sum().clamp(min=1)
                 total_responses = (lengths[part] > 0).float().sum().clamp(min=1)
                 totals = {"tokens": total_tokens, "responses": total_responses}
-                self.optimizer.zero_grad(set_to_none=True)
+                part = part[trains[part]]
+                part = part[lengths[part].argsort(stable=True)]
+                self.optimizer.zero_grad(set_to_none=False)
                 counted = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "dual_clipped": 0.0, "ppo_kl": 0.0}
-                for chunk in part.split(config.micro_batch_size):
-                    self._accumulate(step, rollouts.select(chunk), advantages[chunk], scale, totals, counted)
+                shared = None
+                if part.numel() and rollouts.repeats > 1 and LlamaDecoder.supports(self.policy.model):
+                    shared = SharedPrompts(self.policy.model, rollouts, part, config.temperature)
+                for chunk in part.split(config.micro_batch_size) if part.numel() else ():
+                    mini = rollouts.select(chunk)
+                    logprobs = shared.logprobs(chunk, mini) if shared else None
+                    self._accumulate(step, mini, advantages[chunk], scale, totals, counted, logprobs)
+                if shared is not None:
+                    shared.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), config.grad_clip)
                 if not torch.isfinite(grad_norm):
                     raise TrainingError(f"non-finite gradient norm at step {step}; {self._last_good()}")
@@ -205,23 +221,36 @@ class Trainer:
                 sums["kl"] += counted["kl"]
                 sums["pg_clipfrac"] += counted["clipped"] / tokens
                 sums["pg_clipfrac_lower"] += counted["dual_clipped"] / tokens
-                sums["ppo_kl"] += counted["ppo_kl"] / tokens
+                sums["ppo_kl"] += counted["ppo_kl"] / max(1.0, float(lengths[part].sum()))
                 sums["grad_norm"] += grad_norm.item()
                 updates += 1
         metrics = {key: value / updates for key, value in sums.items()}
         if self.reference is None:
             del metrics["kl"]
         metrics["lr"] = self.lr_at(step)
+        metrics["trained_rows"] = float(trains.float().mean())
         return metrics
 
-    def _accumulate(self, step: int, mini, advantages: torch.Tensor, scale: float, totals: dict, counted: dict) -> None:
-        """Forward and backward one micro-batch; its loss is its share of the minibatch's loss."""
+    def _rows_to_train(self, rollouts, advantages: torch.Tensor) -> torch.Tensor:
+        """Rows whose PPO gradient can be non-zero: a non-zero advantage somewhere, or any row under a KL term."""
+        if self.reference is not None:
+            return torch.ones(rollouts.response_ids.shape[0], dtype=torch.bool)
+        return (advantages * rollouts.response_mask != 0).any(dim=1)
+
+    def _accumulate(
+        self, step: int, mini, advantages: torch.Tensor, scale: float, totals: dict, counted: dict, logprobs=None
+    ) -> None:
+        """Forward (unless `logprobs` came from shared prompts) and backward one micro-batch.
+
+        Its loss is its share of the minibatch's loss.
+        """
         from canonrl.lab.sampling import sequence_logprobs
 
         config = self.config
         mask = mini.response_mask
         advantages = advantages[:, : mask.shape[1]]
-        logprobs, _ = sequence_logprobs(self.policy.model, mini, config.temperature)
+        if logprobs is None:
+            logprobs, _ = sequence_logprobs(self.policy.model, mini, config.temperature)
         token_loss, indicators = ppo_clip_loss(
             logprobs, mini.logprobs, advantages, config.clip_low, config.clip_high, config.dual_clip
         )
