@@ -568,3 +568,28 @@ def test_cli_compare(cli, policy_dir, tmp_path):
         run = out / "runs" / f"{label}-seed0"
         assert (run / "summary.json").is_file(), label
         assert json.loads((run / "summary.json").read_text())["estimator"] == label
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_skipping_zero_advantage_rows_changes_no_weight(policy_dir, tmp_path, parity, loss_agg):
+    """Rows with advantage 0 everywhere are not run; the optimizer step must be the one that runs them all."""
+    from canonrl.lab.trainer import Trainer
+
+    config = tiny_config(policy_dir, parity, f"loss_agg={loss_agg}", "prompts_per_step=4", "group_size=4", "micro_batch_size=3")
+    results = []
+    for skip in (True, False):
+        trainer = Trainer(config, tmp_path / f"skip-{skip}")
+        if not skip:
+            trainer._rows_to_train = lambda rollouts, advantages: torch.ones(advantages.shape[0], dtype=torch.bool)
+        rollouts, verdict = trainer.rollout(1)
+        advantages = torch.randn(rollouts.response_mask.shape, generator=torch.Generator().manual_seed(0))
+        advantages[::2] = 0.0  # every other row carries nothing
+        for step in (1, 2):  # the second step checks AdamW's state after a step with skipped rows
+            metrics = trainer.update(step, rollouts, advantages * rollouts.response_mask)
+        results.append((metrics, {k: v.detach().clone() for k, v in trainer.policy.model.state_dict().items()}))
+    (skipped_metrics, skipped), (full_metrics, full) = results
+    assert skipped_metrics["trained_rows"] == 0.5 and full_metrics["trained_rows"] == 1.0
+    assert skipped_metrics["loss"] == pytest.approx(full_metrics["loss"], abs=1e-6)
+    assert skipped_metrics["pg_clipfrac"] == pytest.approx(full_metrics["pg_clipfrac"], abs=1e-6)
+    for name in full:
+        assert torch.allclose(skipped[name], full[name], atol=1e-6), name
