@@ -198,12 +198,14 @@ class SharedPrompts:
         from transformers import DynamicCache
 
         slots = self.slot[rows]
+        # index_select, not advanced indexing: its backward (index_add) sums in a fixed order on CPU, which
+        # advanced indexing's (index_put with accumulate) does not with several threads — resume stays bit-exact
         cache = DynamicCache()
         for layer in range(len(self.leaves) // 2):
             keys, values = self.leaves[2 * layer], self.leaves[2 * layer + 1]
-            cache.update(keys[slots], values[slots], layer)
+            cache.update(keys.index_select(0, slots), values.index_select(0, slots), layer)
         prompt_mask = self.prompt_mask[slots]
-        first_logits = self.leaves[-1][slots].unsqueeze(1)
+        first_logits = self.leaves[-1].index_select(0, slots).unsqueeze(1)
         width = mini.response_ids.shape[1]
         if width > 1:
             inputs = mini.response_ids[:, : width - 1]
