@@ -1,0 +1,386 @@
+"""canonrl's estimators as verl advantage estimators (verl >= 0.9).
+
+Three pieces, all importing verl lazily (``import canonrl`` never imports verl):
+
+- :func:`register_all` registers every canonrl estimator in verl's ``ADV_ESTIMATOR_REGISTRY`` under its canonrl name
+  when verl has no estimator of that name (``canon``, ``ktae``, ``dr_grpo``, ``dapo``, ``reinforce_pp``, ...) and
+  always under ``canonrl_<name>`` (``canonrl_grpo``, ``canonrl_rloo``, ...). Built-in verl names are never touched.
+  :data:`VERL_NAMES` maps each registered verl name to its canonrl name. Installing canonrl adds the
+  ``verl.plugins`` entry point ``canonrl = "canonrl.integrations.verl:verl_plugin"``, so ``import verl`` registers
+  everything in every process (driver and Ray workers alike).
+- The registered functions follow verl's contract ``fn(token_level_rewards, response_mask, index=None, config=None,
+  **kwargs) -> (advantages, returns)``. Hyperparameters come from the ``algorithm`` config, under the canonrl name:
+  ``+algorithm.canon.mu=1.0 +algorithm.canon.metric=length``.
+- :func:`patch_compute_advantage` wraps verl's dispatcher so that canonrl estimators also receive entropies
+  (``entropys``), token ids (``responses``), log-probs (``old_log_probs``) and the global step, which verl's plain
+  dispatcher never passes. :func:`unpatch_compute_advantage` undoes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "VERL_NAMES",
+    "BATCH_KEYS",
+    "register_all",
+    "patch_compute_advantage",
+    "unpatch_compute_advantage",
+    "is_patched",
+    "advantage_fn",
+]
+
+#: verl estimator name -> canonrl estimator name, filled by :func:`register_all`.
+VERL_NAMES: dict[str, str] = {}
+
+#: canonrl batch field -> the DataProto ``batch`` keys the patched dispatcher reads it from (first one present wins).
+BATCH_KEYS: dict[str, tuple[str, ...]] = {
+    "entropy": ("entropys", "canonrl_entropys"),
+    "token_ids": ("responses",),
+    "logprobs": ("old_log_probs",),
+    "metric": ("canonrl_metric",),
+}
+
+#: The batch key the ``keep_entropy`` patch copies the legacy trainer's entropies to before verl pops ``entropys``.
+KEPT_ENTROPY_KEY = "canonrl_entropys"
+
+#: Set to 1 to have the entry point (``import verl``) also apply :func:`patch_compute_advantage`.
+PATCH_ENV = "CANONRL_VERL_PATCH"
+
+_HOW_TO_GET = {
+    "entropy": "per-token entropies (batch key 'entropys')",
+    "token_ids": "response token ids (batch key 'responses')",
+    "logprobs": "old log-probs (batch key 'old_log_probs')",
+    "metric": "a per-response metric (batch key 'canonrl_metric')",
+}
+
+_FUNCTIONS: dict[str, Any] = {}  # canonrl name -> the one function object registered with verl
+_ESTIMATORS: dict[tuple[str, str], Any] = {}  # (canonrl name, repr of hyperparameters) -> estimator instance
+_ORIGINALS: dict[tuple[str, str], Any] = {}  # (module, attribute) -> what the patch replaced
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Hyperparameters from verl's ``algorithm`` config
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _config_get(config: Any, key: str, default: Any = None) -> Any:
+    if config is None:
+        return default
+    if hasattr(config, "get"):
+        try:
+            return config.get(key, default)
+        except Exception:  # a structured config that rejects unknown keys
+            return default
+    return getattr(config, key, default)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (resolved); anything else unchanged."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf comes with verl
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def hyperparameters_from_config(name: str, config: Any) -> dict[str, Any]:
+    """The hyperparameters of canonrl estimator ``name`` in verl's ``algorithm`` config (``algorithm.<name>``).
+
+    ``algorithm.canonrl_<name>`` is accepted too. For ``grpo``, verl's ``algorithm.norm_adv_by_std_in_grpo=False``
+    selects ``scale="none"`` unless ``scale`` is set explicitly. Unknown keys raise a one-line ``ValueError``.
+    """
+    from canonrl.registry import estimator_class
+
+    found = {}
+    for key in (name, f"canonrl_{name}"):
+        sub = _config_get(config, key)
+        if sub is None:
+            continue
+        sub = _plain(sub)
+        if not isinstance(sub, Mapping):
+            raise ValueError(
+                f"algorithm.{key} must be a mapping of hyperparameters (e.g. +algorithm.{key}.<param>=...), "
+                f"got {type(sub).__name__}"
+            )
+        found.update(sub)
+    valid = [h.name for h in estimator_class(name).info().hyperparameters]
+    unknown = sorted(set(found) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter {unknown[0]!r} in algorithm.{name} for canonrl estimator {name!r}; "
+            f"valid: {', '.join(valid) or 'none'}"
+        )
+    if name == "grpo" and "scale" not in found and _config_get(config, "norm_adv_by_std_in_grpo", True) is False:
+        found["scale"] = "none"
+    return dict(found)
+
+
+def _estimator(name: str, hyperparameters: dict[str, Any]):
+    """One estimator instance per (name, hyperparameters), so step counters and schedules persist across calls."""
+    key = (name, repr(sorted(hyperparameters.items(), key=lambda kv: kv[0])))
+    est = _ESTIMATORS.get(key)
+    if est is None:
+        from canonrl.registry import get_estimator
+
+        try:
+            est = get_estimator(name, **hyperparameters)
+        except TypeError as e:  # unknown hyperparameter (already caught above) or a bad value type
+            raise ValueError(str(e).splitlines()[0]) from None
+        _ESTIMATORS[key] = est
+    return est
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The functions registered with verl
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def compute(
+    name: str,
+    token_level_rewards: Any,
+    response_mask: Any,
+    index: Any = None,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """verl's estimator contract for canonrl estimator ``name``: ``(advantages, returns)``, both [bs, T] and masked.
+
+    The outcome reward is ``token_level_rewards.sum(-1)``, as in verl's built-ins; ``token_level_rewards`` is also
+    passed as canonrl's ``token_rewards`` (token-level estimators such as ``reinforce_pp`` read it). Extra inputs
+    (``entropy``, ``token_ids``, ``logprobs``, ``metric``) and ``step`` come as keyword arguments from the patched
+    dispatcher; other keyword arguments verl passes (``reward_baselines``, ...) are ignored.
+    """
+    if index is None:
+        raise ValueError(
+            f"canonrl estimator {name!r} needs verl's 'uid' (the prompt group of each response) in non_tensor_batch"
+        )
+    est = _estimator(name, hyperparameters_from_config(name, config))
+    fields: dict[str, Any] = {}
+    for field in est.required_inputs():
+        value = kwargs.get(field)
+        if value is None:
+            raise ValueError(
+                f"canonrl estimator {name!r} needs {_HOW_TO_GET.get(field, field)}, which verl's compute_advantage "
+                f"does not pass: call canonrl.integrations.verl.patch_compute_advantage() in the trainer process "
+                f"(or set {PATCH_ENV}=1) and keep that key in the batch (see docs/verl.md)"
+            )
+        fields[field] = value
+    step = kwargs.get("step")
+    advantages = est(
+        rewards=token_level_rewards.sum(-1).float(),
+        token_rewards=token_level_rewards,
+        group=index,
+        mask=response_mask,
+        step=None if step is None else int(step),
+        **fields,
+    )
+    if advantages.dtype != token_level_rewards.dtype and token_level_rewards.dtype.is_floating_point:
+        advantages = advantages.to(token_level_rewards.dtype)
+    return advantages, advantages
+
+
+def advantage_fn(name: str):
+    """The verl-contract function for canonrl estimator ``name`` (the same object on every call)."""
+    fn = _FUNCTIONS.get(name)
+    if fn is None:
+
+        def fn(token_level_rewards, response_mask, index=None, config=None, **kwargs):
+            return compute(name, token_level_rewards, response_mask, index=index, config=config, **kwargs)
+
+        fn.__name__ = fn.__qualname__ = f"canonrl_{name}_advantage"
+        fn.__doc__ = f"canonrl's {name!r} estimator under verl's advantage-estimator contract."
+        fn.canonrl_name = name
+        _FUNCTIONS[name] = fn
+    return fn
+
+
+def _canonrl_name_of(fn: Any) -> str | None:
+    """The canonrl name behind a registered verl function, or None for verl's own and other plugins' estimators."""
+    name = getattr(fn, "canonrl_name", None)
+    return name if name is not None and _FUNCTIONS.get(name) is fn else None
+
+
+def register_all() -> dict[str, str]:
+    """Register every canonrl estimator with verl (idempotent); returns :data:`VERL_NAMES`.
+
+    Each estimator gets ``canonrl_<name>`` and, when verl has no estimator of that name, ``<name>``. A name verl
+    already holds (a built-in, or another plugin's) is left alone.
+    """
+    from verl.trainer.ppo import core_algos
+
+    from canonrl.registry import estimators
+
+    registry = core_algos.ADV_ESTIMATOR_REGISTRY
+    builtin = {e.value for e in core_algos.AdvantageEstimator}
+    for info in estimators():
+        fn = advantage_fn(info.name)
+        for verl_name in (info.name, f"canonrl_{info.name}"):
+            if verl_name in builtin:
+                continue
+            if verl_name in registry and registry[verl_name] is not fn:
+                continue  # someone else's estimator: never re-register a taken name
+            core_algos.register_adv_est(verl_name)(fn)
+            VERL_NAMES[verl_name] = info.name
+    return dict(VERL_NAMES)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The patched dispatcher
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _extra_inputs(data: Any) -> dict[str, Any]:
+    keys = set(data.batch.keys())
+    out = {}
+    for field, candidates in BATCH_KEYS.items():
+        for key in candidates:
+            if key in keys:
+                out[field] = data.batch[key]
+                break
+    step = (data.meta_info or {}).get("global_steps")
+    if step is not None:
+        out["step"] = int(step)
+    return out
+
+
+def _make_patched(original: Any):
+    def compute_advantage(
+        data,
+        adv_estimator,
+        gamma: float = 1.0,
+        lam: float = 1.0,
+        num_repeat: int = 1,
+        norm_adv_by_std_in_grpo: bool = True,
+        config=None,
+    ):
+        from verl.trainer.ppo import core_algos
+
+        name = adv_estimator.value if isinstance(adv_estimator, Enum) else adv_estimator
+        fn = core_algos.ADV_ESTIMATOR_REGISTRY.get(name) if isinstance(name, str) else None
+        canonrl_name = _canonrl_name_of(fn)
+        if canonrl_name is None:
+            return original(
+                data,
+                adv_estimator=adv_estimator,
+                gamma=gamma,
+                lam=lam,
+                num_repeat=num_repeat,
+                norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+                config=config,
+            )
+        if "response_mask" not in data.batch.keys():
+            from verl.trainer.ppo.ray_trainer import compute_response_mask
+
+            data.batch["response_mask"] = compute_response_mask(data)
+        kwargs = {
+            "token_level_rewards": data.batch["token_level_rewards"],
+            "response_mask": data.batch["response_mask"],
+            "config": config,
+        }
+        if "uid" in data.non_tensor_batch:
+            kwargs["index"] = data.non_tensor_batch["uid"]
+        kwargs.update(_extra_inputs(data))
+        advantages, returns = fn(**kwargs)
+        data.batch["advantages"] = advantages
+        data.batch["returns"] = returns
+        if KEPT_ENTROPY_KEY in data.batch.keys():
+            data.batch.pop(KEPT_ENTROPY_KEY)  # only kept for the advantage; do not ship it to the actor update
+        return data
+
+    compute_advantage.__wrapped__ = original
+    compute_advantage.canonrl_patched = True
+    compute_advantage.__doc__ = "verl's compute_advantage, patched by canonrl to pass extra inputs to its estimators."
+    return compute_advantage
+
+
+def _make_kept_entropy(original: Any):
+    def _compute_old_log_prob(self, batch):
+        old_log_prob, mfu = original(self, batch)
+        if "entropys" in old_log_prob.batch.keys():
+            old_log_prob.batch[KEPT_ENTROPY_KEY] = old_log_prob.batch["entropys"]
+        return old_log_prob, mfu
+
+    _compute_old_log_prob.__wrapped__ = original
+    _compute_old_log_prob.canonrl_patched = True
+    return _compute_old_log_prob
+
+
+def _set(owner: Any, attribute: str, value: Any) -> None:
+    key = (repr(owner), attribute)
+    if key not in _ORIGINALS:
+        _ORIGINALS[key] = (owner, attribute, getattr(owner, attribute))
+    setattr(owner, attribute, value)
+
+
+def patch_compute_advantage(*, keep_entropy: bool = True) -> None:
+    """Make verl's dispatcher pass entropies, token ids, log-probs and the step to canonrl estimators (idempotent).
+
+    Replaces ``verl.trainer.ppo.ray_trainer.compute_advantage`` (the legacy ``RayPPOTrainer`` path) and the name
+    ``compute_advantage`` in ``verl.trainer.ppo.v1.utils`` (the v1 trainer's
+    ``compute_advantage_for_multi_trajectories`` calls it). For estimator names not registered by canonrl the
+    original runs unchanged.
+
+    With ``keep_entropy`` (default) ``RayPPOTrainer._compute_old_log_prob`` is also wrapped to copy the entropies to
+    the batch key ``canonrl_entropys`` before the legacy trainer pops ``entropys``; the patched dispatcher reads and
+    then drops that key. The v1 trainer fetches only a fixed list of fields for the advantage step (no entropies, no
+    response ids), so entropy- and token-based estimators need the legacy trainer (``trainer.use_v1=false``).
+    Must run in the process that runs the trainer (verl's ``TaskRunner`` Ray actor): set ``CANONRL_VERL_PATCH=1``
+    to have the ``verl.plugins`` entry point do it at ``import verl``.
+    """
+    from verl.trainer.ppo import ray_trainer
+
+    register_all()
+    current = ray_trainer.compute_advantage
+    if not getattr(current, "canonrl_patched", False):
+        _set(ray_trainer, "compute_advantage", _make_patched(current))
+    patched = ray_trainer.compute_advantage
+    try:
+        from verl.trainer.ppo.v1 import utils as v1_utils
+    except Exception:  # pragma: no cover - the v1 trainer's optional dependencies are missing
+        v1_utils = None
+    if v1_utils is not None and not getattr(v1_utils.compute_advantage, "canonrl_patched", False):
+        _set(v1_utils, "compute_advantage", patched)
+    if keep_entropy:
+        trainer_cls = ray_trainer.RayPPOTrainer
+        method = trainer_cls.__dict__.get("_compute_old_log_prob")
+        if method is not None and not getattr(method, "canonrl_patched", False):
+            _set(trainer_cls, "_compute_old_log_prob", _make_kept_entropy(method))
+
+
+def unpatch_compute_advantage() -> None:
+    """Undo :func:`patch_compute_advantage` (registrations stay)."""
+    while _ORIGINALS:
+        _, (owner, attribute, original) = _ORIGINALS.popitem()
+        setattr(owner, attribute, original)
+
+
+def is_patched() -> bool:
+    from verl.trainer.ppo import ray_trainer
+
+    return bool(getattr(ray_trainer.compute_advantage, "canonrl_patched", False))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The ``verl.plugins`` entry point
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _plugin() -> dict[str, str]:
+    names = register_all()
+    if os.environ.get(PATCH_ENV, "").strip().lower() in ("1", "true", "yes"):
+        patch_compute_advantage()
+    return names
+
+
+def __getattr__(attribute: str) -> Any:
+    # verl's plugin loader only calls ``EntryPoint.load()``, i.e. imports the module and reads the attribute; it
+    # never calls what it gets. Reading ``verl_plugin`` therefore does the registration (PEP 562 module getattr).
+    if attribute == "verl_plugin":
+        return _plugin()
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")

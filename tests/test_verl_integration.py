@@ -1,0 +1,253 @@
+"""canonrl's estimators inside verl: registration, verl's real ``compute_advantage``, the patch, the entry point."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+ray_trainer = pytest.importorskip("verl.trainer.ppo.ray_trainer")  # needs verl's cachetools/uvicorn/fastapi extras
+from omegaconf import OmegaConf  # noqa: E402  (a dependency of verl)
+from verl import DataProto  # noqa: E402
+
+import canonrl  # noqa: E402
+from canonrl.integrations import verl as cv  # noqa: E402
+
+pytestmark = pytest.mark.verl
+
+ATOL = 1e-5
+#: pyproject: [project.entry-points."verl.plugins"] canonrl = "canonrl.integrations.verl:verl_plugin"
+ENTRY_POINT_VALUE = "canonrl.integrations.verl:verl_plugin"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    before = dict(core_algos.ADV_ESTIMATOR_REGISTRY)
+    names = cv.register_all()
+    yield names, before
+    cv.unpatch_compute_advantage()
+
+
+@pytest.fixture
+def patched():
+    cv.patch_compute_advantage()
+    yield
+    cv.unpatch_compute_advantage()
+
+
+def make_inputs(seed: int = 0, sizes=(4, 3, 5, 4), T: int = 7, vocab: int = 6):
+    """Groups of unequal sizes (no singletons), uids shuffled, right-padded masks, score on the last valid token."""
+    g = torch.Generator().manual_seed(seed)
+    uids = np.array([f"u{k}" for k, n in enumerate(sizes) for _ in range(n)], dtype=object)
+    perm = torch.randperm(len(uids), generator=g).numpy()
+    uids = uids[perm]
+    B = len(uids)
+    lengths = torch.randint(2, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    scores = torch.rand(B, generator=g).round(decimals=1)
+    token_level_rewards = torch.zeros(B, T)
+    token_level_rewards[torch.arange(B), lengths - 1] = scores
+    return {
+        "token_level_rewards": token_level_rewards,
+        "response_mask": mask,
+        "uid": uids,
+        "rewards": scores,
+        "entropys": torch.rand(B, T, generator=g) * 2,
+        "responses": torch.randint(0, vocab, (B, T), generator=g),
+    }
+
+
+def data_proto(x, *keys: str) -> DataProto:
+    tensors = {"token_level_rewards": x["token_level_rewards"].clone(), "response_mask": x["response_mask"].clone()}
+    tensors.update({k: x[k].clone() for k in keys})
+    return DataProto.from_dict(tensors=tensors, non_tensors={"uid": x["uid"].copy()})
+
+
+def run(x, estimator: str, *keys: str, config=None, **kwargs) -> torch.Tensor:
+    # the module attribute, so that the patch (when applied) is what runs
+    out = ray_trainer.compute_advantage(data_proto(x, *keys), adv_estimator=estimator, config=config, **kwargs)
+    return out.batch["advantages"]
+
+
+def algo(**extra):
+    return OmegaConf.create({"adv_estimator": "x", "norm_adv_by_std_in_grpo": True, **extra})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_register_all_names_and_idempotence(registered):
+    names, before = registered
+    for name in ("canon", "ktae", "dr_grpo", "dapo", "canonrl_grpo", "canonrl_rloo", "canonrl_canon"):
+        assert callable(core_algos.get_adv_estimator_fn(name))
+    assert names["canonrl_grpo"] == "grpo" and names["canon"] == "canon"
+    assert "grpo" not in names and "rloo" not in names
+    # no built-in (or previously registered) name was overridden
+    for name, fn in before.items():
+        assert core_algos.ADV_ESTIMATOR_REGISTRY[name] is fn
+    snapshot = dict(core_algos.ADV_ESTIMATOR_REGISTRY)
+    assert cv.register_all() == names
+    assert core_algos.ADV_ESTIMATOR_REGISTRY == snapshot
+    assert set(cv.VERL_NAMES.values()) == {e.name for e in canonrl.estimators()}
+
+
+def test_importing_canonrl_does_not_import_verl():
+    code = "import sys, canonrl, canonrl.integrations, canonrl.integrations.verl; assert 'verl' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity through verl's real dispatcher
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_canonrl_grpo_matches_verl_grpo(seed):
+    x = make_inputs(seed)
+    for norm in (True, False):
+        ours = run(x, "canonrl_grpo", config=algo(norm_adv_by_std_in_grpo=norm))
+        theirs = run(x, "grpo", norm_adv_by_std_in_grpo=norm, config=algo(norm_adv_by_std_in_grpo=norm))
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=ATOL)
+
+
+def test_dr_grpo_matches_verl_grpo_without_std():
+    x = make_inputs(2)
+    ours = run(x, "dr_grpo", config=algo())
+    theirs = run(x, "grpo", norm_adv_by_std_in_grpo=False, config=algo())
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=ATOL)
+
+
+def test_canonrl_rloo_matches_verl_rloo():
+    x = make_inputs(3)
+    ours, theirs = run(x, "canonrl_rloo", config=algo()), run(x, "rloo", config=algo())
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=ATOL)
+
+
+def test_canon_length_from_hydra_style_config():
+    x = make_inputs(4)
+    config = OmegaConf.merge(algo(), OmegaConf.from_dotlist(["canon.mu=0.5", "canon.metric=length"]))
+    ours = run(x, "canon", config=config)
+    direct = canonrl.advantages(
+        "canon", rewards=x["rewards"], group=list(x["uid"]), mask=x["response_mask"], mu=0.5, metric="length"
+    )
+    torch.testing.assert_close(ours, direct, atol=ATOL, rtol=ATOL)
+    assert ours.abs().sum() > 0
+    assert torch.all(ours[x["response_mask"] == 0] == 0)
+
+
+def test_one_estimator_per_hyperparameters_keeps_its_step():
+    x = make_inputs(5)
+    config = algo(canon={"metric": "length", "mu": 0.25})
+    run(x, "canon", config=config)
+    run(x, "canon", config=config)
+    est = cv._estimator("canon", {"metric": "length", "mu": 0.25})
+    assert est.step == 2
+
+
+def test_bad_hyperparameter_is_a_one_line_error():
+    x = make_inputs(6)
+    with pytest.raises(ValueError, match=r"unknown hyperparameter 'muu'.*valid: .*mu") as err:
+        run(x, "canon", config=algo(canon={"muu": 1.0, "metric": "length"}))
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extra inputs: without and with the patch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["canon", "ktae"])
+def test_missing_input_without_patch_says_how_to_get_it(estimator):
+    assert not cv.is_patched()
+    x = make_inputs(7)
+    with pytest.raises(ValueError, match="patch_compute_advantage") as err:
+        run(x, estimator, "entropys", "responses", config=algo())  # present in the batch, but verl does not pass them
+    assert "\n" not in str(err.value)
+
+
+def test_patched_canon_entropy_and_ktae_match_canonrl(patched):
+    x = make_inputs(8)
+    common = {"rewards": x["rewards"], "group": list(x["uid"]), "mask": x["response_mask"]}
+    canon = run(x, "canon", "entropys", "responses", config=algo(canon={"metric": "entropy"}))
+    direct = canonrl.advantages("canon", entropy=x["entropys"], **common)
+    torch.testing.assert_close(canon, direct, atol=ATOL, rtol=ATOL)
+    ktae = run(x, "ktae", "entropys", "responses", config=algo())
+    direct = canonrl.advantages("ktae", token_ids=x["responses"], **common)
+    torch.testing.assert_close(ktae, direct, atol=ATOL, rtol=ATOL)
+    # other estimators still go through verl's own code
+    verl_grpo = core_algos.compute_grpo_outcome_advantage(x["token_level_rewards"], x["response_mask"], x["uid"])[0]
+    torch.testing.assert_close(run(x, "grpo", config=algo()), verl_grpo, atol=ATOL, rtol=ATOL)
+
+
+def test_patch_reads_global_steps_and_kept_entropies(patched):
+    x = make_inputs(9)
+    data = data_proto(x, "responses")
+    data.batch[cv.KEPT_ENTROPY_KEY] = x["entropys"].clone()
+    data.meta_info["global_steps"] = 7
+    config = algo(canon={"metric": "entropy", "mu": 0.75})
+    out = ray_trainer.compute_advantage(data, adv_estimator="canon", config=config)
+    assert cv._estimator("canon", {"metric": "entropy", "mu": 0.75}).step == 7
+    assert cv.KEPT_ENTROPY_KEY not in out.batch.keys()  # dropped after use, not shipped to the actor update
+    direct = canonrl.advantages(
+        "canon", rewards=x["rewards"], group=list(x["uid"]), mask=x["response_mask"], entropy=x["entropys"], mu=0.75
+    )
+    torch.testing.assert_close(out.batch["advantages"], direct, atol=ATOL, rtol=ATOL)
+
+
+def test_patch_is_idempotent_and_reversible():
+    original = ray_trainer.compute_advantage
+    method = ray_trainer.RayPPOTrainer.__dict__["_compute_old_log_prob"]
+    cv.patch_compute_advantage()
+    first = ray_trainer.compute_advantage
+    cv.patch_compute_advantage()
+    assert ray_trainer.compute_advantage is first is not original and cv.is_patched()
+    cv.unpatch_compute_advantage()
+    assert ray_trainer.compute_advantage is original and not cv.is_patched()
+    assert ray_trainer.RayPPOTrainer.__dict__["_compute_old_log_prob"] is method
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The verl.plugins entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_entry_point_loaded_by_import_verl(tmp_path: Path):
+    """A throwaway dist-info with canonrl's entry point on sys.path: plain ``import verl`` registers (and patches)."""
+    dist = tmp_path / "canonrl_verl_probe-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: canonrl-verl-probe\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text(f"[verl.plugins]\ncanonrl = {ENTRY_POINT_VALUE}\n")
+    code = textwrap.dedent(
+        """
+        import verl
+        from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+        registry = sorted(ADV_ESTIMATOR_REGISTRY)
+        assert "canon" in registry and "canonrl_grpo" in registry, registry
+        from verl.trainer.ppo import ray_trainer  # CANONRL_VERL_PATCH=1: the plugin also patched the dispatcher
+        assert getattr(ray_trainer.compute_advantage, "canonrl_patched", False)
+        """
+    )
+    src = str(Path(cv.__file__).parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src, os.environ.get("PYTHONPATH", "")])}
+    env.pop("VERL_USE_EXTERNAL_PLUGINS", None)
+    env[cv.PATCH_ENV] = "1"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_installed_entry_point():
+    eps = [ep for ep in importlib.metadata.entry_points(group="verl.plugins") if ep.value.startswith("canonrl")]
+    if not eps:
+        pytest.skip('canonrl\'s verl.plugins entry point is not installed (add it to pyproject and reinstall)')
+    assert [ep.value for ep in eps] == [ENTRY_POINT_VALUE]
+    assert eps[0].load() == cv.VERL_NAMES
