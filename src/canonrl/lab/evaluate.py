@@ -8,6 +8,7 @@ that many tokens — the performance–cost view the CANON paper uses for CANON-
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -104,7 +105,5 @@ def evaluate(
 
 
 def _cv(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    if mean == 0:
-        return 0.0
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) / mean
+    mean = statistics.fmean(values)
+    return statistics.pstdev(values, mean) / mean if mean else 0.0

@@ -74,6 +74,29 @@ class Policy:
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
+def save_policy_dir(model, tokenizer, target: Path, extra=None) -> Path:
+    """Write a Hugging Face directory (model, tokenizer, and whatever `extra(directory)` adds) atomically.
+
+    Everything goes to a temporary sibling first, which then replaces `target`: a killed writer never leaves a
+    half-written directory where a loadable one is expected.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if extra is not None:
+        extra(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
 def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -52,9 +52,9 @@ class Rollouts:
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    sorted_probs = sorted_logits.softmax(dim=-1)
     # drop a token once the mass before it already reaches top_p (the most likely token always stays)
-    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+    drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -105,21 +105,17 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write step-NNNNNN/ through a temporary directory, then move the `latest` pointer: never half-written."""
-        self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+        from canonrl.lab.policy import save_policy_dir
+
         name = f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.checkpoint_root))
-        self.policy.model.save_pretrained(staging, safe_serialization=True)
-        self.policy.tokenizer.save_pretrained(staging)
-        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
         metrics_bytes = (self.run_dir / "metrics.jsonl").stat().st_size
-        torch.save(
-            {"step": self.step, "tokens": self.tokens, "estimator": self.estimator, "metrics_bytes": metrics_bytes},
-            staging / "trainer_state.pt",
-        )
-        final = self.checkpoint_root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+
+        def trainer_files(directory: Path) -> None:
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            state = {"step": self.step, "tokens": self.tokens, "estimator": self.estimator, "metrics_bytes": metrics_bytes}
+            torch.save(state, directory / "trainer_state.pt")
+
+        final = save_policy_dir(self.policy.model, self.policy.tokenizer, self.checkpoint_root / name, trainer_files)
         _atomic_write_text(self.checkpoint_root / "latest", name + "\n")
         kept = sorted(p for p in self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
         for old in kept[: -self.config.keep_checkpoints]:
@@ -392,16 +388,11 @@ class Trainer:
         return record
 
     def _write_summary(self, wall_time: float) -> dict:
+        from canonrl.lab.policy import save_policy_dir
         from canonrl.lab.report import read_run
 
         run = read_run(self.run_dir)
-        final_dir = self.run_dir / "policy"
-        staging = Path(tempfile.mkdtemp(prefix=".policy-", dir=self.run_dir))
-        self.policy.model.save_pretrained(staging, safe_serialization=True)
-        self.policy.tokenizer.save_pretrained(staging)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(staging, final_dir)
+        final_dir = save_policy_dir(self.policy.model, self.policy.tokenizer, self.run_dir / "policy")
         summary = {
             "estimator": self.config.estimator,
             "label": self.config.name,

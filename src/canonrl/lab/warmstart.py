@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,7 +74,7 @@ def _training_batch(task: LabTask, tokenizer, rng: random.Random, size: int, sty
 def warmstart(out_dir: Path, config: WarmstartConfig = WarmstartConfig(), progress=None) -> dict:
     """Train the lab-tiny policy and write it to `out_dir` atomically. Returns the recorded summary."""
     from canonrl.lab.evaluate import evaluate
-    from canonrl.lab.policy import Policy
+    from canonrl.lab.policy import Policy, save_policy_dir
 
     torch.manual_seed(config.seed)
     rng = random.Random(f"warmstart/{config.seed}")
@@ -120,13 +117,8 @@ def warmstart(out_dir: Path, config: WarmstartConfig = WarmstartConfig(), progre
         "heldout": sampled,
         "rebuild": "canonrl lab warmstart",
     }
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".warmstart-", dir=out_dir.parent))
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / "warmstart.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
+    save_policy_dir(
+        model, tokenizer, Path(out_dir),
+        lambda directory: (directory / "warmstart.json").write_text(json.dumps(summary, indent=2) + "\n"),
+    )  # fmt: skip
     return summary
