@@ -48,8 +48,8 @@ def test_paper_settings(cfg):
     assert cfg.data.max_prompt_length == 2048
     assert cfg.data.max_response_length == 8192
     assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen2.5-Math-7B"
-    # CANON by entropy needs the legacy trainer (docs/verl.md)
-    assert cfg.trainer.use_v1 is False
+    # verl's default trainer; the patch feeds it entropies (tests/test_verl_v1_trainer.py)
+    assert cfg.trainer.use_v1 is True
     canon = cfg.algorithm.canon
     assert canon.metric == "entropy"
     assert canon.mu == "cosine-first-inter-later-intra"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from enum import Enum
 from typing import Any
 
@@ -47,6 +48,14 @@ BATCH_KEYS: dict[str, tuple[str, ...]] = {
 #: The batch key the ``keep_entropy`` patch copies the legacy trainer's entropies to before verl pops ``entropys``.
 KEPT_ENTROPY_KEY = "canonrl_entropys"
 
+#: canonrl batch field -> the TransferQueue field the v1 trainer stores it under (entropies are written there by
+#: ``_compute_old_log_prob``, response ids by the agent loop, old log-probs are already fetched for the advantage).
+V1_FIELDS: dict[str, str] = {
+    "entropy": "entropy",
+    "token_ids": "responses",
+    "metric": "canonrl_metric",
+}
+
 #: Set to 1 to have the entry point (``import verl``) also apply :func:`patch_compute_advantage`.
 PATCH_ENV = "CANONRL_VERL_PATCH"
 
@@ -60,6 +69,9 @@ _HOW_TO_GET = {
 _FUNCTIONS: dict[str, Any] = {}  # canonrl name -> the one function object registered with verl
 _ESTIMATORS: dict[tuple[str, str], Any] = {}  # (canonrl name, repr of hyperparameters) -> estimator instance
 _ORIGINALS: dict[tuple[str, str], Any] = {}  # (module, attribute) -> what the patch replaced
+# Inputs the wrapped v1 ``_compute_advantage`` fetched from TransferQueue for the dispatcher call it makes; a context
+# variable rather than a global because the async v1 trainers may compute advantages in several threads.
+_V1_INPUTS: ContextVar[dict[str, Any] | None] = ContextVar("canonrl_verl_v1_inputs", default=None)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -286,6 +298,7 @@ def _make_patched(original: Any):
         if "uid" in data.non_tensor_batch:
             kwargs["index"] = data.non_tensor_batch["uid"]
         kwargs.update(_extra_inputs(data))
+        kwargs.update(_v1_inputs_for(data))
         advantages, returns = fn(**kwargs)
         data.batch["advantages"] = advantages
         data.batch["returns"] = returns
@@ -297,6 +310,78 @@ def _make_patched(original: Any):
     compute_advantage.canonrl_patched = True
     compute_advantage.__doc__ = "verl's compute_advantage, patched by canonrl to pass extra inputs to its estimators."
     return compute_advantage
+
+
+def _v1_inputs_for(data: Any) -> dict[str, Any]:
+    """What the wrapped v1 ``_compute_advantage`` fetched, padded or cut to the batch's response width."""
+    fetched = _V1_INPUTS.get()
+    if not fetched:
+        return {}
+    rows, width = data.batch["response_mask"].shape
+    out: dict[str, Any] = {}
+    for field, value in fetched.items():
+        if field == "step":
+            out["step"] = value
+            continue
+        if value.shape[0] != rows:
+            raise ValueError(
+                f"canonrl: the v1 trainer's {V1_FIELDS[field]!r} has {value.shape[0]} rows but the advantage batch "
+                f"has {rows}; compute_advantage_for_multi_trajectories passed a subset of the rows"
+            )
+        if value.dim() == 2 and value.shape[1] != width:
+            padded = value.new_zeros(rows, width)
+            keep = min(width, value.shape[1])
+            padded[:, :keep] = value[:, :keep]
+            value = padded
+        out[field] = value
+    return out
+
+
+def _v1_fetch(trainer: Any, batch: Any) -> dict[str, Any]:
+    """Fetch from TransferQueue the inputs the configured canonrl estimator needs beyond verl's fixed field list."""
+    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.v1 import trainer_base
+
+    algorithm = trainer.config.algorithm
+    name = algorithm.adv_estimator
+    name = name.value if isinstance(name, Enum) else name
+    canonrl_name = _canonrl_name_of(core_algos.ADV_ESTIMATOR_REGISTRY.get(name))
+    if canonrl_name is None:
+        return {}
+    est = _estimator(canonrl_name, hyperparameters_from_config(canonrl_name, algorithm))
+    needed = [field for field in est.required_inputs() if field in V1_FIELDS]
+    out: dict[str, Any] = {}
+    if needed:
+        fields = [V1_FIELDS[f] for f in needed]
+        # TransferQueue answers a request for a field some row lacks with an empty TensorDict, not an error
+        fetched = trainer_base.tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        missing = [f for f in fields if f not in fetched.keys()]
+        if missing:
+            raise ValueError(
+                f"canonrl estimator {canonrl_name!r} needs the TransferQueue field(s) {missing} in verl's v1 trainer, "
+                f"which the rows of this batch lack; 'entropy' exists only when old log-probs are recomputed "
+                f"(not with algorithm.rollout_correction.bypass_mode=true)"
+            )
+        for field, tq_field in zip(needed, fields):
+            value = fetched[tq_field]
+            out[field] = value.to_padded_tensor(0) if getattr(value, "is_nested", False) else value
+    step = getattr(trainer, "global_steps", None)
+    if step is not None:
+        out["step"] = int(step)
+    return out
+
+
+def _make_v1_compute_advantage(original: Any):
+    def _compute_advantage(self, batch, metrics):
+        token = _V1_INPUTS.set(_v1_fetch(self, batch))
+        try:
+            return original(self, batch, metrics)
+        finally:
+            _V1_INPUTS.reset(token)
+
+    _compute_advantage.__wrapped__ = original
+    _compute_advantage.canonrl_patched = True
+    return _compute_advantage
 
 
 def _make_kept_entropy(original: Any):
@@ -328,8 +413,10 @@ def patch_compute_advantage(*, keep_entropy: bool = True) -> None:
 
     With ``keep_entropy`` (default) ``RayPPOTrainer._compute_old_log_prob`` is also wrapped to copy the entropies to
     the batch key ``canonrl_entropys`` before the legacy trainer pops ``entropys``; the patched dispatcher reads and
-    then drops that key. The v1 trainer fetches only a fixed list of fields for the advantage step (no entropies, no
-    response ids), so entropy- and token-based estimators need the legacy trainer (``trainer.use_v1=false``).
+    then drops that key. The v1 trainer (verl 0.9's default) fetches only a fixed list of TransferQueue fields for
+    its advantage step, so ``PPOTrainer._compute_advantage`` is wrapped too: when the configured estimator is
+    canonrl's, the wrapper first reads the fields it needs (:data:`V1_FIELDS`: ``entropy``, ``responses``) from
+    TransferQueue and hands them, with ``global_steps``, to the patched dispatcher.
     Must run in the process that runs the trainer (verl's ``TaskRunner`` Ray actor): set ``CANONRL_VERL_PATCH=1``
     to have the ``verl.plugins`` entry point do it at ``import verl``.
     """
@@ -342,10 +429,15 @@ def patch_compute_advantage(*, keep_entropy: bool = True) -> None:
     patched = ray_trainer.compute_advantage
     try:
         from verl.trainer.ppo.v1 import utils as v1_utils
-    except Exception:  # pragma: no cover - the v1 trainer's optional dependencies are missing
+        from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    except ImportError:  # pragma: no cover - verl's v1 trainer needs TransferQueue (in canonrl[verl])
         v1_utils = None
-    if v1_utils is not None and not getattr(v1_utils.compute_advantage, "canonrl_patched", False):
-        _set(v1_utils, "compute_advantage", patched)
+    if v1_utils is not None:
+        if not getattr(v1_utils.compute_advantage, "canonrl_patched", False):
+            _set(v1_utils, "compute_advantage", patched)
+        method = PPOTrainer.__dict__["_compute_advantage"]
+        if not getattr(method, "canonrl_patched", False):
+            _set(PPOTrainer, "_compute_advantage", _make_v1_compute_advantage(method))
     if keep_entropy:
         trainer_cls = ray_trainer.RayPPOTrainer
         method = trainer_cls.__dict__.get("_compute_old_log_prob")

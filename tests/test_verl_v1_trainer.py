@@ -1,0 +1,175 @@
+"""canonrl estimators through verl 0.9's default (v1) trainer: its real ``PPOTrainer._compute_advantage`` reading from
+and writing to a real TransferQueue on a local Ray instance (CPU only).
+
+The rows are put into TransferQueue the way verl's v1 agent loop and ``_compute_old_log_prob`` leave them (one jagged
+row per response: ``uid``, ``response_mask``, ``rm_scores``, ``responses``, ``old_log_probs``, ``entropy``), then the
+trainer's own advantage step runs and the advantages it writes back are compared with canonrl called directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transfer_queue")  # the v1 trainer's storage; part of canonrl[verl]
+ray = pytest.importorskip("ray")
+trainer_base = pytest.importorskip("verl.trainer.ppo.v1.trainer_base")
+from omegaconf import OmegaConf  # noqa: E402
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync  # noqa: E402
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict  # noqa: E402
+
+from canonrl.integrations import verl as cv  # noqa: E402
+from canonrl.registry import get_estimator  # noqa: E402
+
+pytestmark = pytest.mark.verl
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def transfer_queue():
+    import transfer_queue as tq
+
+    # TransferQueue's controller and storage unit are Ray actors of one CPU each; logical CPUs, not cores.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    cv.register_all()
+    yield tq
+    cv.unpatch_compute_advantage()
+    tq.close()
+    ray.shutdown()
+
+
+@pytest.fixture
+def patched(transfer_queue):
+    cv.patch_compute_advantage()
+    yield
+    cv.unpatch_compute_advantage()
+
+
+_batches = iter(range(10**6))
+
+
+def put_rollouts(tq, *, sizes=(4, 3, 5), seed=0, max_len=7, vocab=5, with_entropy=True):
+    """Responses of unequal lengths in groups of unequal sizes, keyed as verl's agent loop keys them."""
+    g = torch.Generator().manual_seed(seed)
+    batch_id = next(_batches)
+    rows, keys = [], []
+    for prompt, size in enumerate(sizes):
+        for session in range(size):
+            length = int(torch.randint(2, max_len + 1, (1,), generator=g))
+            score = torch.zeros(length)
+            score[-1] = float(torch.rand(1, generator=g).round(decimals=1))
+            row = {
+                "uid": f"b{batch_id}p{prompt}",
+                "response_mask": torch.ones(length, dtype=torch.int64),
+                "rm_scores": score,
+                "responses": torch.randint(0, vocab, (length,), generator=g),
+                "old_log_probs": -torch.rand(length, generator=g),
+            }
+            if with_entropy:
+                row["entropy"] = torch.rand(length, generator=g) * 2
+            rows.append(row)
+            keys.append(f"b{batch_id}p{prompt}_{session}_0")
+    order = torch.randperm(len(keys), generator=g).tolist()  # groups interleaved, as after balancing
+    rows, keys = [rows[i] for i in order], [keys[i] for i in order]
+    meta = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(rows))
+    return meta, rows
+
+
+def trainer(estimator: str, global_steps: int = 1, **algorithm) -> PPOTrainerSync:
+    """verl's synchronous v1 trainer with only what its advantage step reads (no workers, no Ray actors)."""
+    t = object.__new__(PPOTrainerSync)
+    t.config = OmegaConf.create(
+        {
+            "algorithm": {
+                "adv_estimator": estimator,
+                "use_kl_in_reward": False,
+                "gamma": 1.0,
+                "lam": 1.0,
+                "norm_adv_by_std_in_grpo": True,
+                **algorithm,
+            },
+            "actor_rollout_ref": {"rollout": {"n": 4}},
+        }
+    )
+    t.global_steps = global_steps
+    return t
+
+
+def v1_advantages(tq, estimator: str, meta, *, global_steps: int = 1, **algorithm) -> torch.Tensor:
+    trainer(estimator, global_steps, **algorithm)._compute_advantage(meta, metrics={})
+    out = tq.kv_batch_get(keys=meta.keys, partition_id="train", select_fields=["advantages"])
+    return out["advantages"].to_padded_tensor(0.0)
+
+
+def padded(rows, key: str) -> torch.Tensor:
+    return torch.nested.as_nested_tensor([r[key] for r in rows], layout=torch.jagged).to_padded_tensor(0)
+
+
+def direct(name: str, rows, *, step=None, **hyperparameters) -> torch.Tensor:
+    mask = padded(rows, "response_mask").float()
+    est = get_estimator(name, **hyperparameters)
+    row_keys = {"entropy": "entropy", "token_ids": "responses"}
+    kwargs = {field: padded(rows, row_keys[field]) for field in est.required_inputs() if field in row_keys}
+    return est(
+        rewards=padded(rows, "rm_scores").sum(-1),
+        group=np.array([r["uid"] for r in rows], dtype=object),
+        mask=mask,
+        step=step,
+        **kwargs,
+    )
+
+
+def test_canon_by_entropy_gets_the_v1_trainers_entropies(transfer_queue, patched):
+    meta, rows = put_rollouts(transfer_queue, seed=1)
+    got = v1_advantages(transfer_queue, "canon", meta, canon={"metric": "entropy", "mu": 0.75})
+    want = direct("canon", rows, metric="entropy", mu=0.75)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # the estimator really regrouped by those entropies: another metric gives other advantages
+    assert not torch.allclose(got, direct("canon", rows, metric="length", mu=0.75), atol=1e-3)
+
+
+def test_ktae_gets_the_response_token_ids(transfer_queue, patched):
+    meta, rows = put_rollouts(transfer_queue, seed=2, sizes=(6, 5))
+    got = v1_advantages(transfer_queue, "ktae", meta)
+    want = direct("ktae", rows)
+    assert (got - got.sum(-1, keepdim=True) / padded(rows, "response_mask").sum(-1, keepdim=True)).abs().max() > 0
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_schedules_see_the_trainers_global_steps(transfer_queue, patched):
+    meta, rows = put_rollouts(transfer_queue, seed=3)
+    schedule = {"metric": "entropy", "mu": "cosine-first-inter-later-intra"}
+    got = v1_advantages(transfer_queue, "canon", meta, global_steps=40, canon=schedule)
+    torch.testing.assert_close(got, direct("canon", rows, step=40, **schedule), atol=ATOL, rtol=0)
+    assert not torch.allclose(got, direct("canon", rows, step=1, **schedule), atol=1e-4)
+
+
+@pytest.mark.parametrize("verl_name, canonrl_name", [("grpo", "canonrl_grpo"), ("rloo", "canonrl_rloo")])
+def test_matches_verls_builtins_through_the_v1_trainer(transfer_queue, patched, verl_name, canonrl_name):
+    meta, _ = put_rollouts(transfer_queue, seed=4)
+    builtin = v1_advantages(transfer_queue, verl_name, meta)
+    ours = v1_advantages(transfer_queue, canonrl_name, meta)
+    assert builtin.abs().sum() > 0
+    torch.testing.assert_close(ours, builtin, atol=ATOL, rtol=0)
+
+
+def test_unpatched_v1_trainer_names_the_fix(transfer_queue):
+    meta, _ = put_rollouts(transfer_queue, seed=5)
+    with pytest.raises(ValueError, match="patch_compute_advantage"):
+        v1_advantages(transfer_queue, "canon", meta, canon={"metric": "entropy"})
+
+
+def test_missing_entropies_name_the_transfer_queue_field(transfer_queue, patched):
+    meta, _ = put_rollouts(transfer_queue, seed=6, with_entropy=False)  # e.g. rollout_correction.bypass_mode=true
+    with pytest.raises(ValueError, match="'entropy'.*bypass_mode"):
+        v1_advantages(transfer_queue, "canon", meta, canon={"metric": "entropy"})
+
+
+def test_reward_only_estimators_fetch_nothing_extra(transfer_queue, patched):
+    meta, rows = put_rollouts(transfer_queue, seed=7, with_entropy=False)
+    got = v1_advantages(transfer_queue, "canon", meta, canon={"metric": "length", "mu": 0.5})
+    torch.testing.assert_close(got, direct("canon", rows, metric="length", mu=0.5), atol=ATOL, rtol=0)
