@@ -33,7 +33,10 @@ def test_inf_rewards():
     "kwargs, error, pattern",
     [
         (dict(rewards=torch.zeros(3)), ValueError, r"rewards must have shape \[4\]"),
-        (dict(rewards=torch.zeros(4, 2)), ValueError, r"rewards must have shape \[4\]"),
+        (dict(rewards=torch.zeros(4, 2, 1)), ValueError, r"rewards must have shape \[4\]"),
+        (dict(rewards=torch.zeros(4, 2)), ValueError, r"rewards has shape \[4, 2\].*'grpo' takes one reward"),
+        (dict(rewards=torch.zeros(4, 0)), ValueError, r"K >= 1 reward components"),
+        (dict(rewards=torch.tensor([[0.0, 1], [0, float("nan")], [0, 0], [1, 1]])), ValueError, r"rewards has NaN at rows \[1\]"),
         (dict(group=torch.zeros(4)), TypeError, "group must hold integer ids"),
         (dict(group=[0, 0, 1]), ValueError, "group must have one id per row"),
         (dict(group="abcd"), TypeError, "group must be"),
@@ -49,6 +52,21 @@ def test_inf_rewards():
 def test_bad_batch_fields(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         grpo(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value, pattern",
+    [
+        ("greedy_rewards", torch.zeros(3), r"greedy_rewards must have shape \[4\]"),
+        ("reference_rewards", torch.tensor([0.0, float("inf"), 0, 0]), r"reference_rewards has Inf at rows \[1\]"),
+        ("prompt_confidence", torch.tensor([0.5, 1.0, 0.0, 1.5]), r"prompt_confidence must lie in \(0, 1\].*rows \[2, 3\]"),
+        ("ref_logprobs", torch.zeros(4, 2), r"ref_logprobs must have the mask's shape"),
+        ("ref_logprobs", torch.zeros(4, 3, dtype=torch.long), r"ref_logprobs must be a float tensor"),
+    ],
+)
+def test_bad_extra_inputs_name_the_argument_and_rows(field, value, pattern):
+    with pytest.raises(ValueError if "must be a float" not in pattern else TypeError, match=pattern):
+        grpo(**{field: value})
 
 
 def test_fractional_mask_values_weight_their_tokens():

@@ -18,7 +18,20 @@ import torch
 from torch import Tensor
 
 #: Names of the per-rollout inputs a batch can carry (everything else passed to ``advantages`` is a hyperparameter).
-BATCH_FIELDS = ("rewards", "token_rewards", "group", "mask", "entropy", "logprobs", "token_ids", "metric")
+BATCH_FIELDS = (
+    "rewards",
+    "token_rewards",
+    "group",
+    "mask",
+    "entropy",
+    "logprobs",
+    "token_ids",
+    "metric",
+    "greedy_rewards",
+    "reference_rewards",
+    "ref_logprobs",
+    "prompt_confidence",
+)
 
 _MAX_ROWS_IN_MESSAGE = 10
 
@@ -120,7 +133,10 @@ class RolloutBatch:
     """A validated batch of B responses of up to T tokens, grouped by prompt.
 
     Attributes:
-        rewards: [B] float32 outcome reward per response (the row sum of ``token_rewards`` when only those are given).
+        rewards: [B] float32 outcome reward per response (the row sum of ``token_rewards`` when only those are given;
+            the plain sum of the components when ``rewards`` was given as [B, K]).
+        reward_components: optional [B, K] float32, the K rewards of each response when ``rewards`` was given as
+            [B, K]; only multi-reward estimators (GDPO) accept them.
         group_index: [B] long, the prompt group of each row mapped to 0..num_groups-1.
         num_groups: number of distinct groups.
         mask: [B, T] response mask as given (bool, int or float). Values lie in [0, 1]: 1 on response tokens, 0 on
@@ -129,6 +145,13 @@ class RolloutBatch:
         entropy, logprobs: optional [B, T] per-token float inputs, read only at mask positions.
         token_ids: optional [B, T] integer response token ids.
         metric: optional [B] per-response metric given directly by the caller.
+        greedy_rewards: optional [B] reward of a greedy (``do_sample=False``) response to each row's prompt (ReMax's
+            baseline; verl's ``reward_baselines``).
+        reference_rewards: optional [B] reward of a response the frozen reference policy sampled for each row's
+            prompt (AAPO).
+        ref_logprobs: optional [B, T] per-token log-probs of the response under the frozen reference policy (ACE).
+        prompt_confidence: optional [B] the policy's confidence in each row's prompt, exp(mean prompt-token log-prob)
+            in (0, 1] (ProGRPO).
     """
 
     rewards: Tensor
@@ -140,6 +163,11 @@ class RolloutBatch:
     logprobs: Tensor | None = None
     token_ids: Tensor | None = None
     metric: Tensor | None = None
+    reward_components: Tensor | None = None
+    greedy_rewards: Tensor | None = None
+    reference_rewards: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    prompt_confidence: Tensor | None = None
     #: [B] largest mask value per row, when validation already computed it (saves a pass over the mask)
     row_max: Tensor | None = None
 
@@ -221,6 +249,10 @@ def make_batch(
     logprobs: Tensor | None = None,
     token_ids: Tensor | None = None,
     metric: Tensor | None = None,
+    greedy_rewards: Tensor | None = None,
+    reference_rewards: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    prompt_confidence: Tensor | None = None,
 ) -> RolloutBatch:
     """Validate raw inputs and build a :class:`RolloutBatch` (see its attributes for shapes)."""
     if mask is None:
@@ -245,7 +277,16 @@ def make_batch(
         rewards = torch.as_tensor(rewards, device=device)
     if rewards.is_complex():
         raise TypeError(f"rewards must be real numbers or bool, got {rewards.dtype}")
-    rewards = _check_per_response("rewards", rewards, batch_size, device, "one per mask row")
+    reward_components = None
+    if rewards.dim() == 2 and rewards.shape[0] == batch_size:
+        if rewards.shape[1] == 0:
+            raise ValueError(f"rewards of shape [B, K] needs K >= 1 reward components, got {list(rewards.shape)}")
+        if rewards.device != device:
+            raise ValueError(f"rewards is on {rewards.device} but mask is on {device}; put all inputs on one device")
+        reward_components = rewards.to(torch.float32)
+        _require_finite_rows("rewards", reward_components)
+        rewards = reward_components.sum(-1)
+    rewards = _check_per_response("rewards", rewards, batch_size, device, "one per mask row, or [B, K] components")
 
     row_max = None
     if batch_size and mask.numel():
@@ -268,6 +309,23 @@ def make_batch(
     if metric is not None:
         metric = _require_tensor("metric", metric)
         metric = _check_per_response("metric", metric, batch_size, device, "one value per response")
+    ref_logprobs = _check_float_per_token("ref_logprobs", ref_logprobs, mask)
+    per_response = {
+        "greedy_rewards": (greedy_rewards, "the greedy response's reward for each row's prompt"),
+        "reference_rewards": (reference_rewards, "the reference policy's response reward for each row's prompt"),
+        "prompt_confidence": (prompt_confidence, "one prompt confidence per row"),
+    }
+    checked = {
+        name: _check_per_response(name, _require_tensor(name, value), batch_size, device, meaning)
+        for name, (value, meaning) in per_response.items()
+        if value is not None
+    }
+    confidence = checked.get("prompt_confidence")
+    if confidence is not None and ((confidence <= 0) | (confidence > 1)).any():
+        bad = (confidence <= 0) | (confidence > 1)
+        raise ValueError(
+            f"prompt_confidence must lie in (0, 1] (exp of a mean log-prob), not at rows {describe_rows(bad)}"
+        )
 
     return RolloutBatch(
         rewards=rewards,
@@ -279,5 +337,8 @@ def make_batch(
         logprobs=logprobs,
         token_ids=token_ids,
         metric=metric,
+        reward_components=reward_components,
+        ref_logprobs=ref_logprobs,
         row_max=row_max,
+        **checked,
     )

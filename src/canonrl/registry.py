@@ -45,6 +45,8 @@ class EstimatorInfo:
     requires: tuple[str, ...]
     hyperparameters: tuple[Hyperparameter, ...]
     verified: bool
+    multi_reward: bool = False
+    stateful: bool = False
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -68,6 +70,10 @@ class Estimator(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     #: False for a "best reading" of a method whose paper or code could not be fully checked.
     verified: ClassVar[bool] = True
+    #: True if it reads the K reward components of ``rewards`` given as [B, K] (GDPO); others reject [B, K].
+    multi_reward: ClassVar[bool] = False
+    #: True if its output depends on the batches of earlier calls (a history), not only on this batch and the step.
+    stateful: ClassVar[bool] = False
 
     @dataclass
     class Params:
@@ -100,6 +106,12 @@ class Estimator(ABC):
         for name in self.required_inputs():
             if getattr(batch, name) is None:
                 raise ValueError(f"estimator {self.name!r} needs {name!r}, which was not given")
+        if batch.reward_components is not None and not self.multi_reward:
+            raise ValueError(
+                f"rewards has shape {list(batch.reward_components.shape)} (K reward components per response), but "
+                f"estimator {self.name!r} takes one reward per response: combine them first, or use a multi-reward "
+                f"estimator (gdpo)"
+            )
         self.step = self.step + 1 if step is None else int(step)
         if batch.batch_size == 0:
             return torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.device)
@@ -121,6 +133,8 @@ class Estimator(ABC):
                 Hyperparameter(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls.Params)
             ),
             verified=cls.verified,
+            multi_reward=cls.multi_reward,
+            stateful=cls.stateful,
         )
 
 

@@ -1,12 +1,23 @@
-"""The built-in estimators; importing this package registers them (one module per estimator)."""
+"""The built-in estimators, one module per estimator; importing this package registers every one of them.
 
-from canonrl.methods.canon import CANON
-from canonrl.methods.dapo import DAPO
-from canonrl.methods.dr_grpo import DrGRPO
-from canonrl.methods.grpo import GRPO
-from canonrl.methods.ktae import KTAE
-from canonrl.methods.reinforce_pp import ReinforcePlusPlus
-from canonrl.methods.reinforce_pp_baseline import ReinforcePlusPlusBaseline
-from canonrl.methods.rloo import RLOO
+Modules are discovered rather than listed, so adding an estimator means adding its module (``_``-prefixed modules
+are shared helpers, not estimators).
+"""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+from canonrl.methods.canon import CANON  # noqa: E402
+from canonrl.methods.dapo import DAPO  # noqa: E402
+from canonrl.methods.dr_grpo import DrGRPO  # noqa: E402
+from canonrl.methods.grpo import GRPO  # noqa: E402
+from canonrl.methods.ktae import KTAE  # noqa: E402
+from canonrl.methods.reinforce_pp import ReinforcePlusPlus  # noqa: E402
+from canonrl.methods.reinforce_pp_baseline import ReinforcePlusPlusBaseline  # noqa: E402
+from canonrl.methods.rloo import RLOO  # noqa: E402
 
 __all__ = ["CANON", "DAPO", "DrGRPO", "GRPO", "KTAE", "RLOO", "ReinforcePlusPlus", "ReinforcePlusPlusBaseline"]
