@@ -35,7 +35,7 @@ SUPPORTED_TRL = ">=1.16,<1.17"
 _REQUIRED_METHODS = ("_calculate_rewards", "_generate_and_score_completions", "_get_per_token_logps_and_entropies")
 
 #: Optional estimator inputs the trainer can provide (beyond rewards, group and mask).
-_PROVIDED_INPUTS = ("entropy", "logprobs", "token_ids")
+_PROVIDED_INPUTS = ("entropy", "logprobs", "token_ids", "ref_logprobs")
 
 #: Multimodal/forward extras TRL passes to ``_get_per_token_logps_and_entropies`` (copied from the output dict).
 _FORWARD_KEYS = (
@@ -224,6 +224,17 @@ class GRPOTrainer(trl.GRPOTrainer):
                 fields["logprobs"] = self._gather_tokens(logps.float())
         elif "logprobs" in required:
             fields["logprobs"] = self._gather_tokens(output["old_per_token_logps"].float())
+        if "ref_logprobs" in required:
+            if output.get("ref_per_token_logps") is None:
+                raise ValueError(
+                    f"advantage_estimator={self.args.advantage_estimator!r} needs the reference model's log-probs, "
+                    "which GRPOTrainer computes only with beta > 0 (set beta, e.g. 0.001)"
+                )
+            fields["ref_logprobs"] = self._gather_tokens(output["ref_per_token_logps"].float())
+        if type(self.estimator).multi_reward:
+            # Each reward function is one component; a function that returned None for a row counts 0 there.
+            # reward_weights are not applied: the multi-reward estimator weights its components itself.
+            fields["rewards"] = torch.nan_to_num(rewards_per_func, nan=0.0)
 
         step = self.state.global_step + 1
         advantages = self.estimator(step=step, **fields)

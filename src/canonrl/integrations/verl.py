@@ -43,6 +43,8 @@ BATCH_KEYS: dict[str, tuple[str, ...]] = {
     "token_ids": ("responses",),
     "logprobs": ("old_log_probs",),
     "metric": ("canonrl_metric",),
+    "greedy_rewards": ("reward_baselines",),
+    "ref_logprobs": ("ref_log_prob",),
 }
 
 #: The batch key the ``keep_entropy`` patch copies the legacy trainer's entropies to before verl pops ``entropys``.
@@ -64,6 +66,12 @@ _HOW_TO_GET = {
     "token_ids": "response token ids (batch key 'responses')",
     "logprobs": "old log-probs (batch key 'old_log_probs')",
     "metric": "a per-response metric (batch key 'canonrl_metric')",
+    "greedy_rewards": "the greedy response's reward per row (batch key 'reward_baselines', which verl fills only "
+    "for its own adv_estimator=remax)",
+    "ref_logprobs": "the reference policy's log-probs (batch key 'ref_log_prob'; verl computes them only with a "
+    "reference policy, e.g. actor_rollout_ref.actor.use_kl_loss=true)",
+    "reference_rewards": "a reference-policy response's reward per row (verl does not generate one)",
+    "prompt_confidence": "a per-prompt confidence (verl does not compute prompt log-probs)",
 }
 
 _FUNCTIONS: dict[str, Any] = {}  # canonrl name -> the one function object registered with verl
@@ -173,9 +181,16 @@ def compute(
             f"canonrl estimator {name!r} needs verl's 'uid' (the prompt group of each response) in non_tensor_batch"
         )
     est = _estimator(name, hyperparameters_from_config(name, config))
+    if kwargs.get("greedy_rewards") is None and kwargs.get("reward_baselines") is not None:
+        kwargs["greedy_rewards"] = kwargs["reward_baselines"]  # verl's own dispatcher passes this one unpatched
     fields: dict[str, Any] = {}
     for field in est.required_inputs():
         value = kwargs.get(field)
+        if value is None and field not in BATCH_KEYS:
+            raise ValueError(
+                f"canonrl estimator {name!r} needs {_HOW_TO_GET.get(field, field)}: it works in the canonrl library "
+                f"and lab, not in verl (see the README's table of where each estimator works)"
+            )
         if value is None:
             raise ValueError(
                 f"canonrl estimator {name!r} needs {_HOW_TO_GET.get(field, field)}, which verl's compute_advantage "
