@@ -21,15 +21,45 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+def prompt_confidence_from_logits(
+    logits: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> torch.Tensor:
+    """[N] exp(mean over prompt tokens of log p(token | earlier prompt tokens)), in (0, 1], from a prompt
+    forward's logits [N, P, V] at temperature 1 (ProGRPO's prompt confidence).
+
+    The first real token of a row (BOS for the lab tokenizer; the chat template's first token otherwise) has no
+    prediction and is left out, as is left padding: the mean runs over the row's other tokens. A row with a
+    single real token gets 1.0. Rows are reduced one at a time, so the extra memory is one [P, V] log-softmax.
+    """
+    rows = prompt_ids.shape[0]
+    scored = prompt_mask[:, :-1].bool() & prompt_mask[:, 1:].bool()  # [N, P - 1]: both token and context real
+    count = scored.sum(dim=1)
+    totals = torch.zeros(rows, dtype=torch.float32, device=prompt_ids.device)
+    for row in range(rows):
+        if count[row] == 0:
+            continue
+        log_dist = logits[row, :-1].float().log_softmax(dim=-1)
+        token_logprobs = log_dist.gather(-1, prompt_ids[row, 1:].unsqueeze(-1)).squeeze(-1)
+        totals[row] = torch.where(scored[row], token_logprobs, 0.0).sum()
+    mean = totals / count.clamp(min=1)
+    # exp of a very negative mean would underflow to 0, outside (0, 1]
+    confidence = mean.exp().clamp(min=torch.finfo(torch.float32).tiny, max=1.0)
+    return torch.where(count > 0, confidence, torch.ones_like(confidence))
+
+
 class HFDecoder:
     """Any causal LM: its forward with a DynamicCache; rows are never dropped."""
 
     can_drop_rows = False
 
-    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, repeats: int = 1):
+    def __init__(
+        self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, repeats: int = 1,
+        score_prompt: bool = False,
+    ):  # fmt: skip
         from transformers import DynamicCache
 
         self.model = model
+        distinct_ids, distinct_mask = prompt_ids, prompt_mask
         prompt_ids = prompt_ids.repeat_interleave(repeats, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(repeats, dim=0)
         self.attention = prompt_mask.clone()
@@ -41,6 +71,10 @@ class HFDecoder:
         self.cache = out.past_key_values
         self.logits = out.logits[:, -1, :]
         self.next_position = positions[:, -1:] + 1
+        #: [N] per distinct prompt, when `score_prompt` (see `prompt_confidence_from_logits`)
+        self.prompt_confidence = (
+            prompt_confidence_from_logits(out.logits[::repeats], distinct_ids, distinct_mask) if score_prompt else None
+        )
 
     def step(self, tokens: torch.Tensor, alive: torch.Tensor) -> None:
         self.attention = torch.cat([self.attention, alive.long().unsqueeze(1)], dim=1)
@@ -99,8 +133,14 @@ class LlamaDecoder:
             and next(model.parameters()).dtype == torch.float32
         )
 
-    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, repeats: int = 1):
-        """Prefill each distinct prompt once, then give each of its `repeats` rows a copy of its cache."""
+    def __init__(
+        self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, repeats: int = 1,
+        score_prompt: bool = False,
+    ):  # fmt: skip
+        """Prefill each distinct prompt once, then give each of its `repeats` rows a copy of its cache.
+
+        With `score_prompt`, the prefill's logits also give each prompt's confidence (`prompt_confidence`).
+        """
         from transformers import DynamicCache
 
         self.model = model
@@ -112,6 +152,10 @@ class LlamaDecoder:
             input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
             past_key_values=DynamicCache(), use_cache=True,
         )  # fmt: skip
+        #: [N] per distinct prompt, when `score_prompt` (see `prompt_confidence_from_logits`)
+        self.prompt_confidence = (
+            prompt_confidence_from_logits(out.logits, prompt_ids, prompt_mask) if score_prompt else None
+        )
         # the cache as [rows * kv_heads, capacity, head_dim]: a single-token query is then one batched matmul
         self.keys, self.values = [], []
         for layer_cache in out.past_key_values.layers:
@@ -174,7 +218,13 @@ class LlamaDecoder:
         self.next_position = self.next_position + 1
 
 
-def make_decoder(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, repeats: int = 1):
-    """A decoder over `repeats` rows per prompt row (in `repeat_interleave` order), prefilled."""
+def make_decoder(
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, repeats: int = 1,
+    score_prompt: bool = False,
+):  # fmt: skip
+    """A decoder over `repeats` rows per prompt row (in `repeat_interleave` order), prefilled.
+
+    With `score_prompt` its `prompt_confidence` holds each prompt row's confidence, read off the prefill's logits.
+    """
     cls = LlamaDecoder if LlamaDecoder.supports(model) else HFDecoder
-    return cls(model, prompt_ids, prompt_mask, max_new_tokens, repeats)
+    return cls(model, prompt_ids, prompt_mask, max_new_tokens, repeats, score_prompt=score_prompt)

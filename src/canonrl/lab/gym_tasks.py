@@ -237,10 +237,12 @@ class ReasoningGymTask(_ReasoningGymProblems):
         instruction: the answer-format line appended to every question.
 
     Components: ``correct`` (the reward), ``formatted`` (an ``<answer>`` tag was found), ``raw`` (the dataset's
-    score, 0 when no answer was extracted).
+    score, 0 when no answer was extracted). Multi-reward estimators (GDPO) get ``correct`` and ``formatted``.
     """
 
     components = ("correct", "formatted", "raw")
+    #: rewards [B, 2] for multi-reward estimators: correct, and has an answer (an ``<answer>`` tag)
+    reward_components = ("correct", "formatted")
     cheap = False
 
     def __init__(
@@ -311,10 +313,13 @@ class BoxedMathTask(_ReasoningGymProblems):
             ``9^{9^{9^{9}}}`` then scores 0 after ~1 s and the worker survives. Elsewhere they are off and
             `canonrl.lab.verification`'s per-sample deadline bounds the call.
 
-    Components: ``correct`` (the reward), ``formatted`` (a closed ``\\boxed{}`` was found).
+    Components: ``correct`` (the reward), ``formatted`` (a closed ``\\boxed{}`` was found); multi-reward
+    estimators (GDPO) get both.
     """
 
     components = ("correct", "formatted")
+    #: rewards [B, 2] for multi-reward estimators: correct, and has an answer (a closed ``\\boxed{}``)
+    reward_components = ("correct", "formatted")
     cheap = False
 
     def __init__(

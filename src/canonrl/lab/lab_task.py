@@ -9,7 +9,9 @@ and may, before answering, say ``wait;`` and work the whole chain again ("rethin
     7+5=12;12-3=8;8+8=16;wait;7+5=12;12-3=9;9+8=17;ans=17
 
 The verifier is exact and fast: the response must end with ``ans=<integer>``, and the reward is 1 when the
-integer is the chain's value. Components: ``correct`` (the reward) and ``formatted`` (an ``ans=`` ending).
+integer is the chain's value. Components: ``correct`` (the reward) and ``formatted`` (an ``ans=`` ending: the
+response is well formed, it ends with a parsable final answer); both are the reward components a multi-reward
+estimator (GDPO) gets.
 
 Why this task: the warm-start traces (`trace`) make deliberate, human-like slips — dropping a carry or borrow
 when a step crosses a ten (often), off-by-one (rarely) — and rethink more often after a slip than after a clean
@@ -70,6 +72,8 @@ class LabTask:
 
     name = "lab"
     components = ("correct", "formatted")
+    #: rewards [B, 2] for multi-reward estimators: correct, and well formed (ends with ``ans=<integer>``)
+    reward_components = ("correct", "formatted")
     cheap = True
 
     def __init__(self, min_operands: int = 3, max_operands: int = 5, heldout_buckets: int = 10):

@@ -6,7 +6,10 @@ cost more than the forward itself for a model of a few million parameters). At e
 temperature-scaled distribution the token is drawn from (before top-p truncation, as verl does), the token's
 log-prob and the distribution's entropy, so an on-policy single-epoch update needs no second forward pass.
 
-`sequence_logprobs` is the training-side forward over prompt + response with the same conventions.
+`sequence_logprobs` is the training-side forward over prompt + response with the same conventions;
+`reference_logprobs` runs it without grad over a whole batch in micro-batches (a frozen model's log-probs).
+`prompt_confidence` scores prompts alone (ProGRPO); `generate(..., prompt_confidence=True)` reads the same
+numbers off its prefill at no extra forward.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from canonrl.lab.decoding import make_decoder, positions_from_mask
+from canonrl.lab.decoding import make_decoder, positions_from_mask, prompt_confidence_from_logits
 
 
 @dataclass
@@ -30,6 +33,8 @@ class Rollouts:
     entropy: torch.Tensor  # [N, T] float32, 0 outside the mask
     finished: torch.Tensor  # [N] bool: the response ended with EOS within the budget
     repeats: int = 1  # rows r*repeats .. (r+1)*repeats-1 share one prompt
+    #: [N] float32 confidence of each row's prompt under the sampling model (`generate(prompt_confidence=True)`)
+    prompt_confidence: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -44,9 +49,11 @@ class Rollouts:
         response_mask = self.response_mask[rows]
         first = int(prompt_mask.any(dim=0).long().argmax())  # prompts are left-padded
         width = int(response_mask.sum(dim=1).max().item()) if rows.numel() else 0
+        confidence = self.prompt_confidence[rows] if self.prompt_confidence is not None else None
         return Rollouts(
             self.prompt_ids[rows, first:], prompt_mask[:, first:], self.response_ids[rows, :width],
             response_mask[:, :width], self.logprobs[rows, :width], self.entropy[rows, :width], self.finished[rows],
+            prompt_confidence=confidence,
         )  # fmt: skip
 
 
@@ -73,17 +80,21 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     repeats: int = 1,
+    prompt_confidence: bool = False,
 ) -> Rollouts:
     """Sample (or, with `greedy`, decode) up to `max_new_tokens` tokens, `repeats` responses per prompt row.
 
     Rows come out in `repeat_interleave` order (prompt 0's responses first); each distinct prompt is run
-    through the model once.
+    through the model once. With `prompt_confidence`, the rollouts carry each row's prompt confidence (see
+    `canonrl.lab.decoding.prompt_confidence_from_logits`), read off that prompt forward's logits at temperature 1:
+    no extra forward, and no change to the samples.
 
     Finished rows leave the decode batch once a quarter of it has finished (where the decoder can drop rows),
     so the cost follows the live rows rather than the longest response.
     """
     device = prompt_ids.device
-    decoder = make_decoder(model, prompt_ids, prompt_mask, max_new_tokens, repeats)
+    decoder = make_decoder(model, prompt_ids, prompt_mask, max_new_tokens, repeats, score_prompt=prompt_confidence)
+    confidence = decoder.prompt_confidence.repeat_interleave(repeats) if prompt_confidence else None
     prompt_ids = prompt_ids.repeat_interleave(repeats, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(repeats, dim=0)
     rows = prompt_ids.shape[0]
@@ -135,7 +146,7 @@ def generate(
     used = int(mask.sum(dim=0).nonzero().max().item()) + 1 if mask.any() else 0
     return Rollouts(
         prompt_ids, prompt_mask, tokens[:, :used], mask[:, :used], logprobs[:, :used], entropy[:, :used], finished,
-        repeats,
+        repeats, confidence,
     )  # fmt: skip
 
 
@@ -158,6 +169,34 @@ def sequence_logprobs(
         with torch.no_grad():
             token_entropy = -(log_dist.exp() * log_dist).nansum(dim=-1) * rollouts.response_mask
     return token_logprobs, token_entropy
+
+
+@torch.no_grad()
+def reference_logprobs(model, rollouts: Rollouts, temperature: float = 1.0, micro_batch_size: int = 32) -> torch.Tensor:
+    """Log-probs [N, T] of the response tokens under `model`, without grad (0 outside the mask).
+
+    `sequence_logprobs` (the KL penalty's reference forward) over micro-batches of rows of similar lengths, each
+    cut to its own longest response: one forward over prompt + response per row.
+    """
+    out = torch.zeros_like(rollouts.logprobs)
+    rows = rollouts.response_ids.shape[0]
+    if rows == 0 or out.shape[1] == 0:
+        return out
+    order = rollouts.lengths.argsort(stable=True)
+    for chunk in order.split(micro_batch_size):
+        mini = rollouts.select(chunk)
+        logprobs, _ = sequence_logprobs(model, mini, temperature)
+        out[chunk, : logprobs.shape[1]] = logprobs
+    return out
+
+
+@torch.no_grad()
+def prompt_confidence(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """[N] each (left-padded) prompt's confidence under `model` from one forward over the prompts alone: what
+    `generate(..., prompt_confidence=True)` reads off its prefill (`prompt_confidence_from_logits`)."""
+    positions = positions_from_mask(prompt_mask)
+    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions).logits
+    return prompt_confidence_from_logits(logits, prompt_ids, prompt_mask)
 
 
 class SharedPrompts:

@@ -1,6 +1,10 @@
 """What a lab task is: problems from a seed on a split that never overlaps the other, and a verifier.
 
 A task is any object with this interface; `canonrl.lab.tasks.get_task(name)` builds the registered ones.
+
+Multi-reward estimators (GDPO, ``multi_reward = True``) get K rewards per response instead of one: the verdict
+components a task names in its optional ``reward_components`` attribute (see `reward_components`), stacked as
+``rewards`` [B, K]. Every other estimator gets the score alone, as before.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class Task(Protocol):
     #: reward components every verdict reports (empty when the score is the only one)
     components: tuple[str, ...]
 
+    # Optional: ``reward_components: tuple[str, ...]``, the components (a subset of `components`, in order) that
+    # a multi-reward estimator gets as rewards [B, K]; see `reward_components`.
+
     def problems(self, split: Split, count: int, seed: int) -> list[Problem]:
         """`count` problems of `split`, a pure function of (split, count, seed).
 
@@ -45,3 +52,20 @@ class Task(Protocol):
     def verify(self, response: str, problem: Problem) -> Reward:
         """Score one response. May raise or run long: callers bound it (see `canonrl.lab.verification`)."""
         ...
+
+
+def reward_components(task: Task) -> tuple[str, ...]:
+    """The verdict components a multi-reward estimator receives as ``rewards`` [B, K], in order.
+
+    The task's ``reward_components`` when it declares them, else all its `components`; empty means the score
+    alone (K = 1). Raises ``ValueError`` when a named component is not one the task's verdicts report.
+    """
+    declared = tuple(getattr(task, "components", ()) or ())
+    names = getattr(task, "reward_components", None)
+    names = declared if names is None else tuple(names)
+    unknown = [name for name in names if name not in declared]
+    if unknown:
+        raise ValueError(
+            f"task {getattr(task, 'name', task)!r}: reward_components {unknown} are not among its components {declared}"
+        )
+    return names

@@ -6,6 +6,10 @@ step, and through the rewards the batch accuracy, for its schedules), then updat
 `ppo_epochs` x `minibatches`. The sampling log-probs serve as the old log-probs, so an on-policy single-epoch
 update needs no second forward pass.
 
+Estimator inputs beyond the rollouts' own (entropy, log-probs, token ids) are computed only when the estimator's
+`required_inputs()` names them (and the reward components only for a `multi_reward` estimator), after sampling and
+before the update: see `Trainer.extra_inputs`. Their cost is logged in the step's metrics.
+
 Determinism: every random draw of step s comes from generators seeded by (seed, s), never from global RNG state,
 so a run resumed from its checkpoint at step s repeats the uninterrupted run exactly on CPU — the same metrics,
 bit for bit, apart from wall-clock fields (`time`, `step_seconds`, `*_per_second`).
@@ -21,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +34,13 @@ import torch
 from canonrl.lab.config import TrainConfig, load_config, save_config
 from canonrl.losses import aggregate_loss, kl_penalty, ppo_clip_loss
 
-WALL_CLOCK_KEYS = ("time", "step_seconds", "rollout_tokens_per_second")
+WALL_CLOCK_KEYS = (
+    "time", "step_seconds", "rollout_tokens_per_second", "greedy_seconds", "reference_seconds", "ref_logprobs_seconds",
+)  # fmt: skip
+#: batch inputs the lab can give an estimator beyond rewards, group and mask
+ROLLOUT_INPUTS = ("entropy", "logprobs", "token_ids")
+EXTRA_INPUTS = ("greedy_rewards", "reference_rewards", "ref_logprobs", "prompt_confidence")
+SUPPORTED_INPUTS = ROLLOUT_INPUTS + EXTRA_INPUTS
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -50,6 +60,8 @@ class StepResult:
     metrics: dict
     rollouts: object
     advantages: torch.Tensor
+    #: the extra batch inputs the estimator got (`Trainer.extra_inputs`), and `rewards` when given as [B, K]
+    inputs: dict = field(default_factory=dict)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -66,6 +78,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: Path, *, resume: bool = False):
         from canonrl.lab.policy import load_policy
+        from canonrl.lab.task import reward_components
         from canonrl.lab.tasks import get_task
 
         self.config = config.validate()
@@ -74,6 +87,15 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.task = get_task(config.task, **config.task_options)
         self.estimator = config.build_estimator()
+        self.inputs = tuple(self.estimator.required_inputs())
+        unsupported = [name for name in self.inputs if name not in SUPPORTED_INPUTS]
+        if unsupported:
+            raise ValueError(
+                f"estimator {config.estimator!r} needs {', '.join(unsupported)}, which the lab trainer does not "
+                f"provide (it provides {', '.join(SUPPORTED_INPUTS)})"
+            )
+        #: the verdict components a multi-reward estimator gets as rewards [B, K]; None: the score, [B]
+        self.reward_names = reward_components(self.task) if type(self.estimator).multi_reward else None
         self.step = 0
         self.tokens = 0
         checkpoint = self.latest_checkpoint() if resume else None
@@ -81,15 +103,17 @@ class Trainer:
             raise ValueError(f"nothing to resume: {self.run_dir} has no checkpoint")
         self.policy = load_policy(str(checkpoint) if checkpoint else config.policy)
         self.policy.model.train()
+        # The frozen reference policy (the initial weights, so a resumed run rebuilds it): for the KL penalty, AAPO's
+        # reference rollouts and ACE's reference log-probs. Loaded only when one of them needs it.
         self.reference = None
-        if config.kl_coef > 0:
+        if config.kl_coef > 0 or "reference_rewards" in self.inputs or "ref_logprobs" in self.inputs:
             self.reference = load_policy(config.policy).model.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self.policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.inputs = self.estimator.required_inputs()
+            self.inputs = tuple(self.estimator.required_inputs())
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -135,34 +159,129 @@ class Trainer:
         warmup = self.config.warmup_steps
         return self.config.lr * (min(1.0, step / warmup) if warmup else 1.0)
 
-    def rollout(self, step: int):
+    @property
+    def kl(self) -> bool:
+        return self.config.kl_coef > 0
+
+    def problems(self, step: int):
+        config = self.config
+        return self.task.problems("train", config.prompts_per_step, seed=_seed(config.seed, "problems", step))
+
+    def rollout(self, step: int, problems=None):
+        """Sample `group_size` responses to each of the step's problems (drawn here unless given) and verify them.
+
+        With an estimator that reads `prompt_confidence`, the rollouts carry it (read off the sampler's prefill).
+        """
         from canonrl.lab.evaluate import score_rollouts
         from canonrl.lab.sampling import generate
 
         config = self.config
-        problems = self.task.problems("train", config.prompts_per_step, seed=_seed(config.seed, "problems", step))
+        problems = self.problems(step) if problems is None else problems
         prompt_ids, prompt_mask = self.policy.encode_prompts([p.prompt for p in problems])
         generator = torch.Generator().manual_seed(_seed(config.seed, "rollout", step))
+        confidence = {"prompt_confidence": True} if "prompt_confidence" in self.inputs else {}
         self.policy.model.eval()
         rollouts = generate(
             self.policy.model, prompt_ids, prompt_mask,
             max_new_tokens=config.max_new_tokens, eos_id=self.policy.eos_id, pad_id=self.policy.pad_id,
             temperature=config.temperature, top_p=config.top_p, generator=generator, repeats=config.group_size,
+            **confidence,
         )  # fmt: skip
         self.policy.model.train()
         repeated = [p for p in problems for _ in range(config.group_size)]
         _, verdict = score_rollouts(self.policy, self.task, rollouts, repeated, timeout=config.verify_timeout)
         return rollouts, verdict
 
-    def advantages(self, step: int, rollouts, rewards: torch.Tensor) -> torch.Tensor:
+    def extra_inputs(self, step: int, problems, rollouts) -> tuple[dict, dict]:
+        """The batch inputs beyond the rollouts' own that the estimator reads: (fields, cost metrics).
+
+        Each is computed only when `estimator.required_inputs()` names it, under the policy as it sampled (before
+        this step's update):
+
+        - ``greedy_rewards`` [B] (ReMax): one greedy response per prompt from the current policy, verified, and
+          its reward repeated to the prompt's G rows. Costs one decode of `prompts_per_step` rows.
+        - ``reference_rewards`` [B] (AAPO): one response per rollout row sampled by the frozen reference (initial)
+          policy at the sampling temperature and top-p, from a generator seeded by (seed, "reference", step),
+          verified. Costs a second rollout of B rows.
+        - ``ref_logprobs`` [B, T] (ACE): the sampled responses' log-probs under the reference policy at the
+          sampling temperature (`reference_logprobs`, the KL penalty's forward). Costs one forward, no backward.
+        - ``prompt_confidence`` [B] (ProGRPO): already on the rollouts (the sampler's prefill); free.
+        """
+        from canonrl.lab.evaluate import score_rollouts
+        from canonrl.lab.sampling import generate, reference_logprobs
+
+        config = self.config
+        fields: dict = {}
+        metrics: dict = {"verify_failures": 0, "verify_timeouts": 0}
+        groups = rollouts.repeats
+        prompt_ids, prompt_mask = rollouts.prompt_ids[::groups], rollouts.prompt_mask[::groups]
+        budget = {"max_new_tokens": config.max_new_tokens, "eos_id": self.policy.eos_id, "pad_id": self.policy.pad_id}
+
+        def verify(responses, problems_of_rows) -> torch.Tensor:
+            _, verdict = score_rollouts(
+                self.policy, self.task, responses, problems_of_rows, timeout=config.verify_timeout
+            )
+            metrics["verify_failures"] += verdict.failures
+            metrics["verify_timeouts"] += verdict.timeouts
+            return torch.tensor(verdict.scores, dtype=torch.float32)
+
+        if "greedy_rewards" in self.inputs:
+            started = time.perf_counter()
+            self.policy.model.eval()
+            greedy = generate(self.policy.model, prompt_ids, prompt_mask, greedy=True, **budget)
+            self.policy.model.train()
+            scores = verify(greedy, problems)
+            fields["greedy_rewards"] = scores.repeat_interleave(groups)
+            metrics.update(
+                greedy_reward=scores.mean().item(),
+                greedy_tokens=int(greedy.lengths.sum().item()),
+                greedy_seconds=time.perf_counter() - started,
+            )
+        if "reference_rewards" in self.inputs:
+            started = time.perf_counter()
+            generator = torch.Generator().manual_seed(_seed(config.seed, "reference", step))
+            sampled = generate(
+                self.reference, prompt_ids, prompt_mask, temperature=config.temperature, top_p=config.top_p,
+                generator=generator, repeats=groups, **budget,
+            )  # fmt: skip
+            scores = verify(sampled, [p for p in problems for _ in range(groups)])
+            fields["reference_rewards"] = scores
+            metrics.update(
+                reference_reward=scores.mean().item(),
+                reference_tokens=int(sampled.lengths.sum().item()),
+                reference_seconds=time.perf_counter() - started,
+            )
+        if "ref_logprobs" in self.inputs:
+            started = time.perf_counter()
+            fields["ref_logprobs"] = reference_logprobs(
+                self.reference, rollouts, config.temperature, config.micro_batch_size
+            )
+            metrics["ref_logprobs_seconds"] = time.perf_counter() - started
+        if "prompt_confidence" in self.inputs:
+            fields["prompt_confidence"] = rollouts.prompt_confidence
+            metrics["prompt_confidence"] = rollouts.prompt_confidence[::groups].mean().item()
+        return fields, metrics
+
+    def estimator_rewards(self, verdict) -> torch.Tensor:
+        """The estimator's `rewards`: the scores [B], or for a multi-reward estimator the reward components [B, K]
+        (`canonrl.lab.task.reward_components`; the score alone, [B, 1], for a task without components)."""
+        if self.reward_names is None:
+            return torch.tensor(verdict.scores, dtype=torch.float32)
+        if not self.reward_names:
+            return torch.tensor(verdict.scores, dtype=torch.float32).unsqueeze(1)
+        components = [verdict.components[name] for name in self.reward_names]
+        return torch.tensor(components, dtype=torch.float32).T.contiguous()
+
+    def advantages(self, step: int, rollouts, rewards: torch.Tensor, **inputs) -> torch.Tensor:
+        """The estimator's advantages; `inputs` are the extra batch fields (`extra_inputs`)."""
         config = self.config
         group = torch.arange(config.prompts_per_step).repeat_interleave(config.group_size)
-        fields = {"rewards": rewards, "group": group, "mask": rollouts.response_mask}
+        fields = {"rewards": rewards, "group": group, "mask": rollouts.response_mask, **inputs}
         available = {"entropy": rollouts.entropy, "logprobs": rollouts.logprobs, "token_ids": rollouts.response_ids}
         fields.update({name: available[name] for name in self.inputs if name in available})
         return self.estimator(step=step, **fields)
 
-    def update(self, step: int, rollouts, advantages: torch.Tensor) -> dict:
+    def update(self, step: int, rollouts, advantages: torch.Tensor, ref_logprobs: torch.Tensor | None = None) -> dict:
         """PPO-clip over `ppo_epochs` x `minibatches`; each minibatch is one optimizer step.
 
         A minibatch runs as micro-batches of similar lengths (rows sorted by response length, each micro-batch
@@ -175,6 +294,9 @@ class Trainer:
         to the PPO loss's gradient, so without a KL term they are not run at all; they still count in the
         loss's denominators, and the gradients are zeroed rather than dropped so that AdamW steps exactly as if
         they had been run. `ppo_kl` is then measured on the rows that ran.
+
+        `ref_logprobs` [B, T], when given (the step's ACE input), serve the KL penalty in place of a reference
+        forward per micro-batch.
         """
         from canonrl.lab.decoding import LlamaDecoder
         from canonrl.lab.sampling import SharedPrompts
@@ -205,7 +327,10 @@ class Trainer:
                 for chunk in part.split(config.micro_batch_size) if part.numel() else ():
                     mini = rollouts.select(chunk)
                     logprobs = shared.logprobs(chunk, mini) if shared else None
-                    self._accumulate(step, mini, advantages[chunk], scale, totals, counted, logprobs)
+                    ref = None
+                    if self.kl and ref_logprobs is not None:
+                        ref = ref_logprobs[chunk, : mini.response_mask.shape[1]]
+                    self._accumulate(step, mini, advantages[chunk], scale, totals, counted, logprobs, ref)
                 if shared is not None:
                     shared.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), config.grad_clip)
@@ -221,7 +346,7 @@ class Trainer:
                 sums["grad_norm"] += grad_norm.item()
                 updates += 1
         metrics = {key: value / updates for key, value in sums.items()}
-        if self.reference is None:
+        if not self.kl:
             del metrics["kl"]
         metrics["lr"] = self.lr_at(step)
         metrics["trained_rows"] = float(trains.float().mean())
@@ -229,14 +354,17 @@ class Trainer:
 
     def _rows_to_train(self, rollouts, advantages: torch.Tensor) -> torch.Tensor:
         """Rows whose PPO gradient can be non-zero: a non-zero advantage somewhere, or any row under a KL term."""
-        if self.reference is not None:
+        if self.kl:
             return torch.ones(rollouts.response_ids.shape[0], dtype=torch.bool)
         return (advantages * rollouts.response_mask != 0).any(dim=1)
 
     def _accumulate(
-        self, step: int, mini, advantages: torch.Tensor, scale: float, totals: dict, counted: dict, logprobs=None
+        self, step: int, mini, advantages: torch.Tensor, scale: float, totals: dict, counted: dict, logprobs=None,
+        ref_logprobs=None,
     ) -> None:
         """Forward (unless `logprobs` came from shared prompts) and backward one micro-batch.
+
+        The KL penalty's reference log-probs are `ref_logprobs` when given, else a reference forward here.
 
         Its loss is its share of the minibatch's loss.
         """
@@ -255,9 +383,10 @@ class Trainer:
             return aggregate_loss(values, mask, config.loss_agg, scale, totals["tokens"], totals["responses"])
 
         loss = aggregate(token_loss)
-        if self.reference is not None:
-            with torch.no_grad():
-                ref_logprobs, _ = sequence_logprobs(self.reference, mini, config.temperature)
+        if self.kl:
+            if ref_logprobs is None:
+                with torch.no_grad():
+                    ref_logprobs, _ = sequence_logprobs(self.reference, mini, config.temperature)
             kl = aggregate(kl_penalty(logprobs, ref_logprobs, config.kl_estimator))
             loss = loss + config.kl_coef * kl
             counted["kl"] += kl.item()
@@ -277,11 +406,16 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         started = time.perf_counter()
-        rollouts, verdict = self.rollout(step)
+        problems = self.problems(step)
+        rollouts, verdict = self.rollout(step, problems)
         rollout_seconds = time.perf_counter() - started
         rewards = torch.tensor(verdict.scores, dtype=torch.float32)
-        advantages = self.advantages(step, rollouts, rewards)
-        metrics = self.update(step, rollouts, advantages)
+        inputs, extra_metrics = self.extra_inputs(step, problems, rollouts)
+        estimator_rewards = rewards if self.reward_names is None else self.estimator_rewards(verdict)
+        advantages = self.advantages(step, rollouts, estimator_rewards, **inputs)
+        metrics = self.update(step, rollouts, advantages, inputs.get("ref_logprobs"))
+        if self.reward_names is not None:
+            inputs["rewards"] = estimator_rewards
         mask = rollouts.response_mask
         lengths = rollouts.lengths
         new_tokens = int(lengths.sum().item())
@@ -299,8 +433,9 @@ class Trainer:
             mixed_groups=(group_rewards.std(dim=1) > 0).float().mean().item(),
             advantage_abs=adv_per_response.abs().mean().item(),
             zero_advantage=(adv_per_response == 0).float().mean().item(),
-            verify_failures=verdict.failures,
-            verify_timeouts=verdict.timeouts,
+            verify_failures=verdict.failures + extra_metrics.pop("verify_failures"),
+            verify_timeouts=verdict.timeouts + extra_metrics.pop("verify_timeouts"),
+            **extra_metrics,
             tokens=self.tokens,
             step_seconds=time.perf_counter() - started,
             rollout_tokens_per_second=new_tokens / rollout_seconds,
@@ -308,7 +443,7 @@ class Trainer:
         mu_at = getattr(self.estimator, "mu_at", None)
         if mu_at is not None:
             metrics["mu"] = float(mu_at(step, metrics["accuracy"]))
-        return StepResult(metrics, rollouts, advantages)
+        return StepResult(metrics, rollouts, advantages, inputs)
 
     def evaluate(self, step: int) -> dict:
         from canonrl.lab.evaluate import evaluate
