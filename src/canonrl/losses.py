@@ -10,6 +10,18 @@ Pure tensor functions — the lab trainer uses them, and so can any trainer. Sha
 - `ppo_clip_loss`: ``max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``, and for A < 0 at most ``-A c`` (dual
   clip, c = 3 in verl; None turns it off). Returns the per-token loss and the clip fractions.
 - `kl_penalty`: ``low_var_kl`` (Schulman's k3, clamped to [-10, 10] as verl does), ``k1`` and ``k2``.
+- `clip_cov_loss` / `kl_cov_loss`: the covariance-based token controls of "The Entropy Mechanism of RL for
+  Reasoning LMs" (arXiv 2505.22617), with verl's ``policy_loss.loss_mode = clip_cov | kl_cov`` semantics. Like
+  `ppo_clip_loss` they return the per-token loss [B, T] and per-token float indicators; aggregate the loss with
+  `aggregate_loss`. Their selection ratios are *fractions* of the valid tokens (verl's ``clip_cov_ratio`` /
+  ``kl_cov_ratio``); the official PRIME-RL scripts pass a *percent* ``k_percent`` that the code divides by 100 —
+  convert with `cov_ratio_from_percent` (k_percent 0.2 -> 0.002).
+
+NGRPO's asymmetric clipping (arXiv 2509.18851) needs no new loss: its official ``compute_policy_loss`` is
+``max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))`` with no dual clip, i.e.
+``ppo_clip_loss(..., clip_low=NGRPO_CLIP_LOW, clip_high=NGRPO_CLIP_HIGH, dual_clip=None)``. In that form only the
+upper bound 1 + 0.24 can bind for A > 0 and only the lower bound 1 - 0.16 for A < 0: the looser bound for positive
+advantages and the tighter one for negative that the paper describes.
 """
 
 from __future__ import annotations
@@ -19,6 +31,11 @@ from torch import Tensor
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("low_var_kl", "k1", "k2")
+POLICY_LOSSES = ("ppo_clip", "clip_cov", "kl_cov")
+
+#: NGRPO's official script (``clip_ratio_low`` / ``clip_ratio_high``); use with ``dual_clip=None``.
+NGRPO_CLIP_LOW = 0.16
+NGRPO_CLIP_HIGH = 0.24
 
 
 def aggregate_loss(
@@ -89,3 +106,137 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "low_var
         reverse = (-log_ratio).clamp(-20.0, 20.0)
         return (reverse.exp() - reverse - 1).clamp(-10.0, 10.0)
     raise ValueError(f"kl estimator must be one of {', '.join(KL_ESTIMATORS)}; got {estimator!r}")
+
+
+def cov_ratio_from_percent(k_percent: float) -> float:
+    """The official PRIME-RL ``k_percent`` (a percent: 0.2 for Qwen2.5-7B) as the fraction these losses take (0.002)."""
+    if not k_percent > 0:
+        raise ValueError(f"k_percent must be > 0; got {k_percent}")
+    return k_percent / 100.0
+
+
+def _check_cov_inputs(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, ratio: float, name: str
+) -> None:
+    shape = logprobs.shape
+    for arg, value in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
+        if value.shape != shape:
+            raise ValueError(f"{arg} must have the shape of logprobs {list(shape)}, got {list(value.shape)}")
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must have shape [B, T], got {list(shape)}")
+    if not 0 < ratio <= 1:
+        hint = ""
+        if ratio > 1:
+            hint = " (a fraction of tokens; convert the official percent k_percent with cov_ratio_from_percent)"
+        raise ValueError(f"{name} must be in (0, 1]{hint}; got {ratio}")
+
+
+def _token_covariance(logprobs: Tensor, advantages: Tensor, valid: Tensor, eps: float) -> Tensor:
+    """[B, T] centred product (A - mean A)(log pi - mean log pi), means over the valid tokens (+eps in the count)."""
+    validf = valid.to(advantages.dtype)
+    count = validf.sum() + eps
+    mean_adv = (advantages * validf).sum() / count
+    lp = logprobs.detach()
+    mean_lp = (lp * validf.to(lp.dtype)).sum() / count.to(lp.dtype)
+    return (advantages.detach() - mean_adv) * (lp - mean_lp)
+
+
+def clip_cov_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clip-Cov per-token loss [B, T] and indicators ``clipped`` (PPO clip) / ``cov_clipped`` (detached by Cov).
+
+    As verl's ``compute_policy_loss_clip_cov``: the PPO-clip loss ``max(-A r, -A clip(r, 1-clip_low, 1+clip_high))``
+    (no dual clip unless `dual_clip` is given), then, among the valid tokens not clipped by PPO whose covariance
+    ``Cov_t = (A_t - mean A)(log pi_t - mean log pi)`` (means over the valid tokens of this call) lies strictly in
+    (`clip_cov_lb`, `clip_cov_ub`), ``min(max(1, floor(clip_cov_ratio * n_valid)), n_candidates)`` tokens chosen
+    uniformly at random get loss 0 (no gradient). `clip_cov_ratio` is a fraction (verl's unit); the official
+    scripts' percent ``k_percent`` converts with `cov_ratio_from_percent`. The official scripts also set
+    clip_low = clip_high = 1 (PPO clipping effectively off) and dual-clip c = 10.
+
+    The random choice is ``torch.randperm(n_candidates, generator=generator)`` over the candidates in row-major
+    order, as verl draws it: with `generator` None it uses the global RNG, so after the same ``torch.manual_seed``
+    it picks exactly the tokens verl picks; pass a seeded generator for reproducible runs.
+    """
+    _check_cov_inputs(logprobs, old_logprobs, advantages, mask, clip_cov_ratio, "clip_cov_ratio")
+    if not clip_cov_lb < clip_cov_ub:
+        raise ValueError(f"clip_cov_lb must be < clip_cov_ub; got {clip_cov_lb}, {clip_cov_ub}")
+    loss, indicators = ppo_clip_loss(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip)
+    valid = mask > 0
+    clipped = indicators["clipped"].bool() & valid
+    cov = _token_covariance(logprobs, advantages, valid, 1e-8)
+    candidate = valid & ~clipped & (cov > clip_cov_lb) & (cov < clip_cov_ub)
+    flat = candidate.reshape(-1).nonzero().squeeze(-1)
+    budget = max(int(clip_cov_ratio * valid.sum().item()), 1)
+    detach = torch.zeros(candidate.numel(), dtype=torch.bool, device=candidate.device)
+    if flat.numel() > 0:
+        device = "cpu" if generator is None else generator.device
+        perm = torch.randperm(flat.numel(), generator=generator, device=device)
+        detach[flat[perm[:budget].to(flat.device)]] = True
+    detach = detach.view_as(candidate)
+    loss = torch.where(detach, torch.zeros_like(loss), loss)
+    indicators["cov_clipped"] = detach.to(loss.dtype)
+    return loss, indicators
+
+
+def kl_cov_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    kl_cov_ratio: float = 2e-4,
+    ppo_kl_coef: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL-Cov per-token loss [B, T] and the indicator ``kl_cov_selected`` (tokens that got the KL term).
+
+    As verl's ``compute_policy_loss_kl_cov``: no PPO clip, the loss is ``-A r``; the ``max(1, floor(kl_cov_ratio *
+    n_valid))`` valid tokens with the largest covariance ``(A_t - mean A)(log pi_t - mean log pi)`` (plain means
+    over the valid tokens) get ``+ ppo_kl_coef * |log pi - log pi_old|``. `kl_cov_ratio` is a fraction: 2e-3 for
+    Qwen2.5-7B and 2e-4 for 32B in the paper, whose scripts pass the percent ``k_percent`` 0.2 / 0.02
+    (`cov_ratio_from_percent`). ``ppo_kl_coef`` is 1 in the official code and in verl's function fallback; verl's
+    ``PolicyLossConfig`` dataclass defaults it to 0.1, so pass it explicitly when matching a verl config. Ties in
+    the covariance are broken as ``torch.topk`` breaks them.
+    """
+    _check_cov_inputs(logprobs, old_logprobs, advantages, mask, kl_cov_ratio, "kl_cov_ratio")
+    if ppo_kl_coef < 0:
+        raise ValueError(f"ppo_kl_coef must be >= 0; got {ppo_kl_coef}")
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    loss = -advantages * torch.exp(log_ratio)
+    valid = mask > 0
+    n_valid = int(valid.sum().item())
+    selected = torch.zeros_like(valid)
+    if n_valid > 0:
+        cov = _token_covariance(logprobs, advantages, valid, 0.0)
+        cov = torch.where(valid, cov, torch.full_like(cov, float("-inf")))
+        k = max(1, int(n_valid * kl_cov_ratio))
+        top = torch.topk(cov.reshape(-1), k, largest=True).indices
+        selected = selected.reshape(-1).index_fill(0, top, True).view_as(valid)
+    loss = torch.where(selected, loss + ppo_kl_coef * log_ratio.abs(), loss)
+    return loss, {"kl_cov_selected": selected.to(loss.dtype)}
+
+
+def policy_loss(
+    name: str, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, **params
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Dispatch by name (`POLICY_LOSSES`): ``ppo_clip`` (`ppo_clip_loss`; `mask` unused), ``clip_cov``, ``kl_cov``.
+
+    ``params`` are the chosen loss's keyword arguments (e.g. clip_low, clip_high, dual_clip, clip_cov_ratio,
+    generator, kl_cov_ratio, ppo_kl_coef); an argument the loss does not take raises TypeError.
+    """
+    if name == "ppo_clip":
+        return ppo_clip_loss(logprobs, old_logprobs, advantages, **params)
+    if name == "clip_cov":
+        return clip_cov_loss(logprobs, old_logprobs, advantages, mask, **params)
+    if name == "kl_cov":
+        return kl_cov_loss(logprobs, old_logprobs, advantages, mask, **params)
+    raise ValueError(f"policy_loss must be one of {', '.join(POLICY_LOSSES)}; got {name!r}")
