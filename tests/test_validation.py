@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import canonrl
+from canonrl.batch import PER_TOKEN_FIELDS
 from conftest import full_mask
 
 R = torch.tensor([1.0, 0.0, 1.0, 0.0])
@@ -108,7 +109,12 @@ def test_unknown_estimator_and_hyperparameter():
 
 def test_empty_batch_returns_an_empty_result():
     for info in canonrl.estimators():
-        extra = {name: torch.zeros(0, 5, dtype=torch.long if name == "token_ids" else torch.float32) for name in info.requires}
+        extra = {
+            name: torch.zeros(
+                (0, 5) if name in PER_TOKEN_FIELDS else (0,), dtype=torch.long if name == "token_ids" else torch.float32
+            )
+            for name in info.requires
+        }
         out = canonrl.advantages(info.name, rewards=torch.zeros(0), group=[], mask=torch.zeros(0, 5), **extra)
         assert out.shape == (0, 5) and out.dtype == torch.float32
 

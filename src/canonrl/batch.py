@@ -33,6 +33,10 @@ BATCH_FIELDS = (
     "prompt_confidence",
 )
 
+#: Optional inputs with one value per response token ([B, T]) and with one value per response ([B]).
+PER_TOKEN_FIELDS = ("token_rewards", "entropy", "logprobs", "token_ids", "ref_logprobs")
+PER_RESPONSE_FIELDS = ("metric", "greedy_rewards", "reference_rewards", "prompt_confidence")
+
 _MAX_ROWS_IN_MESSAGE = 10
 
 
