@@ -88,6 +88,22 @@ KNOWN_VARIANTS: dict[str, list[dict[str, Any]]] = {
     "reinforce_pp": [{"gamma": 0.9}, {"gamma": 0.0}],
     "reinforce_pp_baseline": [{"singleton": "raw"}],
     "canon": _CANON_VARIANTS,
+    "gdpo": [{"batch_norm": "token", "eps": 1e-6}, {"batch_norm": "none"}, {"singleton": "raw"}],
+    "qae": [{"quantile": "linear"}, {"k": 0.6, "singleton": "raw"}, {"k": 1.0, "eps": 0.0}],
+    "ngrpo": [{"num_max": 0}, {"num_max": 3, "max_reward": 2.0, "std": "population"}, {"singleton": "raw"}],
+    "mapo": [{"std": "unbiased"}, {"singleton": "raw"}],
+    "agrae": [{"alpha": 0.5}, {"singleton": "raw", "std": "population"}],
+    "rlev": [{"base": "grpo"}, {"base": "dr_grpo", "cap": None}, {"base": "grpo", "base_params": {"scale": "batch"}}],
+    "hadw": [{"anchor": "hard"}, {"anchor": "official", "lambda_scale": 1.5}, {"init_anchor": 0.5}, {"base": "dr_grpo"}],
+    "unlikely": [{"ties": "batch_order"}, {"beta": 1.0, "std": "population", "eps": 1e-4}, {"singleton": "raw"}],
+    "psr_nsr": [{"mode": "psr"}, {"mode": "nsr"}, {"mode": "grpo_n"}, {"form": "code"}],
+    "opo": [{"singleton": "raw"}],
+    "gpg": [{"alpha": "verl"}, {"alpha": "none"}, {"scale_std": True}, {"singleton": "raw"}],
+    "aapo": [{"clip_low": -1.0, "clip_high": 1.0}, {"singleton": "raw"}],
+    "adora": [{"no_correct": "one"}, {"truncation_length": 8, "lam": 0.5}, {"base": "rloo"}],
+    "capo": [{"switch_step": 0}, {"switch_step": 1000}, {"base": "dr_grpo", "switch_step": 1000}],
+    "progrpo": [{"skip_all_correct": True}, {"only_correct": True, "alpha": 0.5}, {"low_fraction": 1.0}],
+    "ace": [{"activation": "relu"}, {"length_normalize": True, "alpha": 0.5}, {"base": "dr_grpo"}],
     "ktae": [
         {"base": "dr_grpo"},
         {"base": "canon", "base_params": {"mu": 1.0}},  # reads entropy through its base
@@ -99,6 +115,13 @@ KNOWN_VARIANTS: dict[str, list[dict[str, Any]]] = {
 }
 
 
+#: Estimators that run a base estimator (``base``/``base_params``) and reshape its advantages.
+WRAPPERS = ("ktae", "rlev", "hadw", "adora", "capo", "progrpo", "ace")
+#: Estimators that reject rewards outside [0, 1] (MAPO needs r >= 0; A-GRAE's p and omega are accuracies); the
+#: random batches map their rewards into [0, 1] for them, as for CANON's accuracy schedules.
+UNIT_REWARDS = ("mapo", "agrae")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str
@@ -107,8 +130,10 @@ class Config:
     #: all resolved hyperparameters (defaults filled in)
     params: tuple[tuple[str, Any], ...]
     level: str
-    #: optional batch inputs the configured estimator reads (entropy, metric, token_ids, logprobs)
+    #: optional batch inputs the configured estimator reads (entropy, metric, token_ids, logprobs, ...)
     inputs: tuple[str, ...]
+    #: reads rewards as [B, K] components (GDPO)
+    multi_reward: bool = False
 
     @property
     def p(self) -> dict[str, Any]:
@@ -125,7 +150,7 @@ class Config:
     @property
     def sequence_core(self) -> Config:
         """The configuration of the sequence-level estimator inside (KTAE's base), else itself."""
-        if self.name == "ktae":
+        if self.name in WRAPPERS:
             return make_config(self.p["base"], self.p["base_params"] or {})
         return self
 
@@ -153,7 +178,14 @@ def make_config(name: str, variant: dict[str, Any]) -> Config:
     # The configured instance is the authority on the inputs it reads (CANON's depend on its metric, KTAE's on its
     # base); EstimatorInfo.requires lists the class-level ones.
     required = tuple(sorted(set(estimator.required_inputs()) | set(info.requires)))
-    return Config(name=name, hp=tuple(sorted(variant.items())), params=params, level=info.level, inputs=required)
+    return Config(
+        name=name,
+        hp=tuple(sorted(variant.items())),
+        params=params,
+        level=info.level,
+        inputs=required,
+        multi_reward=info.multi_reward,
+    )
 
 
 def _build_configs() -> list[Config]:
@@ -189,6 +221,11 @@ class Batch:
     metric: np.ndarray  # [B] float32
     token_ids: np.ndarray | None = None  # [B, T] int64 from a small vocabulary (tokens repeat)
     logprobs: np.ndarray | None = None  # [B, T] float32 <= 0
+    ref_logprobs: np.ndarray | None = None  # [B, T] float32 <= 0 (a reference policy's)
+    greedy_rewards: np.ndarray | None = None  # [B] a greedy response's reward, per row
+    reference_rewards: np.ndarray | None = None  # [B] a reference response's reward, per row
+    prompt_confidence: np.ndarray | None = None  # [B] in (0, 1], one value per group
+    second_reward: np.ndarray | None = None  # [B] a second reward component (multi-reward estimators)
     group_form: str = "int64-tensor"
     mask_dtype: torch.dtype = torch.float32
     reward_dtype: torch.dtype = torch.float32
@@ -221,7 +258,7 @@ class Batch:
             entropy=self.entropy[rows],
             metric=self.metric[rows],
             token_ids=None if self.token_ids is None else self.token_ids[rows],
-            logprobs=None if self.logprobs is None else self.logprobs[rows],
+            **{name: None if getattr(self, name) is None else getattr(self, name)[rows] for name in ROW_ARRAYS},
         )
 
     def with_rewards(self, rewards) -> Batch:
@@ -242,6 +279,24 @@ class Batch:
         """Raw group id -> row indices."""
         ids = np.asarray(self.gid, dtype=np.int64)
         return {g: np.flatnonzero(ids == g) for g in sorted(set(self.gid))}
+
+
+#: Optional per-row arrays a Batch may carry, sliced by ``take``.
+ROW_ARRAYS = ("logprobs", "ref_logprobs", "greedy_rewards", "reference_rewards", "prompt_confidence", "second_reward")
+
+
+def random_row_inputs(rng: np.random.Generator, gid: list[int], mask: np.ndarray, fill) -> dict[str, np.ndarray]:
+    """The optional per-row inputs of the newer estimators, random but valid (prompt confidence: one per group)."""
+    B, T = mask.shape
+    confidence = {g: float(rng.uniform(0.05, 1.0)) for g in set(gid)}
+    return {
+        "logprobs": np.where(mask, -rng.exponential(1.0, (B, T)), fill).astype(np.float32),
+        "ref_logprobs": np.where(mask, -rng.exponential(1.0, (B, T)), fill).astype(np.float32),
+        "greedy_rewards": _f32(rng.integers(0, 2, B)),
+        "reference_rewards": _f32(rng.integers(0, 2, B)),
+        "prompt_confidence": _f32([confidence[g] for g in gid]),
+        "second_reward": _f32(rng.integers(0, 2, B)),
+    }
 
 
 def _f32(values) -> np.ndarray:
@@ -327,7 +382,7 @@ def batches(draw, *, distinct_metrics: bool = False, min_rows: int = 0, max_rows
         entropy=np.where(mask, entropy, fill).astype(np.float32),
         metric=metric.astype(np.float32),
         token_ids=rng.integers(0, 8, (B, T)),
-        logprobs=np.where(mask, -rng.exponential(1.0, (B, T)), fill).astype(np.float32),
+        **random_row_inputs(rng, gid, mask, fill),
         group_form=draw(st.sampled_from(GROUP_FORMS)),
         mask_dtype=draw(st.sampled_from(MASK_DTYPES)),
     )
@@ -341,7 +396,7 @@ def batches(draw, *, distinct_metrics: bool = False, min_rows: int = 0, max_rows
 def effective_rewards(cfg: Config, b: Batch) -> np.ndarray:
     """Accuracy-based mu schedules need rewards in [0, 1]: those configurations see rewards outside it taken mod 1
     (a map applied row by row, so that it commutes with permutations and row insertion)."""
-    if cfg.accuracy_mu:
+    if cfg.accuracy_mu or cfg.sequence_core.name in UNIT_REWARDS:
         r = b.rewards
         return _f32(np.where((r >= 0) & (r <= 1), r, np.mod(r, 1.0)))
     return b.rewards
@@ -349,8 +404,12 @@ def effective_rewards(cfg: Config, b: Batch) -> np.ndarray:
 
 def run(cfg: Config, b: Batch, *, step: int = STEP) -> torch.Tensor:
     kwargs: dict[str, Any] = dict(cfg.hp)
+    rewards = effective_rewards(cfg, b)
+    if cfg.multi_reward:
+        second = np.zeros(b.B) if b.second_reward is None else b.second_reward
+        rewards = np.stack([rewards, second], axis=1)
     kwargs.update(
-        rewards=torch.tensor(effective_rewards(cfg, b), dtype=torch.float64).to(b.reward_dtype),
+        rewards=torch.tensor(rewards, dtype=torch.float64).to(b.reward_dtype),
         group=b.group_arg(),
         mask=torch.from_numpy(b.mask.copy()).to(b.mask_dtype),
     )
@@ -358,11 +417,19 @@ def run(cfg: Config, b: Batch, *, step: int = STEP) -> torch.Tensor:
         kwargs["entropy"] = torch.from_numpy(b.entropy.copy()).to(b.entropy_dtype)
     if "metric" in cfg.inputs:
         kwargs.pop("metric", None)  # a metric tensor selects metric="given"
-        kwargs["metric"] = torch.from_numpy(b.metric.copy()).to(b.metric_dtype)
+        # RLEV's metric is a human value v >= 0
+        metric = np.abs(b.metric) if cfg.name == "rlev" else b.metric
+        kwargs["metric"] = torch.from_numpy(metric.copy()).to(b.metric_dtype)
     if "token_ids" in cfg.inputs:
         kwargs["token_ids"] = torch.from_numpy(_filled(b.token_ids, b, 0, np.int64))
     if "logprobs" in cfg.inputs:
         kwargs["logprobs"] = torch.from_numpy(_filled(b.logprobs, b, -1.0, np.float32)).to(b.entropy_dtype)
+    if "ref_logprobs" in cfg.inputs:
+        kwargs["ref_logprobs"] = torch.from_numpy(_filled(b.ref_logprobs, b, -1.5, np.float32)).to(b.entropy_dtype)
+    for name, default in (("greedy_rewards", 0.0), ("reference_rewards", 0.0), ("prompt_confidence", 0.5)):
+        if name in cfg.inputs:
+            values = np.full(b.B, default) if getattr(b, name) is None else getattr(b, name)
+            kwargs[name] = torch.tensor(values, dtype=torch.float32)
     return canonrl.advantages(cfg.name, step=step, **kwargs)
 
 
@@ -445,7 +512,45 @@ def error_scale(cfg: Config, b: Batch) -> float:
             magnitude = max(magnitude, float(np.abs(values).max()))
     elif cfg.name == "canon":
         denominator = p["normalizer"]
+    elif cfg.name in Z_SCORED or (cfg.name == "gpg" and p["scale_std"]) or (cfg.name == "psr_nsr" and p["mode"] == "grpo_n"):
+        values = r
+        if cfg.name == "unlikely":  # the reshaped rewards r (1 - beta rank / G) are what is z-scored
+            values = r * (1.0 - p["beta"])
+        stds = [std + p["eps"] for _, std in _group_stats(values, b, 0)]
+        if cfg.name == "ngrpo":
+            stds = [
+                float(np.std(np.concatenate([r[rows], [p["max_reward"]] * p["num_max"]]))) + p["eps"]
+                for rows, _ in _group_stats(r, b, 0)
+            ] + stds
+        if cfg.name == "mapo":  # its percent-deviation term divides by the group mean
+            stds += [abs(float(r[rows].mean())) + p["eps"] for rows, _ in _group_stats(r, b, 0)]
+        denominator = min(stds, default=1.0)
+        magnitude *= Z_SCORED.get(cfg.name, 1.0)
+    elif cfg.name in WRAPPERS:
+        return error_scale(cfg.sequence_core, b) * _wrapper_amplification(cfg, b)
     return SLACK * (EPS32 * magnitude + 1e-30) / max(denominator, 1e-30)
+
+
+#: Estimators that divide by a group std, with a bound on what they multiply the z-scores by.
+Z_SCORED = {"qae": 1.0, "ngrpo": 1.0, "mapo": 2.0, "agrae": 8.0, "unlikely": 1.0, "aapo": 1.0, "gdpo": 40.0}
+
+
+def _wrapper_amplification(cfg: Config, b: Batch) -> float:
+    """How much a wrapper can multiply its base's rounding error."""
+    p = cfg.p
+    if cfg.name == "hadw":
+        return p["lambda_scale"] * math.exp(p["max_magnitude"])
+    if cfg.name == "ace":
+        shift = np.where(b.mask, (b.logprobs if b.logprobs is not None else -1.0), 0.0)
+        ref = np.where(b.mask, (b.ref_logprobs if b.ref_logprobs is not None else -1.5), 0.0)
+        c = np.abs(shift - ref).sum(1).max(initial=0.0)
+        return 1.0 + p["alpha"] * (c + 1.0)
+    if cfg.name == "rlev":
+        value = np.abs(b.metric).max(initial=0.0) * p["alpha"]
+        return 1.0 + (value if p["cap"] is None else min(value, p["cap"]))
+    if cfg.name == "progrpo":
+        return 1.0 + p["alpha"]
+    return 1.0
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> None:
@@ -495,7 +600,8 @@ def test_every_registered_estimator_is_configured():
         assert any(p["alpha"] < 1 for p in canon)
     for cfg in CONFIGS:
         for field in cfg.inputs:
-            assert field in ("entropy", "metric", "token_ids", "logprobs"), f"{cfg.id} needs {field!r}: not generated"
+            generated = ("entropy", "metric", "token_ids", "logprobs", "ref_logprobs", *ROW_ARRAYS)
+            assert field in generated, f"{cfg.id} needs {field!r}: not generated"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -636,7 +742,10 @@ def test_group_order_preserving_permutation_equivariance(name, b, data):
 
 #: Estimators whose advantage of a row depends only on the rows of its own group (KTAE: its key-token statistics
 #: are per group; it is as local as its base estimator, see BATCH_LEVEL).
-GROUP_LOCAL = ("grpo", "dr_grpo", "rloo", "dapo", "canon", "ktae")
+GROUP_LOCAL = (
+    "grpo", "dr_grpo", "rloo", "dapo", "canon", "ktae", "gdpo", "qae", "ngrpo", "mapo", "rlev", "hadw", "unlikely",
+    "psr_nsr", "opo", "gpg", "remax", "aapo", "adora", "capo", "progrpo", "ace",
+)  # fmt: skip
 
 
 def _accuracy_schedule(p: dict[str, Any]) -> bool:
@@ -650,7 +759,16 @@ BATCH_LEVEL = (
     ("reinforce_pp_baseline", lambda p: True, "group baseline, then whitened over all tokens of the batch"),
     ("grpo", lambda p: p["scale"] == "batch", "divides by one std of all rewards of the batch"),
     ("canon", _accuracy_schedule, "mu is a function of the batch accuracy"),
-    ("ktae", lambda p: not is_group_local(make_config(p["base"], p["base_params"] or {})), "its base is batch-level"),
+    *(
+        (wrapper, lambda p: not is_group_local(make_config(p["base"], p["base_params"] or {})), "its base is batch-level")
+        for wrapper in WRAPPERS
+        if wrapper != "hadw"
+    ),
+    ("gdpo", lambda p: p["batch_norm"] != "none", "the weighted sum is normalised over the batch"),
+    ("agrae", lambda p: True, "omega is the batch's mean reward"),
+    ("gpg", lambda p: p["alpha"] != "none", "alpha counts the informative rows (or non-zero rewards) of the batch"),
+    # a fixed init_anchor on a fresh estimator weights the first batch by the prior alone (group-local then)
+    ("hadw", lambda p: p["init_anchor"] is None or p["anchor"] == "official", "the anchor follows the batch accuracy"),
 )
 
 
@@ -689,8 +807,8 @@ class TestGroupIndependence:
             metric=np.arange(6, dtype=np.float32),
             token_ids=np.arange(18).reshape(6, 3) % 5,
         )
-        changed = base.with_rewards([1.0, 0.0, 0.0, 1.0, 1.0, 0.25])
-        assert not torch.equal(run(cfg, base)[:3], run(cfg, changed)[:3])
+        witnesses = (base.with_rewards([1.0, 0.0, 0.0, 1.0, 1.0, 0.25]), base.with_rewards([1.0, 0.0, 0.0, 1, 1, 1]))
+        assert any(not torch.equal(run(cfg, base)[:3], run(cfg, changed)[:3]) for changed in witnesses)
 
     @for_estimators(is_group_local)
     @settings(max_examples=examples(30), **SETTINGS)
@@ -709,6 +827,10 @@ class TestGroupIndependence:
             changed.metric[rows] = rng.uniform(-100.0, 100.0, len(rows)).astype(np.float32)
             changed.token_ids[rows] = rng.integers(0, 8, (len(rows), b.T))
             changed.mask[rows] = rng.random((len(rows), b.T)) < 0.6
+            fresh = random_row_inputs(rng, [b.gid[i] for i in rows], changed.mask[rows], 0.0)
+            for field, values in fresh.items():  # per-token inputs follow the new mask: no NaN inside it
+                setattr(changed, field, getattr(changed, field).copy())
+                getattr(changed, field)[rows] = values
         others = torch.from_numpy(np.asarray(b.gid) != target)
         for cfg in variants(name, is_group_local):
             with checking(cfg):
@@ -725,13 +847,25 @@ def _zero_sum(c: Config) -> str | None:
     """Which groups' advantages sum to 0: "all", "even" (an even number of valid rows) or None (not applicable)."""
     if not c.singleton_zero:  # 'raw' singletons keep their reward
         return None
-    if c.name in ("grpo", "dr_grpo", "rloo", "dapo"):
+    if c.name in ("grpo", "dr_grpo", "rloo", "dapo", "mapo", "unlikely"):
         return "all"
+    if c.name == "gdpo":  # the batch mean of group z-scores is exactly 0; token weights break that
+        return "all" if c.p["batch_norm"] != "token" else None
+    if c.name == "gpg":
+        return "all"
+    if c.name in ("rlev", "adora") or (c.name == "capo" and _capo_switched(c.p)):
+        return _zero_sum(c.sequence_core)  # the base's advantages, reweighted per group
     if c.name == "canon" and c.p["alpha"] == 1.0:
         # mu = 0 is intra only: zero sum within each half whatever the group's size; otherwise the inter terms
         # cancel only between equal halves.
         return "all" if c.p["mu"] == 0.0 else "even"
     return None
+
+
+def _capo_switched(p: dict[str, Any]) -> bool:
+    """CAPO is past its positive-only phase at the tests' step."""
+    switch = p["switch_step"] if p["switch_step"] is not None else math.floor(p["switch_fraction"] * p["total_steps"])
+    return switch < STEP
 
 
 @for_estimators(lambda c: _zero_sum(c) is not None)
@@ -759,8 +893,14 @@ def test_zero_sum_within_groups(name, b):
 def _shift_invariant(c: Config) -> bool:
     if not c.singleton_zero:  # 'raw' singletons keep the reward itself
         return False
-    if c.name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "dapo"):
+    if c.name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "dapo", "qae", "gdpo", "opo"):
         return True
+    if c.name == "gpg":
+        return c.p["alpha"] != "verl"  # verl's alpha counts non-zero rewards
+    if c.name in ("capo", "ace"):
+        return _shift_invariant(c.sequence_core)
+    if c.name == "hadw":  # the anchor is the batch accuracy, which shifts along
+        return c.p["init_anchor"] is None and c.p["anchor"] != "official" and _shift_invariant(c.sequence_core)
     return c.name == "canon" and c.p["alpha"] == 1.0 and not c.accuracy_mu
 
 
@@ -776,8 +916,12 @@ def test_shift_invariance(name, b, shift):
 
 
 def _scale_equivariant(c: Config) -> bool:
-    if c.name in ("dr_grpo", "rloo"):
+    if c.name in ("dr_grpo", "rloo", "opo"):
         return True
+    if c.name == "gpg":
+        return not c.p["scale_std"]
+    if c.name in ("rlev", "capo"):
+        return _scale_equivariant(c.sequence_core)
     if c.name == "grpo":
         return c.p["scale"] == "none"
     return c.name == "canon" and not c.accuracy_mu  # linear in the rewards, alpha < 1 included
@@ -806,6 +950,8 @@ def _scale_invariant(c: Config) -> bool:
     """z-scores without eps: (k r - k m) / (k s) = (r - m) / s; all-equal groups are documented to give 0."""
     if c.name == "grpo":
         return c.p["eps"] == 0.0 and c.p["scale"] in ("group", "batch")
+    if c.name == "qae":
+        return c.p["eps"] == 0.0
     return c.name == "dapo" and c.p["eps"] == 0.0 and not c.p["overlong"]
 
 
@@ -847,7 +993,10 @@ def test_inserting_fully_masked_rows_changes_nothing(name, b, data):
         entropy=np.concatenate([b.entropy, rng.uniform(-1e3, 1e3, (k, b.T)).astype(np.float32)]),
         metric=np.concatenate([b.metric, rng.uniform(-1e3, 1e3, k).astype(np.float32)]),
         token_ids=np.concatenate([b.token_ids, rng.integers(0, 8, (k, b.T))]),
-        logprobs=np.concatenate([b.logprobs, -rng.exponential(1.0, (k, b.T)).astype(np.float32)]),
+        **{
+            field: np.concatenate([getattr(b, field), values])
+            for field, values in random_row_inputs(rng, extra_gid, np.zeros((k, b.T), dtype=bool), 0.0).items()
+        },
     ).take(order)
     for cfg in variants(name, _ignores_fully_masked_rows):
         with checking(cfg):
@@ -866,8 +1015,15 @@ def _constant_groups_zero(c: Config) -> bool:
         return _constant_groups_zero(c.sequence_core) and not (
             {"singleton", "alpha"} & set(c.p["base_params"] or {})
         )
-    if c.name in ("grpo", "dr_grpo", "rloo"):
+    if c.name in ("grpo", "dr_grpo", "rloo", "qae", "mapo", "agrae", "opo", "gpg"):
         return True
+    if c.name == "gdpo":  # raw singletons move the batch mean, which every row then subtracts
+        return c.p["batch_norm"] != "token" and c.singleton_zero
+    if c.name == "psr_nsr":
+        return c.p["mode"] == "grpo_n"
+    if c.name in ("hadw", "adora", "capo", "ace") or (c.name == "progrpo" and c.p["skip_all_correct"]):
+        # the base's zeros are multiplied (or kept); a base singleton policy is not visible to this test
+        return _constant_groups_zero(c.sequence_core) and "singleton" not in (c.p["base_params"] or {})
     if c.name == "canon":
         return c.p["alpha"] == 1.0  # CANON-Eff's alpha shaping deliberately does not vanish
     if c.name == "dapo":  # the overlong term differs within a group unless filtered, off, or out of reach
@@ -884,7 +1040,9 @@ def test_all_equal_groups_give_exactly_zero(name, b, data):
     rewards = b.rewards.copy()
     for g in chosen:
         rewards[b.groups()[g]] = data.draw(st.one_of(st.sampled_from([0.0, 1.0, -1.0]), FINITE_REWARD))
-    b = b.with_rewards(rewards)
+    second = b.second_reward.copy()  # multi-reward estimators: every component constant in the chosen groups
+    second[np.isin(b.gid, chosen)] = 1.0
+    b = dataclasses.replace(b.with_rewards(rewards), second_reward=second)
     valid_rows = {g: rows[b.valid[rows]] for g, rows in b.groups().items()}
     for cfg in variants(name, _constant_groups_zero):
         with checking(cfg):

@@ -32,6 +32,23 @@ CASES: tuple[tuple[str, str, dict, str | None], ...] = (
     ("canon (entropy, accuracy schedule)", "canon", {"metric": "entropy", "mu": "first-inter-later-intra"}, "entropy"),
     ("ktae (grpo base)", "ktae", {}, "token_ids"),
     ("ktae (upstream float32 numerics)", "ktae", {"numerics": "upstream"}, "token_ids"),
+    ("gdpo (2 reward components)", "gdpo", {}, None),
+    ("qae", "qae", {}, None),
+    ("ngrpo", "ngrpo", {}, None),
+    ("rlev (rloo base)", "rlev", {}, None),
+    ("mapo", "mapo", {}, None),
+    ("agrae", "agrae", {}, None),
+    ("hadw (grpo base)", "hadw", {}, None),
+    ("unlikely", "unlikely", {}, "logprobs"),
+    ("psr_nsr (w_reinforce)", "psr_nsr", {}, None),
+    ("opo", "opo", {}, "mask"),
+    ("gpg", "gpg", {}, None),
+    ("remax", "remax", {}, None),
+    ("aapo", "aapo", {}, None),
+    ("adora", "adora", {}, "mask"),
+    ("capo", "capo", {}, None),
+    ("progrpo", "progrpo", {}, "logprobs"),
+    ("ace (reads logprobs and ref_logprobs)", "ace", {}, "logprobs"),
 )
 #: Qwen2.5's vocabulary size: KTAE's benchmark draws token ids from it.
 QWEN_VOCABULARY = 151_936
@@ -68,12 +85,23 @@ def synthetic_batch(prompts: int, group_size: int, tokens: int, device: str, see
     group = torch.arange(prompts).repeat_interleave(group_size)[torch.randperm(rows, generator=generator)]
     lengths = torch.randint(tokens // 8, tokens + 1, (rows,), generator=generator)
     mask = (torch.arange(tokens)[None, :] < lengths[:, None]).float()
+    def binary() -> torch.Tensor:
+        return (torch.rand(rows, generator=generator) < 0.5).float().to(device)
+
+    rewards = binary()
     return {
-        "rewards": (torch.rand(rows, generator=generator) < 0.5).float().to(device),
+        "rewards": rewards,
         "group": group.to(device),
         "mask": mask.to(device),
         "entropy": torch.rand(rows, tokens, generator=generator).to(device),
         "token_ids": zipf_token_ids(rows, tokens, generator).to(device),
+        "logprobs": -torch.rand(rows, tokens, generator=generator).to(device),
+        "ref_logprobs": -torch.rand(rows, tokens, generator=generator).to(device),
+        "greedy_rewards": binary(),
+        "reference_rewards": binary(),
+        "prompt_confidence": torch.rand(prompts, generator=generator).clamp_min(0.01)[group].to(device),
+        "metric": torch.rand(prompts, generator=generator)[group].to(device),  # RLEV's per-prompt value
+        "reward_components": torch.stack([rewards, binary()], dim=1),  # multi-reward estimators' [B, K] rewards
     }
 
 
@@ -138,6 +166,7 @@ FLOOR_READS = {
     "mask": "row-sum of the mask (lengths)",
     "entropy": "masked row-sum of entropy",
     "token_ids": "masked row-sum of token_ids",
+    "logprobs": "masked row-sum of logprobs",
 }
 
 
@@ -185,13 +214,16 @@ def run_benchmark(
             "mask": lambda: mask.sum(-1),
             "entropy": lambda: (entropy * mask).sum(-1),
             "token_ids": lambda: (batch["token_ids"] * mask).sum(-1),
+            "logprobs": lambda: (batch["logprobs"] * mask).sum(-1),
         }
         reads: dict[str, str | None] = {}
         contenders: list[tuple[str, Callable[[], object]]] = [(FLOOR, lambda: scores[:, None] * mask)]
         contenders += [(f"read {name}", fn) for name, fn in floor_reads.items()]
         for label, name, hyperparameters, reads_input in CASES:
-            inputs = {k: v for k, v in batch.items() if k not in ("entropy", "token_ids") or k == reads_input}
             estimator = canonrl.get_estimator(name, **hyperparameters)
+            inputs = {k: batch[k] for k in ("rewards", "group", "mask", *estimator.required_inputs())}
+            if estimator.multi_reward:
+                inputs["rewards"] = batch["reward_components"]
             contenders.append((f"canonrl {label}", lambda e=estimator, i=inputs: e(**i)))
             reads[f"canonrl {label}"] = reads_input
         if with_verl:

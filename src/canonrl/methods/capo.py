@@ -42,70 +42,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canonrl.batch import RolloutBatch, describe_rows
+from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_range
-from canonrl.registry import Estimator, Paper, SequenceEstimator, estimator_class, param, register
+from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base
+from canonrl.registry import Paper, param, register
 
 CAPO_PAPER = Paper(
     "From Imitation to Discrimination: Toward A Generalized Curriculum Advantage Mechanism Enhancing Cross-Domain "
     "Reasoning Tasks",
     "2512.02580",
 )
-
-BASE_HELP = "sequence-level estimator giving A_i (grpo, dr_grpo, rloo, dapo, canon, ...)"
-BASE_PARAMS_HELP = "hyperparameters of the base estimator, e.g. {'std': 'population'}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Helpers shared by the estimators that wrap a base estimator (capo, adora, progrpo, ace)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def check_base(name: str) -> None:
-    """Raise unless ``name`` is a registered sequence-level estimator."""
-    base = estimator_class(name)
-    if not issubclass(base, SequenceEstimator):
-        raise ValueError(f"base must be a sequence-level estimator, {name!r} is {base.level}-level")
-
-
-class WrapsBase(SequenceEstimator):
-    """A sequence-level estimator that modifies the advantages of a ``base`` estimator (``Params.base``)."""
-
-    def __init__(self, **hyperparameters: Any) -> None:
-        super().__init__(**hyperparameters)
-        self.base: Estimator = estimator_class(self.params.base)(**(self.params.base_params or {}))
-
-    def required_inputs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.requires + self.base.required_inputs()))
-
-    def base_advantages(self, batch: RolloutBatch) -> Tensor:
-        """[B] float32 advantages of the base estimator at this estimator's step."""
-        for name in self.base.required_inputs():
-            if getattr(batch, name) is None:
-                raise ValueError(
-                    f"estimator {self.name!r} (base {self.base.name!r}) needs {name!r}, which was not given"
-                )
-        self.base.step = self.step
-        return self.base.sequence_advantages(batch).float()
-
-
-def masked_token_values(batch: RolloutBatch, name: str) -> Tensor:
-    """[B, T] float32 per-token input ``name`` at mask positions, 0 elsewhere (padding may hold NaN/garbage).
-
-    Raises a ValueError naming the rows where the input is NaN or Inf inside the mask.
-    """
-    values = getattr(batch, name)
-    if values is None:
-        raise ValueError(f"{name} is required here but was not given")
-    inside = batch.mask != 0
-    bad = (~torch.isfinite(values) & inside).any(-1)
-    if bad.any():
-        raise ValueError(f"{name} is NaN or Inf inside the mask at rows {describe_rows(bad)}")
-    return torch.where(inside, values.float(), 0.0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
 
 @register
 class CAPO(WrapsBase):

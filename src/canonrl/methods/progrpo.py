@@ -52,7 +52,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_range
-from canonrl.methods.capo import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base, masked_token_values
+from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base, masked_token_values
 from canonrl.registry import Paper, param, register
 
 PROGRPO_PAPER = Paper(
