@@ -310,11 +310,9 @@ def make_batch(
         token_ids = _check_per_token("token_ids", token_ids, mask)
         if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
             raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
-    if metric is not None:
-        metric = _require_tensor("metric", metric)
-        metric = _check_per_response("metric", metric, batch_size, device, "one value per response")
     ref_logprobs = _check_float_per_token("ref_logprobs", ref_logprobs, mask)
     per_response = {
+        "metric": (metric, "one value per response"),
         "greedy_rewards": (greedy_rewards, "the greedy response's reward for each row's prompt"),
         "reference_rewards": (reference_rewards, "the reference policy's response reward for each row's prompt"),
         "prompt_confidence": (prompt_confidence, "one prompt confidence per row"),
@@ -325,8 +323,8 @@ def make_batch(
         if value is not None
     }
     confidence = checked.get("prompt_confidence")
-    if confidence is not None and ((confidence <= 0) | (confidence > 1)).any():
-        bad = (confidence <= 0) | (confidence > 1)
+    bad = None if confidence is None else (confidence <= 0) | (confidence > 1)
+    if bad is not None and bad.any():
         raise ValueError(
             f"prompt_confidence must lie in (0, 1] (exp of a mean log-prob), not at rows {describe_rows(bad)}"
         )
@@ -340,7 +338,6 @@ def make_batch(
         entropy=entropy,
         logprobs=logprobs,
         token_ids=token_ids,
-        metric=metric,
         reward_components=reward_components,
         ref_logprobs=ref_logprobs,
         row_max=row_max,

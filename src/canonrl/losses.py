@@ -68,6 +68,11 @@ def aggregate_loss(
     return total
 
 
+def _log_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
+    """log(pi / pi_old), clamped so that an exploding ratio cannot overflow exp (verl clamps the same way)."""
+    return (logprobs - old_logprobs).clamp(-20.0, 20.0)
+
+
 def ppo_clip_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -81,8 +86,7 @@ def ppo_clip_loss(
         raise ValueError(f"clip_low and clip_high must be >= 0; got {clip_low}, {clip_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (verl's clip_ratio_c) or None; got {dual_clip}")
-    # clamped so an exploding ratio cannot overflow exp (verl clamps the same way)
-    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped)
@@ -210,7 +214,7 @@ def kl_cov_loss(
     _check_cov_inputs(logprobs, old_logprobs, advantages, mask, kl_cov_ratio, "kl_cov_ratio")
     if ppo_kl_coef < 0:
         raise ValueError(f"ppo_kl_coef must be >= 0; got {ppo_kl_coef}")
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    log_ratio = _log_ratio(logprobs, old_logprobs)
     loss = -advantages * torch.exp(log_ratio)
     valid = mask > 0
     n_valid = int(valid.sum().item())

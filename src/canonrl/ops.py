@@ -26,6 +26,12 @@ def whiten_broadcast_scores(scores: Tensor, lengths: Tensor, eps: float = WHITEN
     return torch.where(total > 1, whitened, torch.zeros_like(whitened))
 
 
+def ceil_fraction(count: Tensor, fraction: float, slack: float = 1e-9) -> Tensor:
+    """Long ceil(fraction * count), elementwise, in float64 with ``slack`` so that a rounding error cannot push it up
+    a whole step (0.3 * 10 is 3.0000000000000004)."""
+    return torch.ceil(count.double() * fraction - slack).long()
+
+
 def masked_whiten(values: Tensor, mask: Tensor, eps: float = WHITEN_EPS) -> Tensor:
     """verl's ``masked_whiten`` over all mask positions of a [B, T] tensor (unbiased variance), 0 outside the mask."""
     values = values.float()

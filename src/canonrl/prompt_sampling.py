@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from canonrl.batch import describe_rows
+
 PROMPT_SAMPLERS = ("uniform", "vade")
 
 
@@ -64,13 +66,13 @@ class _SamplerBase:
         ids = prompt_ids.detach().cpu().long()
         outside = (ids < 0) | (ids >= self.num_prompts)
         if outside.any():
-            bad = outside.nonzero().flatten()[:10].tolist()
-            raise ValueError(f"prompt_ids must be in [0, {self.num_prompts}); out of range at rows {bad}")
+            raise ValueError(
+                f"prompt_ids must be in [0, {self.num_prompts}); out of range at rows {describe_rows(outside)}"
+            )
         values = correct.detach().cpu().double()
         invalid = ~torch.isfinite(values) | (values < 0) | (values > 1)
         if invalid.any():
-            bad = invalid.nonzero().flatten()[:10].tolist()
-            raise ValueError(f"correct must be in [0, 1] (1 = correct); invalid at rows {bad}")
+            raise ValueError(f"correct must be in [0, 1] (1 = correct); invalid at rows {describe_rows(invalid)}")
         return ids, values
 
     def _base_state(self) -> dict[str, Any]:

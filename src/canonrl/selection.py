@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import describe_rows, encode_groups
+from canonrl.ops import ceil_fraction
 from canonrl.groups import Grouping
 
 
@@ -231,7 +232,7 @@ def d3s_token_keep(
 
 def _kept_count(n: Tensor, fraction: float) -> Tensor:
     """ceil(fraction · n), robust to float error (0.7 · 10 keeps 7), at least 1 where n > 0."""
-    count = torch.ceil(n.double() * fraction - 1e-6).long()
+    count = ceil_fraction(n, fraction, slack=1e-6)
     return torch.where(n > 0, count.clamp(min=1), 0)
 
 

@@ -332,6 +332,8 @@ def _v1_inputs_for(data: Any) -> dict[str, Any]:
     fetched = _V1_INPUTS.get()
     if not fetched:
         return {}
+    import torch.nn.functional as F
+
     rows, width = data.batch["response_mask"].shape
     out: dict[str, Any] = {}
     for field, value in fetched.items():
@@ -343,11 +345,8 @@ def _v1_inputs_for(data: Any) -> dict[str, Any]:
                 f"canonrl: the v1 trainer's {V1_FIELDS[field]!r} has {value.shape[0]} rows but the advantage batch "
                 f"has {rows}; compute_advantage_for_multi_trajectories passed a subset of the rows"
             )
-        if value.dim() == 2 and value.shape[1] != width:
-            padded = value.new_zeros(rows, width)
-            keep = min(width, value.shape[1])
-            padded[:, :keep] = value[:, :keep]
-            value = padded
+        if value.dim() == 2:
+            value = F.pad(value, (0, width - value.shape[1]))  # pads, or crops when negative
         out[field] = value
     return out
 

@@ -29,18 +29,14 @@ def prompt_confidence_from_logits(
 
     The first real token of a row (BOS for the lab tokenizer; the chat template's first token otherwise) has no
     prediction and is left out, as is left padding: the mean runs over the row's other tokens. A row with a
-    single real token gets 1.0. Rows are reduced one at a time, so the extra memory is one [P, V] log-softmax.
+    single real token gets 1.0.
     """
-    rows = prompt_ids.shape[0]
     scored = prompt_mask[:, :-1].bool() & prompt_mask[:, 1:].bool()  # [N, P - 1]: both token and context real
     count = scored.sum(dim=1)
-    totals = torch.zeros(rows, dtype=torch.float32, device=prompt_ids.device)
-    for row in range(rows):
-        if count[row] == 0:
-            continue
-        log_dist = logits[row, :-1].float().log_softmax(dim=-1)
-        token_logprobs = log_dist.gather(-1, prompt_ids[row, 1:].unsqueeze(-1)).squeeze(-1)
-        totals[row] = torch.where(scored[row], token_logprobs, 0.0).sum()
+    context = logits[:, :-1].float()
+    picked = context.gather(-1, prompt_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    token_logprobs = picked - torch.logsumexp(context, dim=-1)  # log_softmax at the prompt's own next token
+    totals = torch.where(scored, token_logprobs, 0.0).sum(dim=1)
     mean = totals / count.clamp(min=1)
     # exp of a very negative mean would underflow to 0, outside (0, 1]
     confidence = mean.exp().clamp(min=torch.finfo(torch.float32).tiny, max=1.0)

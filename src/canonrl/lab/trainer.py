@@ -262,13 +262,13 @@ class Trainer:
             metrics["prompt_confidence"] = rollouts.prompt_confidence[::groups].mean().item()
         return fields, metrics
 
-    def estimator_rewards(self, verdict) -> torch.Tensor:
-        """The estimator's `rewards`: the scores [B], or for a multi-reward estimator the reward components [B, K]
+    def estimator_rewards(self, verdict, scores: torch.Tensor) -> torch.Tensor:
+        """The estimator's `rewards`: the `scores` [B], or for a multi-reward estimator the reward components [B, K]
         (`canonrl.lab.task.reward_components`; the score alone, [B, 1], for a task without components)."""
         if self.reward_names is None:
-            return torch.tensor(verdict.scores, dtype=torch.float32)
+            return scores
         if not self.reward_names:
-            return torch.tensor(verdict.scores, dtype=torch.float32).unsqueeze(1)
+            return scores.unsqueeze(1)
         components = [verdict.components[name] for name in self.reward_names]
         return torch.tensor(components, dtype=torch.float32).T.contiguous()
 
@@ -411,7 +411,7 @@ class Trainer:
         rollout_seconds = time.perf_counter() - started
         rewards = torch.tensor(verdict.scores, dtype=torch.float32)
         inputs, extra_metrics = self.extra_inputs(step, problems, rollouts)
-        estimator_rewards = rewards if self.reward_names is None else self.estimator_rewards(verdict)
+        estimator_rewards = self.estimator_rewards(verdict, rewards)
         advantages = self.advantages(step, rollouts, estimator_rewards, **inputs)
         metrics = self.update(step, rollouts, advantages, inputs.get("ref_logprobs"))
         if self.reward_names is not None:

@@ -1,7 +1,11 @@
-"""Pieces several sequence-level estimators share: the singleton policy and validity masking."""
+"""Pieces several sequence-level estimators share: the singleton policy, validity masking, hyperparameter checks."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
@@ -25,6 +29,21 @@ def finish(batch: RolloutBatch, advantage: Tensor, *, singleton: str, raw: Tenso
     singleton_value = raw if singleton == "raw" else 0.0
     advantage = advantage.where(~grouping.singleton, singleton_value)
     return advantage.where(batch.valid, 0.0)
+
+
+def nonzero_or_one(denominator: Tensor) -> Tensor:
+    """``denominator`` where it is > 0, else 1: a zero scale (eps = 0 on a constant group) divides by 1, never 0/0."""
+    return torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+
+
+def require_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def require_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

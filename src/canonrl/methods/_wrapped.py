@@ -1,4 +1,4 @@
-"""What the estimators that reshape a base estimator's advantages share (capo, adora, progrpo, ace)."""
+"""What the estimators that reshape a base estimator's advantages share (rlev, hadw, capo, adora, progrpo, ace)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ BASE_HELP = "sequence-level estimator giving A_i (grpo, dr_grpo, rloo, dapo, can
 BASE_PARAMS_HELP = "hyperparameters of the base estimator, e.g. {'std': 'population'}"
 
 
-def check_base(name: str) -> None:
-    """Raise unless ``name`` is a registered sequence-level estimator."""
+def check_base(name: str, wrapper: str | None = None) -> None:
+    """Raise unless ``name`` is a registered sequence-level estimator (other than ``wrapper`` itself)."""
+    if name == wrapper:
+        raise ValueError(f"base must be another estimator than {wrapper!r}")
     base = estimator_class(name)
     if not issubclass(base, SequenceEstimator):
         raise ValueError(f"base must be a sequence-level estimator, {name!r} is {base.level}-level")

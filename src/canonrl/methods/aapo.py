@@ -63,8 +63,6 @@ class AAPO(SequenceEstimator):
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params
-        if batch.reference_rewards is None:
-            raise ValueError("estimator 'aapo' needs 'reference_rewards', which was not given")
         z = group_normalised(batch, batch.rewards, eps=p.eps, std=p.std, scale="group", singleton=p.singleton)
         momentum = (batch.rewards - batch.reference_rewards).clamp(p.clip_low, p.clip_high)
         return (z + momentum).where(batch.valid, 0.0)

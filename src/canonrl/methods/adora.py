@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import require_choice, require_range
+from canonrl.methods._common import require_choice, require_finite, require_int, require_range
 from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base
 from canonrl.registry import Paper, param, register
 
@@ -78,12 +78,9 @@ class ADORA(WrapsBase):
 
         def __post_init__(self) -> None:
             require_range("lam", self.lam, 0.0)
-            if self.correct_threshold != self.correct_threshold or abs(self.correct_threshold) == float("inf"):
-                raise ValueError(f"correct_threshold must be a finite number, got {self.correct_threshold!r}")
+            require_finite("correct_threshold", self.correct_threshold)
             if self.truncation_length is not None:
-                if isinstance(self.truncation_length, bool) or not isinstance(self.truncation_length, int):
-                    raise ValueError(f"truncation_length must be an integer or None, got {self.truncation_length!r}")
-                require_range("truncation_length", self.truncation_length, 0, low_open=True)
+                require_int("truncation_length", self.truncation_length, 1)
             require_choice("no_correct", self.no_correct, NO_CORRECT)
             check_base(self.base)
 

@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import require_range
+from canonrl.methods._common import require_int, require_range
 from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base
 from canonrl.registry import Paper, param, register
 
@@ -71,9 +69,9 @@ class CAPO(WrapsBase):
         def __post_init__(self) -> None:
             check_base(self.base)
             require_range("switch_fraction", self.switch_fraction, 0.0, 1.0)
-            _require_int("total_steps", self.total_steps, 1)
+            require_int("total_steps", self.total_steps, 1)
             if self.switch_step is not None:
-                _require_int("switch_step", self.switch_step, 0)
+                require_int("switch_step", self.switch_step, 0)
 
     @property
     def switch_at(self) -> int:
@@ -92,8 +90,3 @@ class CAPO(WrapsBase):
         if self.positive_only(self.step):
             advantage = torch.where(advantage < 0, 0.0, advantage)
         return advantage.where(batch.valid, 0.0)
-
-
-def _require_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

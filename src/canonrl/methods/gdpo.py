@@ -51,7 +51,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.groups import Grouping
-from canonrl.methods._common import require_choice, require_range, singleton_param
+from canonrl.methods._common import nonzero_or_one, require_choice, require_range, singleton_param
 from canonrl.methods.grpo import STD_CHOICES
 from canonrl.ops import whiten_broadcast_scores
 from canonrl.registry import Paper, SequenceEstimator, param, register
@@ -139,8 +139,7 @@ class GDPO(SequenceEstimator):
         )
         values = components.flatten()
         centered = flat.centered(values)
-        spread = flat.gather(flat.variance(values, unbiased=unbiased).sqrt()) + p.eps
-        spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+        spread = nonzero_or_one(flat.gather(flat.variance(values, unbiased=unbiased).sqrt()) + p.eps)
         zscores = (centered / spread).view(-1, num_components)
         if p.singleton == "raw":
             zscores = torch.where(singleton[:, None], components / (1.0 + p.eps), zscores)
@@ -180,9 +179,7 @@ class GDPO(SequenceEstimator):
         count = member.sum()
         deviation = torch.where(member, values - mean, 0.0)
         std = ((deviation * deviation).sum() / (count - 1).clamp_min(1)).sqrt()
-        denominator = std + eps
-        denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        return torch.where(self._constant(values, member), 0.0, deviation / denominator)
+        return torch.where(self._constant(values, member), 0.0, deviation / nonzero_or_one(std + eps))
 
     def _conditioned(self, components: Tensor) -> Tensor:
         num_components = components.shape[1]

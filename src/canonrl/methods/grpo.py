@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import finish, require_choice, require_range, singleton_param
+from canonrl.methods._common import finish, nonzero_or_one, require_choice, require_range, singleton_param
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 DEEPSEEKMATH = Paper("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", "2402.03300")
@@ -48,9 +48,7 @@ def group_normalised(batch: RolloutBatch, rewards: Tensor, *, eps: float, std: s
         spread = ((deviation * deviation).sum() / (count - int(unbiased)).clamp_min(1)).sqrt()
     else:
         return finish(batch, centered, singleton=singleton, raw=rewards)
-    # A zero spread carries no scale (eps = 0 on a constant group or batch): divide by 1, never 0/0.
-    denominator = spread + eps
-    denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    denominator = nonzero_or_one(spread + eps)
     singleton_scale = denominator if scale == "batch" else torch.as_tensor(1.0 + eps)
     return finish(batch, centered / denominator, singleton=singleton, raw=rewards / singleton_scale)
 

@@ -59,8 +59,9 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import require_choice, require_range
-from canonrl.registry import Paper, SequenceEstimator, estimator_class, param, register
+from canonrl.methods._common import require_choice, require_int, require_range
+from canonrl.methods._wrapped import WrapsBase, check_base
+from canonrl.registry import Paper, param, register
 
 HADW_PAPER = Paper("Your Group-Relative Advantage Is Biased", "2601.08521")
 ANCHORS = ("kalman", "hard", "official")
@@ -76,7 +77,7 @@ def _pstd(values: list[float]) -> float:
 
 
 @register
-class HADW(SequenceEstimator):
+class HADW(WrapsBase):
     name = "hadw"
     description = "Base advantage x lambda exp(D |p_g - C|) vs an evolving difficulty anchor C (stateful; best reading)"
     paper = HADW_PAPER
@@ -101,25 +102,15 @@ class HADW(SequenceEstimator):
             require_range("lambda_scale", self.lambda_scale, 0.0, low_open=True)
             require_range("eta", self.eta, 0.0)
             for name, low in (("m", 1), ("h", 1), ("window", 0)):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                require_int(name, getattr(self, name), low)
             if self.init_anchor is not None and not math.isfinite(float(self.init_anchor)):
                 raise ValueError(f"init_anchor must be a finite number or None, got {self.init_anchor!r}")
             require_range("max_magnitude", self.max_magnitude, 0.0, 80.0, low_open=True)
-            if self.base == "hadw":
-                raise ValueError("base must be another estimator, not 'hadw'")
-            base = estimator_class(self.base)
-            if not issubclass(base, SequenceEstimator):
-                raise ValueError(f"base must be a sequence-level estimator, {self.base!r} is {base.level}-level")
+            check_base(self.base, "hadw")
 
     def __init__(self, **hyperparameters: Any) -> None:
         super().__init__(**hyperparameters)
-        self.base_estimator = estimator_class(self.params.base)(**(self.params.base_params or {}))
         self.reset()
-
-    def required_inputs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.requires + self.base_estimator.required_inputs()))
 
     # --- state ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -182,8 +173,7 @@ class HADW(SequenceEstimator):
         return p.lambda_scale * torch.exp(direction * magnitude)
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
-        self.base_estimator.step = self.step
-        base = self.base_estimator.sequence_advantages(batch)
+        base = self.base_advantages(batch)
         valid = batch.valid
         if not bool(valid.any()):
             return torch.zeros_like(batch.rewards)

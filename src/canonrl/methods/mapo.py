@@ -34,14 +34,12 @@ keeps the reward r (no baseline, unit scale).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_rows
-from canonrl.methods._common import finish, require_choice, require_range, singleton_param
+from canonrl.methods._common import finish, nonzero_or_one, require_choice, require_finite, require_range, singleton_param
 from canonrl.methods.grpo import STD_CHOICES
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
@@ -69,8 +67,7 @@ class MAPO(SequenceEstimator):
         def __post_init__(self) -> None:
             require_choice("std", self.std, STD_CHOICES)
             require_range("eps", self.eps, 0.0)
-            if not math.isfinite(self.success_reward):
-                raise ValueError(f"success_reward must be finite, got {self.success_reward!r}")
+            require_finite("success_reward", self.success_reward)
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params
@@ -83,14 +80,10 @@ class MAPO(SequenceEstimator):
                 f"{describe_rows(negative)}; map -1/+1 rewards to 0/1"
             )
         centered = grouping.centered(rewards)
-        mean = grouping.mean(torch.where(grouping.member, rewards, 0.0))
+        mean = grouping.mean(rewards)
         std = grouping.variance(rewards, unbiased=p.std == "unbiased").sqrt()
         success_rate = grouping.sum((rewards == p.success_reward).float()) / grouping.count.clamp_min(1)
         mixing = certainty_weight(success_rate)
         # Both denominators are > 0 unless eps = 0 on a constant (std) or all-zero (mean) group, where r - mu = 0.
-        z_scale = std + p.eps
-        apd_scale = mean + p.eps
-        z_scale = torch.where(z_scale > 0, z_scale, torch.ones_like(z_scale))
-        apd_scale = torch.where(apd_scale > 0, apd_scale, torch.ones_like(apd_scale))
-        factor = (1 - mixing) / z_scale + mixing / apd_scale
+        factor = (1 - mixing) / nonzero_or_one(std + p.eps) + mixing / nonzero_or_one(mean + p.eps)
         return finish(batch, centered * grouping.gather(factor), singleton=p.singleton, raw=rewards)

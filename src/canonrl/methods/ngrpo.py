@@ -41,14 +41,13 @@ rule as the official code (mean 0, std 1: r / (1 + eps)).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import finish, require_choice, require_range, singleton_param
+from canonrl.methods._common import finish, nonzero_or_one, require_choice, require_finite, require_range, singleton_param
 from canonrl.methods.grpo import STD_CHOICES
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
@@ -73,8 +72,7 @@ class NGRPO(SequenceEstimator):
         singleton: str = singleton_param()
 
         def __post_init__(self) -> None:
-            if not math.isfinite(self.max_reward):
-                raise ValueError(f"max_reward must be finite, got {self.max_reward!r}")
+            require_finite("max_reward", self.max_reward)
             if isinstance(self.num_max, bool) or int(self.num_max) != self.num_max or self.num_max < 0:
                 raise ValueError(f"num_max must be an integer >= 0, got {self.num_max!r}")
             self.num_max = int(self.num_max)
@@ -100,6 +98,5 @@ class NGRPO(SequenceEstimator):
         if p.num_max > 0:
             constant = constant & (grouping.sum(offset.abs()) == 0)
         deviation = torch.where(grouping.gather(constant), 0.0, deviation)
-        scale = grouping.gather(spread) + p.eps
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = nonzero_or_one(grouping.gather(spread) + p.eps)
         return finish(batch, deviation / scale, singleton=p.singleton, raw=rewards / (1.0 + p.eps))

@@ -51,16 +51,15 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import require_range
+from canonrl.methods._common import require_finite, require_range
 from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base, masked_token_values
+from canonrl.ops import ceil_fraction
 from canonrl.registry import Paper, param, register
 
 PROGRPO_PAPER = Paper(
     "Back to Basics: Revisiting Exploration in Reinforcement Learning for LLM Reasoning via Generative Probabilities",
     "2602.05281",
 )
-#: Slack against float rounding in ceil(low_fraction * L): 0.3 * 10 is 3.0000000000000004 in float64.
-_CEIL_SLACK = 1e-9
 
 
 def lowest_fraction_confidence(batch: RolloutBatch, low_fraction: float) -> Tensor:
@@ -69,7 +68,7 @@ def lowest_fraction_confidence(batch: RolloutBatch, low_fraction: float) -> Tens
     values = masked_token_values(batch, "logprobs")
     ordered = torch.where(inside, values, float("inf")).sort(-1).values
     count = inside.sum(-1)
-    take = torch.ceil(count.double() * low_fraction - _CEIL_SLACK).long()
+    take = ceil_fraction(count, low_fraction)
     take = torch.minimum(take.clamp_min(1), count)
     positions = torch.arange(ordered.shape[-1], device=ordered.device)
     selected = positions[None, :] < take[:, None]
@@ -98,8 +97,7 @@ class ProGRPO(WrapsBase):
         def __post_init__(self) -> None:
             require_range("alpha", self.alpha, 0.0)
             require_range("low_fraction", self.low_fraction, 0.0, 1.0, low_open=True)
-            if self.correct_threshold != self.correct_threshold or abs(self.correct_threshold) == float("inf"):
-                raise ValueError(f"correct_threshold must be a finite number, got {self.correct_threshold!r}")
+            require_finite("correct_threshold", self.correct_threshold)
             for name in ("skip_all_correct", "only_correct"):
                 if not isinstance(getattr(self, name), bool):
                     raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -111,8 +109,6 @@ class ProGRPO(WrapsBase):
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params
-        if batch.prompt_confidence is None:
-            raise ValueError("estimator 'progrpo' needs 'prompt_confidence', which was not given")
         advantage = self.base_advantages(batch)
         grouping = batch.grouping
         valid = batch.valid

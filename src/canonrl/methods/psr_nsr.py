@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import require_choice, require_range, singleton_param
+from canonrl.methods._common import require_choice, require_finite, require_range, singleton_param
 from canonrl.methods.grpo import group_normalised
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
@@ -64,8 +64,7 @@ class PSRNSR(SequenceEstimator):
             require_choice("form", self.form, FORMS)
             require_range("positive_weight", self.positive_weight, 0.0)
             require_range("eps", self.eps, 0.0)
-            if not torch.isfinite(torch.tensor(float(self.correct_threshold))):
-                raise ValueError(f"correct_threshold must be finite, got {self.correct_threshold!r}")
+            require_finite("correct_threshold", self.correct_threshold)
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params

@@ -37,14 +37,13 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.groups import Grouping
-from canonrl.methods._common import finish, require_choice, require_range, singleton_param
+from canonrl.methods._common import finish, nonzero_or_one, require_choice, require_range, singleton_param
 from canonrl.methods.grpo import STD_CHOICES
+from canonrl.ops import ceil_fraction
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 QAE_PAPER = Paper("Quantile Advantage Estimation for Entropy-Safe Reasoning", "2509.22611")
 QUANTILE_CHOICES = ("paper", "linear")
-#: ceil(K n) must not jump up on a rounding error of K * n (0.3 * 10 = 3.0000000000000004).
-_CEIL_TOLERANCE = 1e-9
 
 
 def order_statistic(grouping: Grouping, values: Tensor, ranks: Tensor, position: Tensor) -> Tensor:
@@ -58,8 +57,8 @@ def group_quantile(grouping: Grouping, values: Tensor, k: float, method: str) ->
     ranks = grouping.rank(values)
     count = grouping.count
     if method == "paper":
-        position = torch.ceil(count.double() * k - _CEIL_TOLERANCE).clamp_min(1) - 1
-        return order_statistic(grouping, values, ranks, position.long().clamp_max(count.long() - 1).clamp_min(0))
+        position = ceil_fraction(count, k).clamp_min(1) - 1
+        return order_statistic(grouping, values, ranks, position.clamp_max(count.long() - 1).clamp_min(0))
     # torch.quantile(..., interpolation="linear"), operation for operation: ranks q (n - 1) in the input's dtype.
     rank = torch.tensor(k, dtype=values.dtype, device=values.device) * (count.to(values.dtype) - 1).clamp_min(0)
     below, above = torch.floor(rank), torch.ceil(rank)
@@ -96,6 +95,5 @@ class QAE(SequenceEstimator):
         baseline = grouping.gather(group_quantile(grouping, rewards, p.k, p.quantile))
         constant = grouping.gather(grouping.is_constant(rewards))
         deviation = torch.where(constant, 0.0, rewards - baseline)
-        spread = grouping.gather(grouping.variance(rewards, unbiased=p.std == "unbiased").sqrt()) + p.eps
-        spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+        spread = nonzero_or_one(grouping.gather(grouping.variance(rewards, unbiased=p.std == "unbiased").sqrt()) + p.eps)
         return finish(batch, deviation / spread, singleton=p.singleton, raw=rewards / (1.0 + p.eps))

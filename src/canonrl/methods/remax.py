@@ -45,7 +45,5 @@ class ReMax(SequenceEstimator):
         pass
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
-        if batch.greedy_rewards is None:
-            raise ValueError("estimator 'remax' needs 'greedy_rewards', which was not given")
         advantage = batch.rewards - batch.greedy_rewards
         return advantage.where(batch.valid, 0.0)

@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_rows
 from canonrl.methods._common import require_range
-from canonrl.registry import Estimator, Paper, SequenceEstimator, estimator_class, param, register
+from canonrl.methods._wrapped import WrapsBase, check_base
+from canonrl.registry import Paper, param, register
 
 RLEV_PAPER = Paper("Every Question Has Its Own Value: Reinforcement Learning with Explicit Human Values", "2510.20187")
 
@@ -68,7 +68,7 @@ def _carry_cached(source: RolloutBatch, target: RolloutBatch) -> RolloutBatch:
 
 
 @register
-class RLEV(SequenceEstimator):
+class RLEV(WrapsBase):
     name = "rlev"
     description = "Human-value-weighted reward (1 + min(alpha v, 1)) r (v = metric), then a base estimator (RLOO)"
     paper = RLEV_PAPER
@@ -89,29 +89,19 @@ class RLEV(SequenceEstimator):
                 require_range("cap", self.cap, 0.0)
                 if not math.isfinite(self.cap):
                     raise ValueError(f"cap must be finite (None for no cap), got {self.cap!r}")
-            if self.base == "rlev":
-                raise ValueError("base must be another estimator than 'rlev'")
-            base = estimator_class(self.base)
-            if not issubclass(base, SequenceEstimator):
-                raise ValueError(f"base must be a sequence-level estimator, {self.base!r} is {base.level}-level")
+            check_base(self.base, "rlev")
 
-    def __init__(self, **hyperparameters: Any) -> None:
+    def __init__(self, **hyperparameters) -> None:
         super().__init__(**hyperparameters)
-        self.base: Estimator = estimator_class(self.params.base)(**(self.params.base_params or {}))
         if "metric" in self.base.required_inputs():
             raise ValueError(
                 f"base {self.params.base!r} with {self.params.base_params!r} reads 'metric', which rlev uses for the "
                 "human value v; choose a base that does not"
             )
 
-    def required_inputs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.requires + self.base.required_inputs()))
-
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params
         value = batch.metric
-        if value is None:
-            raise ValueError("estimator 'rlev' needs 'metric' (the human value v of each row's prompt), not given")
         negative = batch.valid & (value < 0)
         if negative.any():
             raise ValueError(
@@ -124,9 +114,4 @@ class RLEV(SequenceEstimator):
             raise ValueError(
                 f"the value-weighted reward overflows float32 at rows {describe_rows(overflow)} (metric too large)"
             )
-        scaled = _carry_cached(batch, replace(batch, rewards=rewards, token_rewards=None))
-        for name in self.base.required_inputs():
-            if getattr(scaled, name) is None:
-                raise ValueError(f"estimator 'rlev' (base {self.base.name!r}) needs {name!r}, which was not given")
-        self.base.step = self.step
-        return self.base.sequence_advantages(scaled).float()
+        return self.base_advantages(_carry_cached(batch, replace(batch, rewards=rewards, token_rewards=None)))
