@@ -525,9 +525,17 @@ def error_scale(cfg: Config, b: Batch) -> float:
         if cfg.name == "mapo":  # its percent-deviation term divides by the group mean
             stds += [abs(float(r[rows].mean())) + p["eps"] for rows, _ in _group_stats(r, b, 0)]
         denominator = min(stds, default=1.0)
+        if cfg.name == "gdpo" and p["batch_norm"] == "sample":
+            # the weighted sum of z-scores is then divided by its batch std + batch_eps, which can be tiny
+            denominator *= p["batch_eps"]
         magnitude *= Z_SCORED.get(cfg.name, 1.0)
     elif cfg.name in WRAPPERS:
-        return error_scale(cfg.sequence_core, b) * _wrapper_amplification(cfg, b)
+        amplification = _wrapper_amplification(cfg, b)
+        scaled_core = error_scale(cfg.sequence_core, b) * amplification
+        if cfg.name == "hadw":
+            # the weight's exponent reads |p_g - anchor|, whose float32 rounding grows with |r|; base |A| <= sqrt(B)
+            return scaled_core + amplification * math.sqrt(max(b.B, 1)) * SLACK * EPS32 * magnitude
+        return scaled_core
     return SLACK * (EPS32 * magnitude + 1e-30) / max(denominator, 1e-30)
 
 
