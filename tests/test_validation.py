@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import canonrl
-from canonrl.batch import PER_TOKEN_FIELDS
+from canonrl.batch import PER_TOKEN_FIELDS, make_batch
 from conftest import full_mask
 
 R = torch.tensor([1.0, 0.0, 1.0, 0.0])
@@ -74,6 +74,18 @@ def test_fractional_mask_values_weight_their_tokens():
     mask = full_mask(4)
     mask[:, 1] = 0.5
     assert torch.equal(grpo(mask=mask)[:, 1], grpo()[:, 0] * 0.5)
+
+
+def test_padding_that_is_nan_does_not_change_fractional_mask_weights():
+    """The masked sums weight each token by its mask value whether or not the padding holds NaN."""
+    mask = full_mask(4)
+    mask[:, 0] = 0.5
+    mask[1, 2] = 0
+    entropy = torch.rand(4, 3)
+    clean = make_batch(rewards=R, group=G, mask=mask, entropy=entropy).masked_row_mean("entropy")
+    entropy[1, 2] = float("nan")  # padding
+    padded = make_batch(rewards=R, group=G, mask=mask, entropy=entropy).masked_row_mean("entropy")
+    assert torch.equal(padded, clean)
 
 
 def test_per_token_inputs_are_checked_inside_the_mask_only():

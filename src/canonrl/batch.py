@@ -211,6 +211,10 @@ class RolloutBatch:
 
         Raises if the input is NaN/Inf at a mask position; values outside the mask are ignored, whatever they are.
         """
+        return torch.where(self.valid, self.masked_row_sum(name) / self.lengths.clamp_min(1), 0.0)
+
+    def masked_row_sum(self, name: str) -> Tensor:
+        """[B] float32 sum of a per-token input over each row's mask, checked as :meth:`masked_row_mean`."""
         values = getattr(self, name)
         if values is None:
             raise ValueError(f"{name} is required here but was not given")
@@ -225,8 +229,8 @@ class RolloutBatch:
             broken[rows] = ~finite_inside.all(-1)
             if broken.any():
                 raise ValueError(f"{name} is NaN or Inf inside the mask at rows {describe_rows(broken)}")
-            row_sum[rows] = torch.where(inside, values[rows], 0).sum(-1, dtype=torch.float32)
-        return torch.where(self.valid, row_sum / self.lengths.clamp_min(1), 0.0)
+            row_sum[rows] = torch.where(inside, values[rows] * self.mask[rows], 0).sum(-1, dtype=torch.float32)
+        return row_sum
 
 
 def _row_max(mask: Tensor) -> Tensor:
