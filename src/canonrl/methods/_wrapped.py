@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from canonrl.batch import RolloutBatch, describe_rows
+from canonrl.batch import RolloutBatch
 from canonrl.registry import Estimator, SequenceEstimator, estimator_class
 
 BASE_HELP = "sequence-level estimator giving A_i (grpo, dr_grpo, rloo, dapo, canon, ...)"
@@ -42,18 +41,3 @@ class WrapsBase(SequenceEstimator):
                 )
         self.base.step = self.step
         return self.base.sequence_advantages(batch).float()
-
-
-def masked_token_values(batch: RolloutBatch, name: str) -> Tensor:
-    """[B, T] float32 per-token input ``name`` at mask positions, 0 elsewhere (padding may hold NaN/garbage).
-
-    Raises a ValueError naming the rows where the input is NaN or Inf inside the mask.
-    """
-    values = getattr(batch, name)
-    if values is None:
-        raise ValueError(f"{name} is required here but was not given")
-    inside = batch.mask != 0
-    bad = (~torch.isfinite(values) & inside).any(-1)
-    if bad.any():
-        raise ValueError(f"{name} is NaN or Inf inside the mask at rows {describe_rows(bad)}")
-    return torch.where(inside, values.float(), 0.0)

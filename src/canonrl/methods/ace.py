@@ -49,7 +49,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_rows
 from canonrl.methods._common import require_choice, require_range
-from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base, masked_token_values
+from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base
 from canonrl.registry import Paper, param, register
 
 ACE_PAPER = Paper(
@@ -84,8 +84,7 @@ class ACE(WrapsBase):
 
     def confidence_shift(self, batch: RolloutBatch) -> Tensor:
         """[B] float32 c_i: sum over the mask of logprobs - ref_logprobs (a mean if length_normalize); 0 if empty."""
-        difference = masked_token_values(batch, "logprobs") - masked_token_values(batch, "ref_logprobs")
-        shift = (difference * batch.mask).sum(-1, dtype=torch.float32)
+        shift = batch.masked_row_sum("logprobs") - batch.masked_row_sum("ref_logprobs")
         if self.params.length_normalize:
             shift = shift / batch.lengths.clamp_min(1e-30)
         return torch.where(batch.valid, shift, 0.0)

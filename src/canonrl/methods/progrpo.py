@@ -50,9 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from canonrl.batch import RolloutBatch
+from canonrl.batch import RolloutBatch, describe_rows
 from canonrl.methods._common import require_finite, require_range
-from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base, masked_token_values
+from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, WrapsBase, check_base
 from canonrl.ops import ceil_fraction
 from canonrl.registry import Paper, param, register
 
@@ -62,14 +62,30 @@ PROGRPO_PAPER = Paper(
 )
 
 
+def masked_token_values(batch: RolloutBatch, name: str) -> Tensor:
+    """[B, T] float32 per-token input ``name`` at mask positions, 0 elsewhere (padding may hold NaN/garbage).
+
+    Raises a ValueError naming the rows where the input is NaN or Inf inside the mask.
+    """
+    values = getattr(batch, name)
+    if values is None:
+        raise ValueError(f"{name} is required here but was not given")
+    inside = batch.mask != 0
+    bad = (~torch.isfinite(values) & inside).any(-1)
+    if bad.any():
+        raise ValueError(f"{name} is NaN or Inf inside the mask at rows {describe_rows(bad)}")
+    return torch.where(inside, values.float(), 0.0)
+
+
 def lowest_fraction_confidence(batch: RolloutBatch, low_fraction: float) -> Tensor:
     """[B] float32 exp(mean of the ceil(low_fraction * L_i) lowest in-mask log-probs of each row); 1 for empty rows."""
     inside = batch.mask != 0
     values = masked_token_values(batch, "logprobs")
-    ordered = torch.where(inside, values, float("inf")).sort(-1).values
     count = inside.sum(-1)
-    take = ceil_fraction(count, low_fraction)
-    take = torch.minimum(take.clamp_min(1), count)
+    take = torch.minimum(ceil_fraction(count, low_fraction).clamp_min(1), count)
+    # only the smallest max(take) values of each row are needed: a partial sort (topk) instead of a full one
+    widest = max(int(take.max().item()), 1) if take.numel() else 1
+    ordered = torch.where(inside, values, float("inf")).topk(min(widest, values.shape[-1]), -1, largest=False).values
     positions = torch.arange(ordered.shape[-1], device=ordered.device)
     selected = positions[None, :] < take[:, None]
     total = torch.where(selected, ordered, 0.0).sum(-1, dtype=torch.float32)
