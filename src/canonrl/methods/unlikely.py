@@ -46,17 +46,19 @@ TIES = ("average", "batch_order")
 def tie_averaged_rank(grouping: Grouping, key: Tensor) -> Tensor:
     """[B] float32 0-based within-group rank by ascending ``key``, tied rows sharing the mean of their ranks.
 
-    Non-member rows get -1.
+    Non-member rows get -1. Sorted by (group, key), tied rows are consecutive: each run of equal (group, key)
+    gets the mean of the ranks it spans.
     """
-    rank = grouping.rank(key)
-    bins = grouping.bins
-    pairs = torch.stack([bins.to(torch.float64), key.to(torch.float64)], dim=1)
-    _, tie = torch.unique(pairs, dim=0, return_inverse=True)
-    size = int(tie.max().item()) + 1
-    count = torch.zeros(size, dtype=torch.float32, device=key.device).index_add_(0, tie, torch.ones_like(key, dtype=torch.float32))
-    lowest = torch.full((size,), torch.iinfo(torch.long).max, dtype=torch.long, device=key.device)
-    lowest = lowest.scatter_reduce(0, tie, rank, reduce="amin", include_self=True)
-    average = lowest[tie].to(torch.float32) + (count[tie] - 1) / 2
+    order = torch.sort(key, stable=True).indices
+    order = order[torch.sort(grouping.bins[order], stable=True).indices]
+    bins, keys = grouping.bins[order], key[order]
+    new_run = torch.ones_like(bins, dtype=torch.bool)
+    new_run[1:] = (bins[1:] != bins[:-1]) | (keys[1:] != keys[:-1])
+    run = torch.cumsum(new_run, 0) - 1
+    size = torch.bincount(run).to(torch.float32)
+    lowest = grouping.rank(key)[order][new_run]  # the rank of each run's first row
+    average = torch.empty_like(key, dtype=torch.float32)
+    average[order] = lowest[run].to(torch.float32) + (size[run] - 1) / 2
     return torch.where(grouping.member, average, -1.0)
 
 
