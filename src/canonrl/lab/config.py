@@ -14,7 +14,19 @@ from typing import Any
 
 import yaml
 
-from canonrl.losses import KL_ESTIMATORS, LOSS_AGG_MODES
+from canonrl.losses import KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+
+#: `prompt_sampler` values: "fresh" draws new problems from the task every step; the others pick from a fixed pool
+PROMPT_SAMPLERS = ("fresh", "uniform", "vade")
+#: the `policy_loss_params` each policy loss takes (clip_low, clip_high, dual_clip are top-level keys)
+POLICY_LOSS_PARAMS = {
+    "ppo_clip": (),
+    "clip_cov": ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
+    "kl_cov": ("kl_cov_ratio", "ppo_kl_coef"),
+}
+#: `d3s` keys: the schedule's endpoints (required) and `d3s_keep`'s options
+D3S_REQUIRED = ("n_init", "n_final", "k_init", "k_final")
+D3S_OPTIONS = ("cross_group", "drop_constant", "keep_singletons", "per_row")
 
 
 class ConfigError(ValueError):
@@ -67,6 +79,14 @@ class TrainConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float | None = 3.0
+    policy_loss: str = "ppo_clip"  # ppo_clip | clip_cov | kl_cov (canonrl.losses.policy_loss)
+    policy_loss_params: dict[str, Any] = field(default_factory=dict)  # e.g. clip_cov_ratio, kl_cov_ratio
+    # which training prompts: "fresh" problems every step, or a sampler over a fixed pool of `prompt_pool` problems
+    prompt_sampler: str = "fresh"
+    prompt_sampler_params: dict[str, Any] = field(default_factory=dict)
+    prompt_pool: int = 1024
+    # D^3S down-sampling of rows and tokens (canonrl.selection.d3s_keep); None = off
+    d3s: dict[str, Any] | None = None
     loss_agg: str = "seq-mean-token-sum-norm"
     loss_scale_factor: float | None = None  # seq-mean-token-sum-norm's constant; default max_new_tokens
     kl_coef: float = 0.0
@@ -85,7 +105,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "minibatches",
-                    "eval_problems", "eval_samples", "keep_checkpoints", "micro_batch_size")  # fmt: skip
+                    "eval_problems", "eval_samples", "keep_checkpoints", "micro_batch_size", "prompt_pool")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -108,8 +128,102 @@ class TrainConfig:
             raise ConfigError(
                 f"minibatches ({self.minibatches}) must divide prompts_per_step x group_size ({self.prompts_per_step * self.group_size})"
             )
+        self._validate_policy_loss()
+        self._validate_prompt_sampler()
+        self.d3s_schedule(1)
         self.build_estimator()
         return self
+
+    def _validate_policy_loss(self) -> None:
+        import torch
+
+        from canonrl.losses import policy_loss
+
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ConfigError(f"unknown policy_loss {self.policy_loss!r}; choose from {', '.join(POLICY_LOSSES)}")
+        allowed = POLICY_LOSS_PARAMS[self.policy_loss]
+        unknown = sorted(set(self.policy_loss_params) - set(allowed))
+        if unknown:
+            choices = ", ".join(allowed) if allowed else "none (clip_low, clip_high, dual_clip are top-level keys)"
+            raise ConfigError(
+                f"policy_loss {self.policy_loss!r} has no parameter {', '.join(map(repr, unknown))}; it takes {choices}"
+            )
+        for key, value in self.policy_loss_params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"policy_loss_params.{key} must be a number, got {value!r}")
+        try:  # the loss's own checks (ratio in (0, 1], lb < ub, ...) on a one-token batch
+            one = torch.zeros(1, 1)
+            policy_loss(self.policy_loss, one, one, one, torch.ones(1, 1), **self.loss_params())
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"policy_loss {self.policy_loss!r}: {_one_line(error)}") from None
+
+    def loss_params(self) -> dict[str, Any]:
+        """The keyword arguments of `canonrl.losses.policy_loss` for the configured loss (without a generator)."""
+        params = {key: float(value) for key, value in self.policy_loss_params.items()}
+        if self.policy_loss in ("ppo_clip", "clip_cov"):
+            params.update(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip)
+        return params
+
+    def _validate_prompt_sampler(self) -> None:
+        if self.prompt_sampler not in PROMPT_SAMPLERS:
+            raise ConfigError(
+                f"unknown prompt_sampler {self.prompt_sampler!r}; choose from {', '.join(PROMPT_SAMPLERS)}"
+            )
+        if self.prompt_sampler == "fresh":
+            if self.prompt_sampler_params:
+                raise ConfigError("prompt_sampler 'fresh' takes no prompt_sampler_params")
+            return
+        if self.prompts_per_step > self.prompt_pool:
+            raise ConfigError(
+                f"prompts_per_step ({self.prompts_per_step}) must be <= prompt_pool ({self.prompt_pool}) with "
+                f"prompt_sampler {self.prompt_sampler!r}"
+            )
+        self.build_prompt_sampler()
+
+    def build_prompt_sampler(self, seed: int = 0):
+        """The configured pool sampler (None for "fresh"); bad parameters become one-line ConfigErrors."""
+        from canonrl.prompt_sampling import make_prompt_sampler
+
+        if self.prompt_sampler == "fresh":
+            return None
+        try:
+            return make_prompt_sampler(self.prompt_sampler, self.prompt_pool, seed, **self.prompt_sampler_params)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"prompt_sampler {self.prompt_sampler!r}: {_one_line(error)}") from None
+
+    def d3s_options(self) -> dict[str, Any]:
+        """`d3s_keep`'s keyword options from the `d3s` mapping (empty when D^3S is off)."""
+        return {key: value for key, value in (self.d3s or {}).items() if key in D3S_OPTIONS}
+
+    def d3s_schedule(self, step: int) -> tuple[int, float] | None:
+        """(N responses kept per group, K fraction of tokens kept) at `step` (progress (step-1)/(steps-1));
+        None when D^3S is off. Checks the `d3s` mapping (one-line ConfigErrors)."""
+        from canonrl.selection import d3s_schedule
+
+        if self.d3s is None:
+            return None
+        unknown = sorted(set(self.d3s) - set(D3S_REQUIRED) - set(D3S_OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"unknown d3s key {', '.join(map(repr, unknown))}; valid keys: {', '.join(D3S_REQUIRED + D3S_OPTIONS)}"
+            )
+        missing = [key for key in D3S_REQUIRED if key not in self.d3s]
+        if missing:
+            raise ConfigError(f"d3s needs {', '.join(D3S_REQUIRED)}; missing {', '.join(missing)}")
+        for key in D3S_OPTIONS:
+            if key in self.d3s and not isinstance(self.d3s[key], bool):
+                raise ConfigError(f"d3s.{key} must be true or false, got {self.d3s[key]!r}")
+        for key in ("k_init", "k_final"):
+            value = self.d3s[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"d3s.{key} must be a number, got {value!r}")
+        progress = (step - 1) / (self.steps - 1) if self.steps > 1 else 0.0
+        try:
+            return d3s_schedule(
+                min(max(progress, 0.0), 1.0), **{key: self.d3s[key] for key in D3S_REQUIRED}
+            )
+        except ValueError as error:
+            raise ConfigError(f"d3s: {_one_line(error)}") from None
 
     def build_estimator(self):
         """The configured estimator; unknown names and hyperparameters become one-line ConfigErrors."""
@@ -136,7 +250,7 @@ def _one_line(error: Exception) -> str:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_MAPPINGS = ("task_options", "estimator_params")
+_MAPPINGS = ("task_options", "estimator_params", "policy_loss_params", "prompt_sampler_params", "d3s")
 
 
 def _unknown_key(key: str) -> ConfigError:
@@ -191,8 +305,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if rest:
             if head not in _MAPPINGS:
                 raise ConfigError(f"{head} has no sub-keys; dotted keys work for {', '.join(_MAPPINGS)}")
-            values.setdefault(head, {})
-            values[head] = {**values[head], rest: value}
+            values[head] = {**(values.get(head) or {}), rest: value}
         else:
             values[head] = value
     return values

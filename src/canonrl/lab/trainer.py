@@ -6,6 +6,12 @@ step, and through the rewards the batch accuracy, for its schedules), then updat
 `ppo_epochs` x `minibatches`. The sampling log-probs serve as the old log-probs, so an on-policy single-epoch
 update needs no second forward pass.
 
+Options (all off by default, leaving that step exactly as described): `policy_loss` swaps PPO-clip for Clip-Cov
+or KL-Cov (`canonrl.losses.policy_loss`, computed per micro-batch); `prompt_sampler` picks the step's problems
+from a fixed pool with a uniform or VADE sampler (`canonrl.prompt_sampling`), updated after each step with the
+rows' correctness; `d3s` down-samples rows and tokens after the advantages (`canonrl.selection.d3s_keep`) and the
+update trains on that loss mask (`Trainer.loss_mask`).
+
 Estimator inputs beyond the rollouts' own (entropy, log-probs, token ids) are computed only when the estimator's
 `required_inputs()` names them (and the reward components only for a `multi_reward` estimator), after sampling and
 before the update: see `Trainer.extra_inputs`. Their cost is logged in the step's metrics.
@@ -32,7 +38,7 @@ from typing import Callable
 import torch
 
 from canonrl.lab.config import TrainConfig, load_config, save_config
-from canonrl.losses import aggregate_loss, kl_penalty, ppo_clip_loss
+from canonrl.losses import aggregate_loss, kl_penalty, policy_loss
 
 WALL_CLOCK_KEYS = (
     "time", "step_seconds", "rollout_tokens_per_second", "greedy_seconds", "reference_seconds", "ref_logprobs_seconds",
@@ -62,6 +68,10 @@ class StepResult:
     advantages: torch.Tensor
     #: the extra batch inputs the estimator got (`Trainer.extra_inputs`), and `rewards` when given as [B, K]
     inputs: dict = field(default_factory=dict)
+    #: [B, T] the loss mask the update used when D^3S is on (`Trainer.loss_mask`); None: the response mask
+    loss_mask: torch.Tensor | None = None
+    #: [prompts_per_step] the pool indices of the step's problems (a pool `prompt_sampler`); None: fresh problems
+    prompt_ids: torch.Tensor | None = None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -111,6 +121,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
+        # A pool prompt sampler picks indices into a fixed pool of training problems drawn once from the task;
+        # "fresh" (None) draws new problems every step.
+        self.prompt_sampler = config.build_prompt_sampler(_seed(config.seed, "prompt_sampler"))
+        self.prompt_pool = None
+        if self.prompt_sampler is not None:
+            self.prompt_pool = self.task.problems("train", config.prompt_pool, seed=_seed(config.seed, "prompt_pool"))
+            if len(self.prompt_pool) != config.prompt_pool:
+                raise ValueError(
+                    f"task {config.task!r} gave {len(self.prompt_pool)} problems for prompt_pool={config.prompt_pool}"
+                )
         if checkpoint is not None:
             self._restore(checkpoint)
             self.inputs = tuple(self.estimator.required_inputs())
@@ -137,6 +157,8 @@ class Trainer:
         def trainer_files(directory: Path) -> None:
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
             state = {"step": self.step, "tokens": self.tokens, "estimator": self.estimator, "metrics_bytes": metrics_bytes}
+            if self.prompt_sampler is not None:
+                state["prompt_sampler"] = self.prompt_sampler.state_dict()
             torch.save(state, directory / "trainer_state.pt")
 
         final = save_policy_dir(self.policy.model, self.policy.tokenizer, self.checkpoint_root / name, trainer_files)
@@ -150,6 +172,10 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         self.step, self.tokens, self.estimator = state["step"], state["tokens"], state["estimator"]
+        if self.prompt_sampler is not None:
+            if state.get("prompt_sampler") is None:
+                raise ValueError(f"{checkpoint} holds no prompt_sampler state; it was written by a 'fresh' run")
+            self.prompt_sampler.load_state_dict(state["prompt_sampler"])
         # drop whatever the killed run logged after this checkpoint, so the log continues exactly
         with open(self.run_dir / "metrics.jsonl", "r+b") as handle:
             handle.truncate(state["metrics_bytes"])
@@ -164,8 +190,17 @@ class Trainer:
         return self.config.kl_coef > 0
 
     def problems(self, step: int):
+        """The step's training problems (`draw_problems`; with a pool sampler this advances the sampler)."""
+        return self.draw_problems(step)[0]
+
+    def draw_problems(self, step: int) -> tuple[list, torch.Tensor | None]:
+        """(problems, pool indices): `prompt_sampler` "fresh" draws `prompts_per_step` new problems from the task
+        with a generator seeded by (seed, step), indices None; "uniform" / "vade" pick indices into the pool."""
         config = self.config
-        return self.task.problems("train", config.prompts_per_step, seed=_seed(config.seed, "problems", step))
+        if self.prompt_sampler is None:
+            return self.task.problems("train", config.prompts_per_step, seed=_seed(config.seed, "problems", step)), None
+        ids = self.prompt_sampler.sample(config.prompts_per_step)
+        return [self.prompt_pool[i] for i in ids.tolist()], ids
 
     def rollout(self, step: int, problems=None):
         """Sample `group_size` responses to each of the step's problems (drawn here unless given) and verify them.
@@ -281,8 +316,37 @@ class Trainer:
         fields.update({name: available[name] for name in self.inputs if name in available})
         return self.estimator(step=step, **fields)
 
-    def update(self, step: int, rollouts, advantages: torch.Tensor, ref_logprobs: torch.Tensor | None = None) -> dict:
-        """PPO-clip over `ppo_epochs` x `minibatches`; each minibatch is one optimizer step.
+    def loss_mask(self, step: int, rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """D^3S's loss mask [B, T] (`canonrl.selection.d3s_keep` at the step's (N, K) from `d3s_schedule`) and its
+        metrics; (None, {}) when `d3s` is off. Rows it drops leave the loss entirely, denominators included."""
+        from canonrl.selection import d3s_keep
+
+        config = self.config
+        schedule = config.d3s_schedule(step)
+        if schedule is None:
+            return None, {}
+        num_keep, top_fraction = schedule
+        group = torch.arange(config.prompts_per_step).repeat_interleave(config.group_size)
+        mask = rollouts.response_mask
+        rows, tokens = d3s_keep(
+            advantages, rollouts.entropy, mask, group, num_keep=num_keep, top_fraction=top_fraction,
+            **config.d3s_options(),
+        )  # fmt: skip
+        loss_mask = mask * tokens.to(mask.dtype)
+        metrics = {
+            "d3s_num_keep": num_keep,
+            "d3s_top_fraction": top_fraction,
+            "d3s_kept_rows": rows.float().mean().item(),
+            "d3s_kept_tokens": (loss_mask.sum() / mask.sum().clamp(min=1)).item(),
+        }
+        return loss_mask, metrics
+
+    def update(
+        self, step: int, rollouts, advantages: torch.Tensor, ref_logprobs: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> dict:
+        """The policy loss (`policy_loss`, PPO-clip by default) over `ppo_epochs` x `minibatches`; each minibatch is
+        one optimizer step.
 
         A minibatch runs as micro-batches of similar lengths (rows sorted by response length, each micro-batch
         cut to its own longest row) with gradients accumulated: the loss is that of the whole minibatch, since
@@ -291,12 +355,17 @@ class Trainer:
         (`SharedPrompts`, Llama-architecture models).
 
         Rows whose advantage is 0 on every token (all-equal groups, under most estimators) add exactly nothing
-        to the PPO loss's gradient, so without a KL term they are not run at all; they still count in the
-        loss's denominators, and the gradients are zeroed rather than dropped so that AdamW steps exactly as if
-        they had been run. `ppo_kl` is then measured on the rows that ran.
+        to the PPO loss's gradient, so without a KL term or a covariance loss they are not run at all; they still
+        count in the loss's denominators, and the gradients are zeroed rather than dropped so that AdamW steps
+        exactly as if they had been run. `ppo_kl` is then measured on the rows that ran.
 
         `ref_logprobs` [B, T], when given (the step's ACE input), serve the KL penalty in place of a reference
         forward per micro-batch.
+
+        `loss_mask` [B, T] (D^3S, `loss_mask`), when given, replaces the response mask in the loss: aggregation, the
+        token and response counts, the metrics and the choice of rows to run. Rows with no token in it leave the
+        loss entirely (unlike zero-advantage rows, they count in no denominator). The forward still reads each
+        row's real response.
         """
         from canonrl.lab.decoding import LlamaDecoder
         from canonrl.lab.sampling import SharedPrompts
@@ -307,10 +376,19 @@ class Trainer:
         rows = rollouts.response_ids.shape[0]
         generator = torch.Generator().manual_seed(_seed(config.seed, "minibatches", step))
         scale = config.loss_scale_factor or config.max_new_tokens
-        lengths = rollouts.lengths
-        trains = self._rows_to_train(rollouts, advantages)
+        response_lengths = rollouts.lengths  # micro-batches group rows of similar length (what the forward pays)
+        if loss_mask is None:
+            lengths = response_lengths
+            trains = self._rows_to_train(rollouts, advantages)
+        else:
+            lengths = loss_mask.sum(dim=1)
+            trains = self._rows_to_train(rollouts, advantages, loss_mask)
         sums = {"loss": 0.0, "pg_clipfrac": 0.0, "pg_clipfrac_lower": 0.0, "ppo_kl": 0.0, "kl": 0.0, "grad_norm": 0.0}
+        extra = {"clip_cov": "cov_clipped", "kl_cov": "kl_cov_selected"}.get(config.policy_loss)
+        if extra:
+            sums[extra] = 0.0
         updates = 0
+        micro = 0  # the micro-batch's index within the step: seeds Clip-Cov's random choice
         for _ in range(config.ppo_epochs):
             order = torch.randperm(rows, generator=generator) if config.minibatches > 1 else torch.arange(rows)
             for part in order.chunk(config.minibatches):
@@ -318,9 +396,11 @@ class Trainer:
                 total_responses = (lengths[part] > 0).float().sum().clamp(min=1)
                 totals = {"tokens": total_tokens, "responses": total_responses}
                 part = part[trains[part]]
-                part = part[lengths[part].argsort(stable=True)]
+                part = part[response_lengths[part].argsort(stable=True)]
                 self.optimizer.zero_grad(set_to_none=False)
                 counted = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "dual_clipped": 0.0, "ppo_kl": 0.0}
+                if extra:
+                    counted[extra] = 0.0
                 shared = None
                 if part.numel() and rollouts.repeats > 1 and LlamaDecoder.supports(self.policy.model):
                     shared = SharedPrompts(self.policy.model, rollouts, part, config.temperature)
@@ -330,7 +410,11 @@ class Trainer:
                     ref = None
                     if self.kl and ref_logprobs is not None:
                         ref = ref_logprobs[chunk, : mini.response_mask.shape[1]]
-                    self._accumulate(step, mini, advantages[chunk], scale, totals, counted, logprobs, ref)
+                    mask = None if loss_mask is None else loss_mask[chunk, : mini.response_mask.shape[1]]
+                    self._accumulate(
+                        step, mini, advantages[chunk], scale, totals, counted, logprobs, ref, mask=mask, micro=micro
+                    )
+                    micro += 1
                 if shared is not None:
                     shared.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), config.grad_clip)
@@ -342,6 +426,8 @@ class Trainer:
                 sums["kl"] += counted["kl"]
                 sums["pg_clipfrac"] += counted["clipped"] / tokens
                 sums["pg_clipfrac_lower"] += counted["dual_clipped"] / tokens
+                if extra:
+                    sums[extra] += counted[extra] / tokens
                 sums["ppo_kl"] += counted["ppo_kl"] / max(1.0, float(lengths[part].sum()))
                 sums["grad_norm"] += grad_norm.item()
                 updates += 1
@@ -352,32 +438,42 @@ class Trainer:
         metrics["trained_rows"] = float(trains.float().mean())
         return metrics
 
-    def _rows_to_train(self, rollouts, advantages: torch.Tensor) -> torch.Tensor:
-        """Rows whose PPO gradient can be non-zero: a non-zero advantage somewhere, or any row under a KL term."""
-        if self.kl:
-            return torch.ones(rollouts.response_ids.shape[0], dtype=torch.bool)
-        return (advantages * rollouts.response_mask != 0).any(dim=1)
+    def _rows_to_train(self, rollouts, advantages: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows whose gradient can be non-zero: a non-zero advantage somewhere, or any row under a KL term or a
+        covariance loss (`clip_cov` / `kl_cov`: every row enters the micro-batch's covariance statistics, and
+        KL-Cov's penalty does not vanish with the advantage). With a `loss_mask` (D^3S) only rows with a token in
+        it."""
+        if loss_mask is None:
+            if self.kl or self.config.policy_loss != "ppo_clip":
+                return torch.ones(rollouts.response_ids.shape[0], dtype=torch.bool)
+            return (advantages * rollouts.response_mask != 0).any(dim=1)
+        if self.kl or self.config.policy_loss != "ppo_clip":
+            return (loss_mask != 0).any(dim=1)
+        return (advantages * loss_mask != 0).any(dim=1)
 
     def _accumulate(
         self, step: int, mini, advantages: torch.Tensor, scale: float, totals: dict, counted: dict, logprobs=None,
-        ref_logprobs=None,
+        ref_logprobs=None, *, mask: torch.Tensor | None = None, micro: int = 0,
     ) -> None:
         """Forward (unless `logprobs` came from shared prompts) and backward one micro-batch.
 
         The KL penalty's reference log-probs are `ref_logprobs` when given, else a reference forward here.
+        `mask` is the micro-batch's loss mask (default: its response mask); `micro` its index within the step,
+        which with (seed, step) seeds Clip-Cov's random choice.
 
         Its loss is its share of the minibatch's loss.
         """
         from canonrl.lab.sampling import sequence_logprobs
 
         config = self.config
-        mask = mini.response_mask
+        mask = mini.response_mask if mask is None else mask
         advantages = advantages[:, : mask.shape[1]]
         if logprobs is None:
             logprobs, _ = sequence_logprobs(self.policy.model, mini, config.temperature)
-        token_loss, indicators = ppo_clip_loss(
-            logprobs, mini.logprobs, advantages, config.clip_low, config.clip_high, config.dual_clip
-        )
+        params = config.loss_params()
+        if config.policy_loss == "clip_cov":
+            params["generator"] = torch.Generator().manual_seed(_seed(config.seed, "clip_cov", step, micro))
+        token_loss, indicators = policy_loss(config.policy_loss, logprobs, mini.logprobs, advantages, mask, **params)
 
         def aggregate(values: torch.Tensor) -> torch.Tensor:
             return aggregate_loss(values, mask, config.loss_agg, scale, totals["tokens"], totals["responses"])
@@ -395,7 +491,11 @@ class Trainer:
         loss.backward()
         with torch.no_grad():
             counted["loss"] += loss.item()
-            counted["clipped"] += (indicators["clipped"] * mask).sum().item()
+            if "clipped" in indicators:
+                counted["clipped"] += (indicators["clipped"] * mask).sum().item()
+            for name in ("cov_clipped", "kl_cov_selected"):
+                if name in indicators:
+                    counted[name] += (indicators[name] * mask).sum().item()
             if "dual_clipped" in indicators:
                 counted["dual_clipped"] += (indicators["dual_clipped"] * mask).sum().item()
             counted["ppo_kl"] += ((mini.logprobs - logprobs) * mask).sum().item()
@@ -406,14 +506,19 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         started = time.perf_counter()
-        problems = self.problems(step)
+        problems, prompt_ids = self.draw_problems(step)
         rollouts, verdict = self.rollout(step, problems)
         rollout_seconds = time.perf_counter() - started
         rewards = torch.tensor(verdict.scores, dtype=torch.float32)
         inputs, extra_metrics = self.extra_inputs(step, problems, rollouts)
         estimator_rewards = self.estimator_rewards(verdict, rewards)
         advantages = self.advantages(step, rollouts, estimator_rewards, **inputs)
-        metrics = self.update(step, rollouts, advantages, inputs.get("ref_logprobs"))
+        loss_mask, selection_metrics = self.loss_mask(step, rollouts, advantages)
+        masked = {} if loss_mask is None else {"loss_mask": loss_mask}
+        metrics = self.update(step, rollouts, advantages, inputs.get("ref_logprobs"), **masked)
+        metrics.update(selection_metrics)
+        if self.prompt_sampler is not None:
+            metrics.update(self._update_prompt_sampler(prompt_ids, rewards))
         if self.reward_names is not None:
             inputs["rewards"] = estimator_rewards
         mask = rollouts.response_mask
@@ -443,7 +548,18 @@ class Trainer:
         mu_at = getattr(self.estimator, "mu_at", None)
         if mu_at is not None:
             metrics["mu"] = float(mu_at(step, metrics["accuracy"]))
-        return StepResult(metrics, rollouts, advantages, inputs)
+        return StepResult(metrics, rollouts, advantages, inputs, loss_mask, prompt_ids)
+
+    def _update_prompt_sampler(self, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> dict:
+        """Feed the step's per-row correctness (reward >= 1, as `accuracy`) to the pool sampler; its metrics."""
+        sampler = self.prompt_sampler
+        metrics = {}
+        if hasattr(sampler, "mean"):  # VADE: the posterior success estimate of the chosen prompts, before this step
+            metrics["prompt_success_estimate"] = sampler.mean[prompt_ids].mean().item()
+        sampler.update(prompt_ids.repeat_interleave(self.config.group_size), (rewards >= 1.0).float())
+        if hasattr(sampler, "epoch"):
+            metrics["prompt_epoch"] = sampler.epoch
+        return metrics
 
     def evaluate(self, step: int) -> dict:
         from canonrl.lab.evaluate import evaluate
