@@ -65,13 +65,23 @@ class InputsTask:
         return Reward(correct, {"correct": correct, "formatted": formatted, "length": min(1.0, len(response) / 64)})
 
 
+class ValuedTask(InputsTask):
+    """`InputsTask` with the lab task's per-prompt values."""
+
+    name = "valued"
+
+    def value(self, problem):
+        return self.inner.value(problem)
+
+
 @pytest.fixture(autouse=True)
 def inputs_task(monkeypatch):
     import canonrl.lab.tasks
 
     real = canonrl.lab.tasks.get_task
+    tasks = {"inputs": InputsTask, "valued": ValuedTask}
     monkeypatch.setattr(
-        canonrl.lab.tasks, "get_task", lambda name, **options: InputsTask() if name == "inputs" else real(name, **options)
+        canonrl.lab.tasks, "get_task", lambda name, **options: tasks[name]() if name in tasks else real(name, **options)
     )
 
 
@@ -144,7 +154,12 @@ class NeedsMetric(Recording):
     requires = ("metric",)
 
 
-ESTIMATORS = (Plain, Greedy, ReferenceRewards, RefLogprobs, Confidence, Multi, Everything, NeedsMetric)
+class NeedsTokenRewards(Recording):
+    name = "_test_inputs_token_rewards"
+    requires = ("token_rewards",)
+
+
+ESTIMATORS = (Plain, Greedy, ReferenceRewards, RefLogprobs, Confidence, Multi, Everything, NeedsMetric, NeedsTokenRewards)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -219,8 +234,50 @@ def test_an_estimator_without_extra_inputs_pays_nothing(policy_dir, tmp_path, mo
 
 
 def test_an_input_the_lab_cannot_supply_is_an_error_up_front(policy_dir, tmp_path):
-    with pytest.raises(ValueError, match="needs metric, which the lab trainer does not provide"):
+    with pytest.raises(ValueError, match="needs token_rewards, which the lab trainer does not provide"):
+        make_trainer(policy_dir, tmp_path, NeedsTokenRewards)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metric: the task's per-prompt value (RLEV)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_metric_is_each_prompts_value_from_the_task(policy_dir, tmp_path):
+    trainer = make_trainer(policy_dir, tmp_path, NeedsMetric, "task=lab")
+    result = trainer.train_step(1)
+    (batch,) = SEEN[NeedsMetric.name]
+    problems = step_problems(trainer, 1)
+    # by hand: points = operations, over an exam of ten 4-operation problems (the default 5 operands)
+    expected = torch.tensor([len(p.meta["ops"]) / 40 for p in problems]).repeat_interleave(GROUP)
+    assert torch.equal(batch.metric, expected)
+    assert set(batch.metric.mul(40).round().tolist()) <= {2.0, 3.0, 4.0}
+    assert result.metrics["prompt_value"] == pytest.approx(expected.mean().item())
+
+
+def test_a_task_without_values_cannot_feed_metric(policy_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs metric, a per-prompt value, which task 'inputs' does not give"):
         make_trainer(policy_dir, tmp_path, NeedsMetric)
+
+
+def test_rlev_trains_in_the_lab_with_the_values(policy_dir, tmp_path):
+    from canonrl.methods.rlev import value_weighted_rewards
+    from canonrl.registry import get_estimator
+
+    trainer = make_trainer(policy_dir, tmp_path, NeedsMetric, "task=valued", "estimator=rlev", "lr=0.05")
+    captured = []
+    advantages = trainer.advantages
+    trainer.advantages = lambda step, rollouts, rewards, **inputs: captured.append((rewards, inputs)) or advantages(
+        step, rollouts, rewards, **inputs
+    )
+    result = trainer.train_step(1)
+    rewards, inputs = captured[0]
+    group = torch.arange(PROMPTS).repeat_interleave(GROUP)
+    scaled = value_weighted_rewards(rewards, inputs["metric"])
+    expected = get_estimator("rloo")(rewards=scaled, group=group, mask=result.rollouts.response_mask)
+    assert torch.allclose(result.advantages, expected)
+    assert inputs["metric"].unique().numel() > 1 and rewards.unique().numel() == 2  # values and rewards both vary
+    assert moved(trainer, policy_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------

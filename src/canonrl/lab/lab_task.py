@@ -11,7 +11,8 @@ and may, before answering, say ``wait;`` and work the whole chain again ("rethin
 The verifier is exact and fast: the response must end with ``ans=<integer>``, and the reward is 1 when the
 integer is the chain's value. Components: ``correct`` (the reward) and ``formatted`` (an ``ans=`` ending: the
 response is well formed, it ends with a parsable final answer); both are the reward components a multi-reward
-estimator (GDPO) gets.
+estimator (GDPO) gets. Each prompt has a value (`LabTask.value`: harder chains are worth more points), the
+per-prompt ``metric`` RLEV weights rewards by.
 
 Why this task: the warm-start traces (`trace`) make deliberate, human-like slips — dropping a carry or borrow
 when a step crosses a ten (often), off-by-one (rarely) — and rethink more often after a slip than after a clean
@@ -113,6 +114,12 @@ class LabTask:
             if self.in_split(prompt, split):
                 out.append(Problem(prompt, str(chain_value(operands, ops)), {"operands": operands, "ops": ops}))
         return out
+
+    def value(self, problem: Problem) -> float:
+        """The prompt's value for RLEV: its points (one per operation) over an exam of ten problems at the most
+        operations, ops / (10 (max_operands - 1)); 0.05-0.1 with the defaults, so alpha = 10 gives bonuses
+        0.5-1."""
+        return len(problem.meta["ops"]) / (10 * (self.max_operands - 1))
 
     def verify(self, response: str, problem: Problem) -> Reward:
         match = _ANSWER.search(response.strip())

@@ -41,6 +41,8 @@ class Task(Protocol):
 
     # Optional: ``reward_components: tuple[str, ...]``, the components (a subset of `components`, in order) that
     # a multi-reward estimator gets as rewards [B, K]; see `reward_components`.
+    # Optional: ``value(problem) -> float``, the prompt's human value v >= 0 (RLEV's share of an exam's points),
+    # which an estimator reading ``metric`` gets; see `prompt_values`.
 
     def problems(self, split: Split, count: int, seed: int) -> list[Problem]:
         """`count` problems of `split`, a pure function of (split, count, seed).
@@ -69,3 +71,14 @@ def reward_components(task: Task) -> tuple[str, ...]:
             f"task {getattr(task, 'name', task)!r}: reward_components {unknown} are not among its components {declared}"
         )
     return names
+
+
+def prompt_values(task: Task, problems: list[Problem]) -> list[float]:
+    """Each problem's value v (the task's optional ``value(problem)``): RLEV's per-prompt human value.
+
+    Raises ``ValueError`` when the task defines no values, naming the task.
+    """
+    value = getattr(task, "value", None)
+    if value is None:
+        raise ValueError(f"task {getattr(task, 'name', task)!r} gives no per-prompt values (a `value(problem)` method)")
+    return [float(value(problem)) for problem in problems]

@@ -45,7 +45,7 @@ WALL_CLOCK_KEYS = (
 )  # fmt: skip
 #: batch inputs the lab can give an estimator beyond rewards, group and mask
 ROLLOUT_INPUTS = ("entropy", "logprobs", "token_ids")
-EXTRA_INPUTS = ("greedy_rewards", "reference_rewards", "ref_logprobs", "prompt_confidence")
+EXTRA_INPUTS = ("greedy_rewards", "reference_rewards", "ref_logprobs", "prompt_confidence", "metric")
 SUPPORTED_INPUTS = ROLLOUT_INPUTS + EXTRA_INPUTS
 CHECKPOINT_PREFIX = "step-"
 
@@ -103,6 +103,11 @@ class Trainer:
             raise ValueError(
                 f"estimator {config.estimator!r} needs {', '.join(unsupported)}, which the lab trainer does not "
                 f"provide (it provides {', '.join(SUPPORTED_INPUTS)})"
+            )
+        if "metric" in self.inputs and not callable(getattr(self.task, "value", None)):
+            raise ValueError(
+                f"estimator {config.estimator!r} needs metric, a per-prompt value, which task {config.task!r} does "
+                f"not give (a task gives it with a `value(problem)` method; the built-in 'lab' task does)"
             )
         #: the verdict components a multi-reward estimator gets as rewards [B, K]; None: the score, [B]
         self.reward_names = reward_components(self.task) if type(self.estimator).multi_reward else None
@@ -241,9 +246,12 @@ class Trainer:
         - ``ref_logprobs`` [B, T] (ACE): the sampled responses' log-probs under the reference policy at the
           sampling temperature (`reference_logprobs`, the KL penalty's forward). Costs one forward, no backward.
         - ``prompt_confidence`` [B] (ProGRPO): already on the rollouts (the sampler's prefill); free.
+        - ``metric`` [B] (RLEV): each prompt's value v from the task (`canonrl.lab.task.prompt_values`), repeated to
+          its G rows; free.
         """
         from canonrl.lab.evaluate import score_rollouts
         from canonrl.lab.sampling import generate, reference_logprobs
+        from canonrl.lab.task import prompt_values
 
         config = self.config
         fields: dict = {}
@@ -295,6 +303,10 @@ class Trainer:
         if "prompt_confidence" in self.inputs:
             fields["prompt_confidence"] = rollouts.prompt_confidence
             metrics["prompt_confidence"] = rollouts.prompt_confidence[::groups].mean().item()
+        if "metric" in self.inputs:
+            values = torch.tensor(prompt_values(self.task, problems), dtype=torch.float32)
+            fields["metric"] = values.repeat_interleave(groups)
+            metrics["prompt_value"] = values.mean().item()
         return fields, metrics
 
     def estimator_rewards(self, verdict, scores: torch.Tensor) -> torch.Tensor:
