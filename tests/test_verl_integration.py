@@ -161,6 +161,118 @@ def test_bad_hyperparameter_is_a_one_line_error():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("patch", [False, True], ids=["unpatched", "patched"])
+def test_canonrl_remax_matches_verl_remax(patch, request):
+    if patch:
+        request.getfixturevalue("patched")
+    x = make_inputs(10)
+    g = torch.Generator().manual_seed(10)
+    x["reward_baselines"] = torch.rand(len(x["uid"]), generator=g).round(decimals=1)  # verl's greedy rewards
+    ours = run(x, "canonrl_remax", "reward_baselines", config=algo())
+    theirs = run(x, "remax", "reward_baselines", config=algo())
+    assert theirs.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "canonrl_name, config, verl_name",
+    [("canonrl_opo", {}, "opo"), ("canonrl_gpg", {"canonrl_gpg": {"alpha": "verl"}}, "gpg")],
+)
+def test_reward_only_builtins_match_verl(canonrl_name, config, verl_name):
+    for seed in (11, 12):
+        x = make_inputs(seed, sizes=(4, 3, 5, 4, 2, 6))
+        x["token_level_rewards"][0] = 0  # a zero reward (GPG's verl alpha counts non-zero rewards)
+        ours, theirs = run(x, canonrl_name, config=algo(**config)), run(x, verl_name, config=algo())
+        assert theirs.abs().max() > 0.1
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GDPO: reward components from verl's reward_extra_info
+# ---------------------------------------------------------------------------------------------------------------
+
+GDPO_KEYS = ["accuracy_reward", "format_reward"]
+#: canonrl's gdpo with verl's conventions (eps 1e-6, token-weighted batch whitening, singletons' raw score)
+VERL_GDPO = {"eps": 1e-6, "batch_norm": "token", "singleton": "raw"}
+
+
+def gdpo_proto(x, seed: int, prompt_width: int = 3) -> tuple[DataProto, np.ndarray]:
+    """A batch as verl's legacy trainer has it for GDPO: each reward component a non_tensor_batch column (from the
+    reward function's reward_extra_info), and prompts/attention_mask, which verl's GDPO reads to place them."""
+    g = torch.Generator().manual_seed(seed)
+    rows = len(x["uid"])
+    components = np.stack(
+        [torch.randint(0, 2, (rows,), generator=g).numpy(), torch.rand(rows, generator=g).round(decimals=1).numpy()],
+        axis=1,
+    ).astype(np.float32)
+    data = data_proto(x)
+    data.batch["prompts"] = torch.ones(rows, prompt_width, dtype=torch.long)
+    data.batch["attention_mask"] = torch.cat([torch.ones(rows, prompt_width), x["response_mask"]], 1).long()
+    for k, key in enumerate(GDPO_KEYS):
+        data.non_tensor_batch[key] = components[:, k].astype(object)
+    return data, components
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5]])
+def test_patched_canonrl_gdpo_gets_the_reward_components_and_matches_verl_gdpo(patched, weights):
+    x = make_inputs(13, sizes=(4, 3, 5, 4, 6))
+    extra = {"gdpo_reward_keys": GDPO_KEYS}
+    if weights is not None:
+        extra["gdpo_reward_weights"] = weights
+    data, components = gdpo_proto(x, 13)
+    theirs = ray_trainer.compute_advantage(data, adv_estimator="gdpo", config=algo(**extra)).batch["advantages"]
+    data, _ = gdpo_proto(x, 13)
+    ours = ray_trainer.compute_advantage(
+        data, adv_estimator="canonrl_gdpo", config=algo(canonrl_gdpo=VERL_GDPO, **extra)
+    ).batch["advantages"]
+    assert theirs.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=ATOL)
+    # and it is canonrl's gdpo on those components, with the config's weights
+    direct = canonrl.advantages(
+        "gdpo", rewards=torch.from_numpy(components), group=list(x["uid"]), mask=x["response_mask"],
+        weights=None if weights is None else tuple(weights), **VERL_GDPO,
+    )  # fmt: skip
+    torch.testing.assert_close(ours, direct, atol=ATOL, rtol=ATOL)
+    # the components matter: the scalar reward alone gives something else
+    alone = canonrl.advantages("gdpo", rewards=x["rewards"], group=list(x["uid"]), mask=x["response_mask"], **VERL_GDPO)
+    assert (ours - alone).abs().max() > 0.1
+
+
+def test_gdpo_without_reward_keys_uses_the_outcome_reward_as_verl_does(patched):
+    x = make_inputs(14)
+    ours = run(x, "canonrl_gdpo", config=algo(canonrl_gdpo=VERL_GDPO))
+    data, _ = gdpo_proto(x, 14)
+    theirs = core_algos.compute_gdpo_outcome_advantage(x["token_level_rewards"], x["response_mask"], x["uid"])[0]
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=ATOL)
+
+
+def test_gdpo_reward_components_errors():
+    x = make_inputs(15)
+    config = algo(gdpo_reward_keys=GDPO_KEYS)
+    with pytest.raises(ValueError, match="gdpo_reward_keys.*patch_compute_advantage") as err:
+        ray_trainer.compute_advantage(gdpo_proto(x, 15)[0], adv_estimator="canonrl_gdpo", config=config)
+    assert "\n" not in str(err.value)
+    cv.patch_compute_advantage()
+    try:
+        data, _ = gdpo_proto(x, 15)
+        del data.non_tensor_batch["format_reward"]
+        with pytest.raises(ValueError, match="reward component 'format_reward'.*not in the batch's non_tensor_batch"):
+            ray_trainer.compute_advantage(data, adv_estimator="canonrl_gdpo", config=config)
+        data, _ = gdpo_proto(x, 15)
+        data.non_tensor_batch["format_reward"][2] = None
+        with pytest.raises(ValueError, match=r"'format_reward'.*missing \(None\) or not finite at rows \[2\]"):
+            ray_trainer.compute_advantage(data, adv_estimator="canonrl_gdpo", config=config)
+        data.non_tensor_batch["format_reward"][2] = "high"
+        with pytest.raises(ValueError, match="'format_reward'.*non-numeric"):
+            ray_trainer.compute_advantage(data, adv_estimator="canonrl_gdpo", config=config)
+        with pytest.raises(ValueError, match="gdpo_reward_keys must be a non-empty list"):
+            ray_trainer.compute_advantage(
+                gdpo_proto(x, 15)[0], adv_estimator="canonrl_gdpo", config=algo(gdpo_reward_keys="format_reward")
+            )
+    finally:
+        cv.unpatch_compute_advantage()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Extra inputs: without and with the patch
 # ---------------------------------------------------------------------------------------------------------------

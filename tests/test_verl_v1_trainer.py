@@ -51,7 +51,7 @@ def patched(transfer_queue):
 _batches = iter(range(10**6))
 
 
-def put_rollouts(tq, *, sizes=(4, 3, 5), seed=0, max_len=7, vocab=5, with_entropy=True):
+def put_rollouts(tq, *, sizes=(4, 3, 5), seed=0, max_len=7, vocab=5, with_entropy=True, reward_extra_info=None):
     """Responses of unequal lengths in groups of unequal sizes, keyed as verl's agent loop keys them."""
     g = torch.Generator().manual_seed(seed)
     batch_id = next(_batches)
@@ -70,6 +70,8 @@ def put_rollouts(tq, *, sizes=(4, 3, 5), seed=0, max_len=7, vocab=5, with_entrop
             }
             if with_entropy:
                 row["entropy"] = torch.rand(length, generator=g) * 2
+            if reward_extra_info is not None:  # what the agent loop stores: the reward function's extra outputs
+                row["extra_fields"] = {"reward_extra_info": reward_extra_info(len(rows), g), "min_global_steps": 1}
             rows.append(row)
             keys.append(f"b{batch_id}p{prompt}_{session}_0")
     order = torch.randperm(len(keys), generator=g).tolist()  # groups interleaved, as after balancing
@@ -173,3 +175,30 @@ def test_reward_only_estimators_fetch_nothing_extra(transfer_queue, patched):
     meta, rows = put_rollouts(transfer_queue, seed=7, with_entropy=False)
     got = v1_advantages(transfer_queue, "canon", meta, canon={"metric": "length", "mu": 0.5})
     torch.testing.assert_close(got, direct("canon", rows, metric="length", mu=0.5), atol=ATOL, rtol=0)
+
+
+GDPO_KEYS = ["accuracy_reward", "format_reward"]
+
+
+def gdpo_components(row: int, g: torch.Generator) -> dict:
+    return {"accuracy_reward": float(torch.randint(0, 2, (1,), generator=g)), "format_reward": 0.5 * (row % 3 == 0)}
+
+
+def test_gdpo_gets_the_reward_components_from_extra_fields(transfer_queue, patched):
+    meta, rows = put_rollouts(transfer_queue, seed=8, with_entropy=False, reward_extra_info=gdpo_components)
+    config = {"gdpo_reward_keys": GDPO_KEYS, "gdpo_reward_weights": [1.0, 2.0], "canonrl_gdpo": {"eps": 1e-6}}
+    got = v1_advantages(transfer_queue, "canonrl_gdpo", meta, **config)
+    components = torch.tensor([[r["extra_fields"]["reward_extra_info"][k] for k in GDPO_KEYS] for r in rows])
+    expected = get_estimator("gdpo", eps=1e-6, weights=(1.0, 2.0))(
+        rewards=components,
+        group=np.array([r["uid"] for r in rows], dtype=object),
+        mask=padded(rows, "response_mask").float(),
+    )
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_gdpo_reward_key_missing_from_extra_fields_is_named(transfer_queue, patched):
+    meta, _ = put_rollouts(transfer_queue, seed=9, with_entropy=False, reward_extra_info=gdpo_components)
+    with pytest.raises(ValueError, match="reward component 'length_reward'.*extra_fields"):
+        v1_advantages(transfer_queue, "canonrl_gdpo", meta, gdpo_reward_keys=["accuracy_reward", "length_reward"])

@@ -58,6 +58,11 @@ V1_FIELDS: dict[str, str] = {
     "metric": "canonrl_metric",
 }
 
+#: verl's own GDPO config keys, read for canonrl's multi-reward estimators too: the names of the reward components
+#: (keys of the reward function's ``reward_extra_info``) and their weights.
+REWARD_KEYS_KEY = "gdpo_reward_keys"
+REWARD_WEIGHTS_KEY = "gdpo_reward_weights"
+
 #: Set to 1 to have the entry point (``import verl``) also apply :func:`patch_compute_advantage`.
 PATCH_ENV = "CANONRL_VERL_PATCH"
 
@@ -138,7 +143,51 @@ def hyperparameters_from_config(name: str, config: Any) -> dict[str, Any]:
         )
     if name == "grpo" and "scale" not in found and _config_get(config, "norm_adv_by_std_in_grpo", True) is False:
         found["scale"] = "none"
+    weights = _plain(_config_get(config, REWARD_WEIGHTS_KEY))
+    if estimator_class(name).multi_reward and weights is not None and "weights" in valid and "weights" not in found:
+        found["weights"] = tuple(float(w) for w in weights)
     return dict(found)
+
+
+def reward_keys(config: Any) -> list[str] | None:
+    """verl's ``algorithm.gdpo_reward_keys``: the reward components a multi-reward estimator gets, or None."""
+    keys = _plain(_config_get(config, REWARD_KEYS_KEY))
+    if keys is None:
+        return None
+    if isinstance(keys, str) or not all(isinstance(k, str) for k in keys) or not keys:
+        raise ValueError(f"algorithm.{REWARD_KEYS_KEY} must be a non-empty list of reward names, got {keys!r}")
+    return list(keys)
+
+
+def stack_reward_components(rows: int, keys: list[str], lookup: Any, where: str) -> Any:
+    """[rows, K] float32 from ``lookup(key)`` (one value per row, or None when the key is missing)."""
+    import numpy as np
+    import torch
+
+    columns = []
+    for key in keys:
+        values = lookup(key)
+        if values is None:
+            raise ValueError(
+                f"canonrl: reward component {key!r} (algorithm.{REWARD_KEYS_KEY}) is not in {where}; the reward "
+                f"function must return a dict with it (verl's reward_extra_info)"
+            )
+        try:
+            column = np.asarray(values, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise ValueError(f"canonrl: reward component {key!r} in {where} holds non-numeric values") from None
+        if column.shape[0] != rows:
+            raise ValueError(f"canonrl: reward component {key!r} has {column.shape[0]} values for {rows} rows")
+        column = torch.from_numpy(column)
+        if not torch.isfinite(column).all():
+            from canonrl.batch import describe_rows
+
+            raise ValueError(
+                f"canonrl: reward component {key!r} in {where} is missing (None) or not finite at rows "
+                f"{describe_rows(~torch.isfinite(column))}"
+            )
+        columns.append(column)
+    return torch.stack(columns, dim=1)
 
 
 def _estimator(name: str, hyperparameters: dict[str, Any]):
@@ -174,13 +223,26 @@ def compute(
     The outcome reward is ``token_level_rewards.sum(-1)``, as in verl's built-ins; ``token_level_rewards`` is also
     passed as canonrl's ``token_rewards`` (token-level estimators such as ``reinforce_pp`` read it). Extra inputs
     (``entropy``, ``token_ids``, ``logprobs``, ``metric``) and ``step`` come as keyword arguments from the patched
-    dispatcher; other keyword arguments verl passes (``reward_baselines``, ...) are ignored.
+    dispatcher; ``reward_baselines`` (verl's ReMax baselines) is read as ``greedy_rewards``. A multi-reward estimator
+    (``gdpo``) gets ``reward_components`` [bs, K] from the patched dispatcher when ``algorithm.gdpo_reward_keys``
+    names them, else the outcome reward as K = 1 (verl's GDPO does the same).
     """
     if index is None:
         raise ValueError(
             f"canonrl estimator {name!r} needs verl's 'uid' (the prompt group of each response) in non_tensor_batch"
         )
     est = _estimator(name, hyperparameters_from_config(name, config))
+    rewards = token_level_rewards.sum(-1).float()
+    if type(est).multi_reward:
+        components = kwargs.get("reward_components")
+        if components is not None:
+            rewards = components.to(rewards.device)
+        elif reward_keys(config) is not None:
+            raise ValueError(
+                f"canonrl estimator {name!r} needs the reward components of algorithm.{REWARD_KEYS_KEY}, which "
+                f"verl's compute_advantage does not pass: call canonrl.integrations.verl.patch_compute_advantage() "
+                f"in the trainer process (or set {PATCH_ENV}=1); see docs/verl.md"
+            )
     if kwargs.get("greedy_rewards") is None and kwargs.get("reward_baselines") is not None:
         kwargs["greedy_rewards"] = kwargs["reward_baselines"]  # verl's own dispatcher passes this one unpatched
     fields: dict[str, Any] = {}
@@ -200,7 +262,7 @@ def compute(
         fields[field] = value
     step = kwargs.get("step")
     advantages = est(
-        rewards=token_level_rewards.sum(-1).float(),
+        rewards=rewards,
         token_rewards=token_level_rewards,
         group=index,
         mask=response_mask,
@@ -314,6 +376,11 @@ def _make_patched(original: Any):
             kwargs["index"] = data.non_tensor_batch["uid"]
         kwargs.update(_extra_inputs(data))
         kwargs.update(_v1_inputs_for(data))
+        keys = reward_keys(config)
+        if keys is not None and "reward_components" not in kwargs and estimator_is_multi_reward(canonrl_name):
+            kwargs["reward_components"] = stack_reward_components(
+                len(data), keys, data.non_tensor_batch.get, "the batch's non_tensor_batch"
+            )
         advantages, returns = fn(**kwargs)
         data.batch["advantages"] = advantages
         data.batch["returns"] = returns
@@ -327,6 +394,12 @@ def _make_patched(original: Any):
     return compute_advantage
 
 
+def estimator_is_multi_reward(name: str) -> bool:
+    from canonrl.registry import estimator_class
+
+    return estimator_class(name).multi_reward
+
+
 def _v1_inputs_for(data: Any) -> dict[str, Any]:
     """What the wrapped v1 ``_compute_advantage`` fetched, padded or cut to the batch's response width."""
     fetched = _V1_INPUTS.get()
@@ -338,14 +411,14 @@ def _v1_inputs_for(data: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field, value in fetched.items():
         if field == "step":
-            out["step"] = value
+            out[field] = value
             continue
         if value.shape[0] != rows:
             raise ValueError(
-                f"canonrl: the v1 trainer's {V1_FIELDS[field]!r} has {value.shape[0]} rows but the advantage batch "
+                f"canonrl: the v1 trainer's {V1_FIELDS.get(field, field)!r} has {value.shape[0]} rows but the advantage batch "
                 f"has {rows}; compute_advantage_for_multi_trajectories passed a subset of the rows"
             )
-        if value.dim() == 2:
+        if value.dim() == 2 and field != "reward_components":
             value = F.pad(value, (0, width - value.shape[1]))  # pads, or crops when negative
         out[field] = value
     return out
@@ -379,10 +452,32 @@ def _v1_fetch(trainer: Any, batch: Any) -> dict[str, Any]:
         for field, tq_field in zip(needed, fields):
             value = fetched[tq_field]
             out[field] = value.to_padded_tensor(0) if getattr(value, "is_nested", False) else value
+    keys = reward_keys(algorithm)
+    if keys is not None and type(est).multi_reward:
+        extra = trainer_base.tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        if "extra_fields" not in extra.keys():
+            raise ValueError(
+                f"canonrl estimator {canonrl_name!r} needs the reward components of algorithm.{REWARD_KEYS_KEY}, "
+                f"but the rows of this batch have no 'extra_fields' in TransferQueue"
+            )
+        infos = [_reward_extra_info(row) for row in extra["extra_fields"]]
+        out["reward_components"] = stack_reward_components(
+            len(infos),
+            keys,
+            lambda key: [info.get(key) for info in infos] if all(key in info for info in infos) else None,
+            "the rows' extra_fields['reward_extra_info'] in TransferQueue",
+        )
     step = getattr(trainer, "global_steps", None)
     if step is not None:
         out["step"] = int(step)
     return out
+
+
+def _reward_extra_info(extra_fields: Any) -> dict:
+    """A v1 row's ``extra_fields["reward_extra_info"]`` (TransferQueue may wrap the dict as NonTensorData)."""
+    extra_fields = getattr(extra_fields, "data", extra_fields)
+    info = extra_fields.get("reward_extra_info", {}) if isinstance(extra_fields, Mapping) else {}
+    return getattr(info, "data", info) or {}
 
 
 def _make_v1_compute_advantage(original: Any):
