@@ -108,7 +108,7 @@ def simulate(
     weight by difficulty, CANON's amplification) and write a report folder."""
     import sys
 
-    from canonrl.simulate import SimulationConfig, run_simulation
+    from canonrl.simulate import run_simulation
     from canonrl.simulate.report import write_report
 
     try:
