@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+from canonrl.lab.lab_task import LabTask
+from canonrl.lab.task import Reward
+
 
 def full_mask(rows: int, tokens: int = 3) -> torch.Tensor:
     return torch.ones(rows, tokens)
@@ -29,3 +32,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# test tasks for the lab trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ParityTask:
+    """Lab problems, but a response scores 1 when its text has even length.
+
+    A random policy never solves a lab problem, so on the lab task every reward (and every advantage) is 0 and
+    no update moves a weight. This verifier gives it mixed groups, so the updates, and what resume must
+    reproduce, are real.
+    """
+
+    name = "parity"
+    components = ("correct",)
+    cheap = True
+
+    def __init__(self):
+        self.inner = LabTask()
+
+    def problems(self, split, count, seed):
+        return self.inner.problems(split, count, seed)
+
+    def verify(self, response, problem):
+        score = float(len(response) % 2 == 0)
+        return Reward(score, {"correct": score})
+
+
+def use_test_tasks(monkeypatch, tasks: dict) -> None:
+    """Make `task=<name>` build `tasks[name]()` for the names in `tasks`; every other name goes to the real registry."""
+    import canonrl.lab.tasks
+
+    real = canonrl.lab.tasks.get_task
+    monkeypatch.setattr(
+        canonrl.lab.tasks, "get_task", lambda name, **options: tasks[name]() if name in tasks else real(name, **options)
+    )

@@ -21,7 +21,7 @@ from canonrl.lab.policy import Policy, load_policy
 from canonrl.lab.task import Reward, reward_components
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, _seed
 from canonrl.registry import _REGISTRY, SequenceEstimator, register
-from conftest import tiny_lab_model
+from conftest import tiny_lab_model, use_test_tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,13 +76,7 @@ class ValuedTask(InputsTask):
 
 @pytest.fixture(autouse=True)
 def inputs_task(monkeypatch):
-    import canonrl.lab.tasks
-
-    real = canonrl.lab.tasks.get_task
-    tasks = {"inputs": InputsTask, "valued": ValuedTask}
-    monkeypatch.setattr(
-        canonrl.lab.tasks, "get_task", lambda name, **options: tasks[name]() if name in tasks else real(name, **options)
-    )
+    use_test_tasks(monkeypatch, {"inputs": InputsTask, "valued": ValuedTask})
 
 
 # ----------------------------------------------------------------------------------------------------------------

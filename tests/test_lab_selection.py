@@ -14,12 +14,10 @@ import pytest
 import torch
 
 from canonrl.lab.config import ConfigError, TrainConfig, load_config
-from canonrl.lab.lab_task import LabTask
-from canonrl.lab.task import Reward
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, _seed
 from canonrl.losses import NGRPO_CLIP_HIGH, NGRPO_CLIP_LOW
 from canonrl.selection import d3s_keep
-from conftest import tiny_lab_model
+from conftest import ParityTask, tiny_lab_model, use_test_tasks
 
 TINY = [
     "max_new_tokens=16",
@@ -42,32 +40,9 @@ D3S = ["d3s={n_init: 2, n_final: 3, k_init: 0.5, k_final: 1.0}"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class ParityTask:
-    """Lab problems; a response scores 1 when its text has even length (mixed groups from a random policy)."""
-
-    name = "parity"
-    components = ("correct",)
-    cheap = True
-
-    def __init__(self):
-        self.inner = LabTask()
-
-    def problems(self, split, count, seed):
-        return self.inner.problems(split, count, seed)
-
-    def verify(self, response, problem):
-        score = float(len(response) % 2 == 0)
-        return Reward(score, {"correct": score})
-
-
 @pytest.fixture(autouse=True)
 def parity(monkeypatch):
-    import canonrl.lab.tasks
-
-    real = canonrl.lab.tasks.get_task
-    monkeypatch.setattr(
-        canonrl.lab.tasks, "get_task", lambda name, **options: ParityTask() if name == "parity" else real(name, **options)
-    )
+    use_test_tasks(monkeypatch, {"parity": ParityTask})
 
 
 @pytest.fixture(scope="module")

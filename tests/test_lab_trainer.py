@@ -14,10 +14,9 @@ import torch
 import yaml
 
 from canonrl.lab.config import ConfigError, TrainConfig, load_config
-from canonrl.lab.lab_task import LabTask
 from canonrl.lab.task import Reward
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, TrainingError, train
-from conftest import tiny_lab_model
+from conftest import ParityTask, tiny_lab_model, use_test_tasks
 
 TINY = [
     "max_new_tokens=16",
@@ -217,38 +216,10 @@ def test_minibatches_must_divide_the_batch():
 # short runs
 # ----------------------------------------------------------------------------------------------------------------
 
-class ParityTask:
-    """Lab problems, but a response scores 1 when its text has even length.
-
-    A random policy never solves a lab problem, so on the lab task every reward (and every advantage) is 0 and
-    no update moves a weight. This verifier gives it mixed groups, so the updates, and what resume must
-    reproduce, are real.
-    """
-
-    name = "parity"
-    components = ("correct",)
-    cheap = True
-
-    def __init__(self):
-        self.inner = LabTask()
-
-    def problems(self, split, count, seed):
-        return self.inner.problems(split, count, seed)
-
-    def verify(self, response, problem):
-        score = float(len(response) % 2 == 0)
-        return Reward(score, {"correct": score})
-
-
 @pytest.fixture
 def parity(monkeypatch):
-    """`task=parity` builds a ParityTask; every other name goes to the real registry."""
-    import canonrl.lab.tasks
-
-    real = canonrl.lab.tasks.get_task
-    monkeypatch.setattr(
-        canonrl.lab.tasks, "get_task", lambda name, **options: ParityTask() if name == "parity" else real(name, **options)
-    )
+    """`task=parity` builds a `conftest.ParityTask`."""
+    use_test_tasks(monkeypatch, {"parity": ParityTask})
     return "task=parity"
 
 
