@@ -62,6 +62,16 @@ class ParityTask:
         return Reward(score, {"correct": score})
 
 
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    """A saved tiny lab policy (`tiny_lab_model`), one per test module."""
+    model, tokenizer = tiny_lab_model()
+    directory = tmp_path_factory.mktemp("tiny-policy")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def use_test_tasks(monkeypatch, tasks: dict) -> None:
     """Make `task=<name>` build `tasks[name]()` for the names in `tasks`; every other name goes to the real registry."""
     import canonrl.lab.tasks

@@ -170,15 +170,6 @@ def clear_seen():
     SEEN.clear()
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
-    model, tokenizer = tiny_lab_model()
-    directory = tmp_path_factory.mktemp("tiny-policy")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def make_trainer(policy_dir: Path, run_dir: Path, estimator, *overrides: str) -> Trainer:
     config = load_config(None, [f"policy={policy_dir}", *TINY, f"estimator={estimator.name}", *overrides])
     return Trainer(config, run_dir)

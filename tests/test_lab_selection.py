@@ -17,7 +17,7 @@ from canonrl.lab.config import ConfigError, TrainConfig, load_config
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, _seed
 from canonrl.losses import NGRPO_CLIP_HIGH, NGRPO_CLIP_LOW
 from canonrl.selection import d3s_keep
-from conftest import ParityTask, tiny_lab_model, use_test_tasks
+from conftest import ParityTask, use_test_tasks
 
 TINY = [
     "max_new_tokens=16",
@@ -43,15 +43,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(autouse=True)
 def parity(monkeypatch):
     use_test_tasks(monkeypatch, {"parity": ParityTask})
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
-    model, tokenizer = tiny_lab_model()
-    directory = tmp_path_factory.mktemp("tiny-policy")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def tiny_config(policy_dir: Path, *overrides: str) -> TrainConfig:

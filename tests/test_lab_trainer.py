@@ -16,7 +16,7 @@ import yaml
 from canonrl.lab.config import ConfigError, TrainConfig, load_config
 from canonrl.lab.task import Reward
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, TrainingError, train
-from conftest import ParityTask, tiny_lab_model, use_test_tasks
+from conftest import ParityTask, use_test_tasks
 
 TINY = [
     "max_new_tokens=16",
@@ -30,15 +30,6 @@ TINY = [
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
-    model, tokenizer = tiny_lab_model()
-    directory = tmp_path_factory.mktemp("tiny-policy")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def tiny_config(policy_dir: Path, *overrides: str) -> TrainConfig:
