@@ -72,6 +72,22 @@ def policy_dir(tmp_path_factory):
     return directory
 
 
+class Interrupt(Exception):
+    """Stops a lab run from its step callback, as a kill would."""
+
+
+def train_until_interrupted(config, run_dir, at_step: int) -> None:
+    """Run the lab trainer on `config` in `run_dir` and stop it right after step `at_step` is logged."""
+    from canonrl.lab.trainer import Trainer
+
+    def interrupt(step, records):
+        if step == at_step:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(config, run_dir).train(interrupt)
+
+
 def use_test_tasks(monkeypatch, tasks: dict) -> None:
     """Make `task=<name>` build `tasks[name]()` for the names in `tasks`; every other name goes to the real registry."""
     import canonrl.lab.tasks

@@ -21,7 +21,7 @@ from canonrl.lab.policy import Policy, load_policy
 from canonrl.lab.task import Reward, reward_components
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, _seed
 from canonrl.registry import _REGISTRY, SequenceEstimator, register
-from conftest import tiny_lab_model, use_test_tasks
+from conftest import ParityTask, tiny_lab_model, train_until_interrupted, use_test_tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,20 +44,13 @@ EXTRA_METRICS = ("greedy_reward", "greedy_tokens", "greedy_seconds", "reference_
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class InputsTask:
-    """Lab problems; `correct` when the response text has even length, `formatted` when its length is a multiple
-    of 3 (so a random policy gets mixed groups on both)."""
+class InputsTask(ParityTask):
+    """`ParityTask` (`correct` when the response text has even length) with `formatted` when its length is a
+    multiple of 3, so a random policy gets mixed groups on both."""
 
     name = "inputs"
     components = ("correct", "formatted", "length")
     reward_components = ("correct", "formatted")
-    cheap = True
-
-    def __init__(self):
-        self.inner = LabTask()
-
-    def problems(self, split, count, seed):
-        return self.inner.problems(split, count, seed)
 
     def verify(self, response, problem):
         correct = float(len(response) % 2 == 0)
@@ -510,21 +503,12 @@ def test_reward_components_of_every_task_family():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_is_bit_exact_with_every_extra_input(policy_dir, tmp_path):
     overrides = ("steps=4", "checkpoint_every=2", "eval_every=2", "minibatches=2", "kl_coef=0.1", "lr=0.01")
     config = load_config(None, [f"policy={policy_dir}", *TINY, f"estimator={Everything.name}", *overrides])
     Trainer(config, tmp_path / "a").train()
 
-    def interrupt(step, records):
-        if step == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        Trainer(config, tmp_path / "b").train(interrupt)
+    train_until_interrupted(config, tmp_path / "b", at_step=3)
     resumed = Trainer(config, tmp_path / "b", resume=True)
     assert resumed.step == 2 and resumed.reference is not None
     resumed.train()

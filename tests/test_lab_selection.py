@@ -17,7 +17,7 @@ from canonrl.lab.config import ConfigError, TrainConfig, load_config
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, _seed
 from canonrl.losses import NGRPO_CLIP_HIGH, NGRPO_CLIP_LOW
 from canonrl.selection import d3s_keep
-from conftest import ParityTask, use_test_tasks
+from conftest import ParityTask, train_until_interrupted, use_test_tasks
 
 TINY = [
     "max_new_tokens=16",
@@ -313,10 +313,6 @@ def test_a_full_loss_mask_changes_nothing(policy_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -330,12 +326,7 @@ def test_resume_is_bit_exact(policy_dir, tmp_path, overrides):
                          *overrides)  # fmt: skip
     Trainer(config, tmp_path / "a").train()
 
-    def interrupt(step, records):
-        if step == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        Trainer(config, tmp_path / "b").train(interrupt)
+    train_until_interrupted(config, tmp_path / "b", at_step=3)
     resumed = Trainer(config, tmp_path / "b", resume=True)
     assert resumed.step == 2
     if config.prompt_sampler == "vade":

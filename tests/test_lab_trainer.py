@@ -16,7 +16,7 @@ import yaml
 from canonrl.lab.config import ConfigError, TrainConfig, load_config
 from canonrl.lab.task import Reward
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, TrainingError, train
-from conftest import ParityTask, use_test_tasks
+from conftest import ParityTask, train_until_interrupted, use_test_tasks
 
 TINY = [
     "max_new_tokens=16",
@@ -302,10 +302,6 @@ def test_resume_without_a_checkpoint_is_an_error(policy_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_repeats_the_uninterrupted_run_bit_for_bit(policy_dir, tmp_path, parity):
     config = tiny_config(
         policy_dir, "steps=4", parity, "checkpoint_every=2", "eval_every=2", "estimator=canon",
@@ -313,12 +309,7 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(policy_dir, tmp_path, 
     )  # fmt: skip
     Trainer(config, tmp_path / "a").train()
 
-    def interrupt(step, records):
-        if step == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        Trainer(config, tmp_path / "b").train(interrupt)
+    train_until_interrupted(config, tmp_path / "b", at_step=3)
     interrupted = read_metrics(tmp_path / "b")
     assert interrupted[-1]["kind"] == "train" and interrupted[-1]["step"] == 3  # logged, but not checkpointed
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-000002"

@@ -407,6 +407,8 @@ def _v1_inputs_for(data: Any) -> dict[str, Any]:
         return {}
     import torch.nn.functional as F
 
+    from canonrl.batch import PER_TOKEN_FIELDS
+
     rows, width = data.batch["response_mask"].shape
     out: dict[str, Any] = {}
     for field, value in fetched.items():
@@ -418,7 +420,7 @@ def _v1_inputs_for(data: Any) -> dict[str, Any]:
                 f"canonrl: the v1 trainer's {V1_FIELDS.get(field, field)!r} has {value.shape[0]} rows but the advantage batch "
                 f"has {rows}; compute_advantage_for_multi_trajectories passed a subset of the rows"
             )
-        if value.dim() == 2 and field != "reward_components":
+        if field in PER_TOKEN_FIELDS:
             value = F.pad(value, (0, width - value.shape[1]))  # pads, or crops when negative
         out[field] = value
     return out

@@ -26,7 +26,7 @@ At k = G / 2, A_inter is canonrl's ``canon`` estimator with ``mu=1`` and ``metri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -152,19 +152,13 @@ def amplification_study(
     splits = list(range(1, group_size))
     correlations, ratios = [], []
     for noise in noises:
-        sample = sample_conditions(rollouts, _replace(conditions, noise=noise), prompts, group_size, generator)
+        sample = sample_conditions(rollouts, replace(conditions, noise=noise), prompts, group_size, generator)
         correlations.append(metric_reward_correlation(sample))
         ratios.append([amplification(sample, k)[0] for k in splits])
     half = group_size // 2
     second = []
     for gap2, share2 in independent:
-        sample = sample_conditions(rollouts, _replace(conditions, gap2=gap2, share2=share2), prompts, group_size, generator)
+        sample = sample_conditions(rollouts, replace(conditions, gap2=gap2, share2=share2), prompts, group_size, generator)
         c1_ratio, c2_ratio = amplification(sample, half)
         second.append({"gap2": gap2, "share2": share2, "ratio": c2_ratio, "c1_ratio": c1_ratio})
     return AmplificationStudy(group_size, list(noises), correlations, splits, ratios, second)
-
-
-def _replace(conditions: ConditionModel, **changes) -> ConditionModel:
-    from dataclasses import replace
-
-    return replace(conditions, **changes)

@@ -126,6 +126,7 @@ class RolloutModel:
 class SimulatedBatch:
     """One batch of simulated groups: G consecutive rows per prompt, plus the truth."""
 
+    group_size: int
     p: Tensor  # [B] float64, the prompt's success probability, repeated over its rows
     rewards: Tensor  # [B] float32
     group: Tensor  # [B] int64
@@ -140,10 +141,6 @@ class SimulatedBatch:
         rows = self.rewards.view(-1, self.group_size)
         spread = rows.amax(1) > rows.amin(1)
         return spread.repeat_interleave(self.group_size)
-
-    @property
-    def group_size(self) -> int:
-        return int(self.rewards.numel() // (int(self.group[-1]) + 1))
 
 
 def simulate_batch(model: RolloutModel, prompts: int, group_size: int, generator: torch.Generator) -> SimulatedBatch:
@@ -173,9 +170,10 @@ def simulate_batch(model: RolloutModel, prompts: int, group_size: int, generator
     logprobs = -entropy * (0.5 + torch.rand(rows, width, generator=generator))
     correct = rewards.float()
     formatted = torch.where(correct > 0.5, 1.0, (torch.rand(rows, generator=generator) < 0.8).float())
-    per_prompt = lambda low, high: (low + (high - low) * torch.rand(prompts, generator=generator)).repeat_interleave(  # noqa: E731
-        group_size
-    )
+
+    def per_prompt(low: float, high: float) -> Tensor:
+        return (low + (high - low) * torch.rand(prompts, generator=generator)).repeat_interleave(group_size)
+
     inputs = {
         "entropy": entropy,
         "logprobs": logprobs * mask,
@@ -188,6 +186,7 @@ def simulate_batch(model: RolloutModel, prompts: int, group_size: int, generator
         "reward_components": torch.stack([correct, formatted], dim=1),
     }
     return SimulatedBatch(
+        group_size=group_size,
         p=p,
         rewards=rewards.float(),
         group=torch.arange(prompts).repeat_interleave(group_size),

@@ -20,6 +20,11 @@ PLOTS = {
 }
 
 
+def _by_run(measures: list) -> dict:
+    """(estimator, group size) -> its measures."""
+    return {(m.estimator, m.group_size): m for m in measures}
+
+
 def _cell(value: float, digits: int = 3) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
@@ -62,10 +67,11 @@ def summary_markdown(result: SimulationResult, command: str, focus_group_size: i
     sizes = sorted({m.group_size for m in result.measures})
     lines += ["", "## RMSE and exact zeros by group size", "", "| estimator | " + " | ".join(f"G={g}" for g in sizes) + " |"]
     lines.append("|---|" + "---|" * len(sizes))
+    runs = _by_run(result.measures)
     for name in dict.fromkeys(m.estimator for m in result.measures):
         cells = []
         for g in sizes:
-            m = next(x for x in result.measures if x.estimator == name and x.group_size == g)
+            m = runs[name, g]
             cells.append(f"{m.rmse:.3f} ({m.zero_fraction:.0%} zero)")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     study = result.amplification
@@ -133,6 +139,7 @@ def _plots(result: SimulationResult, out: Path, focus: int) -> None:
     import matplotlib.pyplot as plt
 
     measures = result.measures
+    runs = _by_run(measures)
     names = list(dict.fromkeys(m.estimator for m in measures))
     centres = [(i + 0.5) / P_BINS for i in range(P_BINS)]
     colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
@@ -146,7 +153,7 @@ def _plots(result: SimulationResult, out: Path, focus: int) -> None:
     ):
         fig, ax = plt.subplots(figsize=(9, 5.5))
         for i, name in enumerate(names):
-            m = next(x for x in measures if x.estimator == name and x.group_size == focus)
+            m = runs[name, focus]
             ax.plot(centres, getattr(m, field), label=name, **style(i))
         ax.axhline(0, color="black", lw=0.8)
         ax.set(xlabel="true success probability p", ylabel="mean(aligned A − target)", title=title)
@@ -161,7 +168,7 @@ def _plots(result: SimulationResult, out: Path, focus: int) -> None:
     ):
         fig, ax = plt.subplots(figsize=(9, 5.5))
         for i, name in enumerate(names):
-            values = [next(x for x in measures if x.estimator == name and x.group_size == g) for g in sizes]
+            values = [runs[name, g] for g in sizes]
             ax.plot(sizes, [getattr(m, field) for m in values], label=name, **style(i))
         ax.set_xscale("log", base=2)
         ax.set(xlabel="group size G", ylabel=ylabel)
@@ -169,7 +176,7 @@ def _plots(result: SimulationResult, out: Path, focus: int) -> None:
         fig.tight_layout()
         fig.savefig(out / PLOTS[key], dpi=110)
         plt.close(fig)
-    focus_measures = [next(x for x in measures if x.estimator == name and x.group_size == focus) for name in names]
+    focus_measures = [runs[name, focus] for name in names]
     labels = [label for label, *_ in DIFFICULTY_BUCKETS]
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(names) + 2), 5))
     rows = [("truth", focus_measures[0].true_weight_by_difficulty)] + [
