@@ -259,18 +259,25 @@ tr = RecordingTrainer(model=model, reward_funcs=[reward_digits, reward_sometimes
                                                        max_completion_length=24))
 tr.train()
 rank, world = tr.accelerator.process_index, tr.accelerator.num_processes
-assert world == 2
-for step, g in enumerate(tr.generations, 1):
-    f = {{k: v for k, v in g["fields"].items() if k != "step"}}
-    full = canonrl.get_estimator("ktae")(step=step, **f)
-    out = g["output"]; b, t = out["completion_ids"].shape
-    assert full.shape[0] == b * world
-    rows = slice(rank * b, (rank + 1) * b)
-    assert (full[rows, t:] == 0).all()
-    assert (out["advantages"] - full[rows, :t]).abs().max() <= 1e-6
-    assert torch.equal(f["mask"][rows, :t], out["completion_mask"])
-    assert torch.equal(f["token_ids"][rows, :t], out["completion_ids"])
-    print(f"OK rank={{rank}} step={{step}} local_T={{t}} gathered_T={{full.shape[1]}}", flush=True)
+try:
+    assert world == 2
+    for step, g in enumerate(tr.generations, 1):
+        f = {{k: v for k, v in g["fields"].items() if k != "step"}}
+        full = canonrl.get_estimator("ktae")(step=step, **f)
+        out = g["output"]; b, t = out["completion_ids"].shape
+        assert full.shape[0] == b * world
+        rows = slice(rank * b, (rank + 1) * b)
+        assert (full[rows, t:] == 0).all()
+        assert (out["advantages"] - full[rows, :t]).abs().max() <= 1e-6
+        assert torch.equal(f["mask"][rows, :t], out["completion_mask"])
+        assert torch.equal(f["token_ids"][rows, :t], out["completion_ids"])
+        print(f"OK rank={{rank}} step={{step}} local_T={{t}} gathered_T={{full.shape[1]}}", flush=True)
+finally:
+    # A gloo group still alive when the interpreter finalizes can abort the process (SIGABRT, "terminate called
+    # without an active exception": its worker threads outlive the objects they hold, pytorch/pytorch#190489).
+    # Both ranks reach this point, so the barrier is safe; end_training() destroys the process group.
+    tr.accelerator.wait_for_everyone()
+    tr.accelerator.end_training()
 '''
 
 
@@ -284,16 +291,13 @@ def test_two_processes_gather_and_slice(tmp_path):
 
     script = tmp_path / "mp.py"
     script.write_text(_MULTI_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out")))
-    import socket
-
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # --standalone: the launcher's store binds port 0 itself, so no other process can take the port between a probe
+    # and the bind; --local-addr and GLOO_SOCKET_IFNAME keep the rendezvous and gloo's pairs on the loopback.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "GLOO_SOCKET_IFNAME": "lo"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
-        capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+         "--nproc_per_node", "2", str(script)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("OK rank=") == 4, result.stdout[-2000:]
