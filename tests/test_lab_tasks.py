@@ -22,9 +22,14 @@ from canonrl.lab.verification import Verifier, VerifyResult, verify_all
 # ----------------------------------------------------------------------------------------------------------
 # Fake tasks: the response says what the verifier does.
 
+# How long the "sleep" verifier sleeps. Tests that a timeout fired bound the call's duration by this (and by per-
+# response timeouts derived from it), never by a guess at the machine's speed: under any load the pool's 1 s
+# timeouts return far sooner, while a broken timeout waits the full sleep.
+SLEEP = 60.0
+
 
 class ScriptedTask:
-    """verify() obeys the response: ok, wrong, boom (raise), sleep (10 s), nan, big (1.5), float, none, die."""
+    """verify() obeys the response: ok, wrong, boom (raise), sleep (SLEEP s), nan, big (1.5), float, none, die."""
 
     name = "scripted"
     components = ("correct", "formatted")
@@ -41,7 +46,7 @@ class ScriptedTask:
         if response == "boom":
             raise ValueError("verifier bug")
         if response == "sleep":
-            time.sleep(10)
+            time.sleep(SLEEP)
             return Reward(1.0)
         if response == "nan":
             return Reward(float("nan"), {"correct": 1.0})
@@ -76,6 +81,7 @@ def verifier():
 
 
 def _run(verifier_or_none, task, responses, **kwargs) -> VerifyResult:
+    kwargs.setdefault("timeout", SLEEP)  # only the sleeping verifier may time out, however loaded the machine is
     problems = [PROBLEM] * len(responses)
     if verifier_or_none is None:
         return verify_all(task, responses, problems, **kwargs)
@@ -109,21 +115,22 @@ def test_pool_applies_the_rules(verifier):
 
 
 def test_sleeping_verifier_times_out_without_hanging_the_caller(verifier):
-    _run(verifier, ScriptedTask(), ["ok"])  # warm: the fork server's start-up is not what this measures
     start = time.monotonic()
     result = _run(verifier, ScriptedTask(), ["ok", "sleep", "ok", "wrong", "ok"], timeout=1.0)
     elapsed = time.monotonic() - start
     assert result.scores == [1.0, 0.0, 1.0, 0.0, 1.0]
     assert (result.timeouts, result.failures) == (1, 0)
-    assert elapsed < 5.0
+    assert elapsed < SLEEP  # the caller did not wait for the sleeping verifier; no bound on how fast the machine is
     # the killed worker was replaced: the pool still works
     assert _run(verifier, ScriptedTask(), ["ok", "ok", "ok"]).scores == [1.0, 1.0, 1.0]
 
 
 def test_total_timeout_caps_the_whole_call(verifier):
+    per_response = SLEEP / 2
     start = time.monotonic()
-    result = _run(verifier, ScriptedTask(), ["sleep"] * 4, timeout=8.0, total_timeout=1.0)
-    assert time.monotonic() - start < 4.0
+    result = _run(verifier, ScriptedTask(), ["sleep"] * 4, timeout=per_response, total_timeout=1.0)
+    # without the cap the call would last at least one per-response timeout (two of them, on two workers)
+    assert time.monotonic() - start < per_response
     assert result.scores == [0.0] * 4 and result.timeouts == 4
 
 
@@ -182,10 +189,25 @@ def test_answer_and_boxed_extraction():
     assert last_boxed(r"\boxed {x^{2}}") == "x^{2}"
     assert last_boxed(r"\boxed{1} then \boxed{2") is None  # a cut-off last box does not fall back
     assert last_boxed("no box") is None
-    start = time.monotonic()  # linear scans: adversarial repetitions stay fast
-    assert extract_answer_tag("<answer>" * 100_000 + "</answer>") == ""
-    assert last_boxed("\\boxed{" * 50_000) is None
-    assert time.monotonic() - start < 1.0
+    # Linear scans: adversarial repetitions cost no more than a few passes over a benign text of the same length
+    # (the reference is one full scan). A quadratic scan of these texts takes minutes; timed in turns, under the
+    # same load, with a floor far above any scheduling delay.
+    tags, tags_benign = "<answer>" * 100_000 + "</answer>", "<answer></answer>" + "x" * 800_000
+    boxes, boxes_benign = "\\boxed{" * 50_000, "\\boxed{" + "x" * 350_000
+    assert extract_answer_tag(tags) == extract_answer_tag(tags_benign) == ""
+    assert last_boxed(boxes) is None and last_boxed(boxes_benign) is None
+    assert _fastest(lambda: extract_answer_tag(tags)) < 50 * _fastest(lambda: extract_answer_tag(tags_benign)) + 0.25
+    assert _fastest(lambda: last_boxed(boxes)) < 50 * _fastest(lambda: last_boxed(boxes_benign)) + 0.25
+
+
+def _fastest(call, repeats: int = 5) -> float:
+    """The shortest of a few timings: a descheduled run does not count against the code."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,7 +273,7 @@ def test_rg_gold_scores_one_and_wrong_scores_zero(rg, verifier, dataset):
     problems = task.problems("heldout", 4, seed=1)
     responses = [f"reasoning...\n<answer>{p.answer}</answer>" for p in problems]
     responses += ["<answer>999999937 wrong</answer>", "no tags at all"]
-    result = verifier.verify_all(task, responses, problems + problems[:2])
+    result = verifier.verify_all(task, responses, problems + problems[:2], timeout=SLEEP)
     assert result.scores == [1.0] * 4 + [0.0, 0.0], result
     if dataset == "prime_factorization":  # its scorer raises on junk: a failure, every component 0
         assert result.failures == 1 and result.components["formatted"] == [1.0] * 4 + [0.0, 0.0]
@@ -262,7 +284,8 @@ def test_rg_gold_scores_one_and_wrong_scores_zero(rg, verifier, dataset):
 def test_rg_binary_threshold_and_raw_component(rg, verifier):
     task = get_task("rg:fraction_simplification")  # gives 0.01 for any wrong answer
     problems = task.problems("train", 2, seed=0)
-    result = verifier.verify_all(task, [f"<answer>{problems[0].answer}</answer>", "<answer>wrong</answer>"], problems)
+    responses = [f"<answer>{problems[0].answer}</answer>", "<answer>wrong</answer>"]
+    result = verifier.verify_all(task, responses, problems, timeout=SLEEP)
     assert result.scores == [1.0, 0.0]
     assert result.components["raw"] == [1.0, 0.01]
     # spell_backward gives partial credit; binary=False passes it through
@@ -278,7 +301,7 @@ def test_rg_raising_scorer_becomes_a_counted_failure(rg, verifier):
     with pytest.raises(ValueError):
         task.verify("<answer>zzz_wrong</answer>", problems[1])  # the dataset itself raises on junk
     responses = [f"<answer>{problems[0].answer}</answer>", "<answer>zzz_wrong</answer>", "<answer>zzz_wrong</answer>"]
-    result = verifier.verify_all(task, responses, problems)
+    result = verifier.verify_all(task, responses, problems, timeout=SLEEP)
     assert result.scores == [1.0, 0.0, 0.0] and result.failures == 2
 
 
@@ -327,7 +350,7 @@ def test_boxed_gold_scores_one_and_wrong_scores_zero(boxed, verifier):
         f"the answer is {problems[1].answer}",  # right value, but not boxed
         f"\\boxed{{{problems[2].answer}}} wait, no: \\boxed{{-7}}",  # only the last box counts
     ]
-    result = verifier.verify_all(boxed, responses, problems + problems[:3])
+    result = verifier.verify_all(boxed, responses, problems + problems[:3], timeout=SLEEP)
     assert result.scores == [1.0] * 4 + [0.0, 0.0, 0.0], result
     assert result.components["formatted"] == [1.0] * 4 + [1.0, 0.0, 1.0]
     assert (result.failures, result.timeouts) == (0, 0)
@@ -342,18 +365,18 @@ def test_boxed_adversarial_inputs_return_within_the_bound(boxed, verifier):
     power_tower = r"\boxed{9^{9^{9^{9}}}}"
     polynomial = "\\boxed{" + "+".join(f"{i}x^{{{i % 97}}}y^{{{i % 13}}}" for i in range(1, 2200)) + "}"
     assert len(polynomial) > 20_000
-    verifier.verify_all(boxed, ["\\boxed{1}"], [problem])  # warm
+    verifier.verify_all(boxed, ["\\boxed{1}"], [problem], timeout=SLEEP)  # warm
     start = time.monotonic()
     responses = [power_tower, polynomial, f"\\boxed{{{problem.answer}}}"]
     result = verifier.verify_all(boxed, responses, [problem] * 3, timeout=2.0)
     assert result.scores == [0.0, 0.0, 1.0]
-    assert time.monotonic() - start < 6.0
+    assert time.monotonic() - start < SLEEP  # an unbounded parse of the power tower never returns
     # with no length limit the polynomial reaches math-verify; the worker's deadline still bounds the call
     unlimited = BoxedMathTask(max_boxed_chars=100_000)
     start = time.monotonic()
     result = verifier.verify_all(unlimited, [polynomial, power_tower], [problem] * 2, timeout=1.5)
     assert result.scores == [0.0, 0.0]
-    assert time.monotonic() - start < 6.0
+    assert time.monotonic() - start < SLEEP
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,6 +416,6 @@ def test_importing_the_registry_imports_no_optional_dependency():
         "import sys, canonrl.lab.tasks, canonrl.lab.gym_tasks, canonrl.lab.verification; "
         "print(sorted(m for m in ('reasoning_gym', 'math_verify', 'canonrl.lab.lab_task') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert out.stdout.strip() == "[]"
 
