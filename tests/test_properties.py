@@ -192,6 +192,8 @@ def _build_configs() -> list[Config]:
     configs: list[Config] = []
     seen = set()
     for info in canonrl.estimators():
+        if not info.outcome_level:
+            continue  # step- and critic-level estimators: tests/test_step_properties.py
         for variant in [{}, *KNOWN_VARIANTS.get(info.name, [])]:
             cfg = make_config(info.name, variant)
             if repr((cfg.name, cfg.params)) not in seen:  # a variant equal to the defaults
@@ -580,7 +582,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what
 # in the time budget). A failure names the configuration.
 # ---------------------------------------------------------------------------------------------------------------
 
-NAMES = [info.name for info in canonrl.estimators()]
+NAMES = [info.name for info in canonrl.estimators() if info.outcome_level]
 
 
 def variants(name: str, applies=lambda c: True) -> list[Config]:

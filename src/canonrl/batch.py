@@ -17,6 +17,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+#: The inputs of step-, turn- and critic-level estimators (``../shared/specs/steps.md`` §2); see :class:`RolloutBatch`.
+STEP_FIELDS = (
+    "turn_ids",
+    "traj",
+    "step_index",
+    "step_rewards",
+    "anchor",
+    "agent",
+    "step_values",
+    "step_labels",
+    "node",
+    "parent",
+    "prompt_values",
+    "values",
+    "bootstrap_values",
+)
+
 #: Names of the per-rollout inputs a batch can carry (everything else passed to ``advantages`` is a hyperparameter).
 BATCH_FIELDS = (
     "rewards",
@@ -31,11 +48,14 @@ BATCH_FIELDS = (
     "reference_rewards",
     "ref_logprobs",
     "prompt_confidence",
+    *STEP_FIELDS,
 )
 
 #: Optional inputs with one value per response token ([B, T]) and with one value per response ([B]).
-PER_TOKEN_FIELDS = ("token_rewards", "entropy", "logprobs", "token_ids", "ref_logprobs")
-PER_RESPONSE_FIELDS = ("metric", "greedy_rewards", "reference_rewards", "prompt_confidence")
+PER_TOKEN_FIELDS = ("token_rewards", "entropy", "logprobs", "token_ids", "ref_logprobs", "values")
+PER_RESPONSE_FIELDS = ("metric", "greedy_rewards", "reference_rewards", "prompt_confidence", "bootstrap_values")
+#: Inputs with one value (or id) per step, validated when the step table reads them.
+PER_STEP_FIELDS = ("step_rewards", "anchor", "agent", "step_values", "step_labels", "node", "parent")
 
 _MAX_ROWS_IN_MESSAGE = 10
 
@@ -156,6 +176,17 @@ class RolloutBatch:
         ref_logprobs: optional [B, T] per-token log-probs of the response under the frozen reference policy (ACE).
         prompt_confidence: optional [B] the policy's confidence in each row's prompt, exp(mean prompt-token log-prob)
             in (0, 1] (ProGRPO).
+
+    Step inputs (``../shared/specs/steps.md`` §2; per-step ones are checked when the step table reads them):
+        turn_ids: [B, T] row-local step index of each token (−1 in no step), ``"mask_runs"`` (one step per run of
+            mask > 0) or ``"row"`` (one step per row; the default).
+        traj: [B] trajectory id of each row (row-per-step layouts); default: each row its own trajectory.
+        step_index: [B] long time position of each row in its trajectory; −1 marks a padding row.
+        step_rewards, step_values, step_labels: per-step numbers (turn/environment reward, value at the step's end,
+            a verifier's verdict in {−1, 0, 1}).
+        anchor, agent, node, parent: per-step ids (environment state, player, tree node and its parent).
+        prompt_values: [B] value of the initial state (NaN = absent).
+        values: [B, T] critic values; bootstrap_values: [B] value after the last token of a truncated row.
     """
 
     rewards: Tensor
@@ -172,6 +203,19 @@ class RolloutBatch:
     reference_rewards: Tensor | None = None
     ref_logprobs: Tensor | None = None
     prompt_confidence: Tensor | None = None
+    turn_ids: Tensor | str | None = None
+    traj: Any = None
+    step_index: Tensor | None = None
+    step_rewards: Any = None
+    anchor: Any = None
+    agent: Any = None
+    step_values: Any = None
+    step_labels: Any = None
+    node: Any = None
+    parent: Any = None
+    prompt_values: Tensor | None = None
+    values: Tensor | None = None
+    bootstrap_values: Tensor | None = None
     #: [B] largest mask value per row, when validation already computed it (saves a pass over the mask)
     row_max: Tensor | None = None
 
@@ -200,6 +244,20 @@ class RolloutBatch:
         from canonrl.groups import Grouping
 
         return Grouping(self.group_index, self.valid, self.num_groups)
+
+    @cached_property
+    def steps(self):
+        """The :class:`~canonrl.steps.StepTable` of this batch, built on first use."""
+        from canonrl.steps import build_step_table
+
+        return build_step_table(
+            self.mask,
+            self.group_index,
+            self.num_groups,
+            turn_ids=self.turn_ids,
+            traj=self.traj,
+            step_index=self.step_index,
+        )
 
     def broadcast(self, scores: Tensor) -> Tensor:
         """[B, T] float32: per-response ``scores`` [B] on every mask position, exactly 0 elsewhere."""
@@ -261,6 +319,7 @@ def make_batch(
     reference_rewards: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     prompt_confidence: Tensor | None = None,
+    **step_inputs: Any,
 ) -> RolloutBatch:
     """Validate raw inputs and build a :class:`RolloutBatch` (see its attributes for shapes)."""
     if mask is None:
@@ -333,6 +392,7 @@ def make_batch(
             f"prompt_confidence must lie in (0, 1] (exp of a mean log-prob), not at rows {describe_rows(bad)}"
         )
 
+    step_fields = _check_step_inputs(step_inputs, mask, batch_size, device)
     return RolloutBatch(
         rewards=rewards,
         group_index=group_index,
@@ -346,4 +406,37 @@ def make_batch(
         ref_logprobs=ref_logprobs,
         row_max=row_max,
         **checked,
+        **step_fields,
     )
+
+
+def _check_step_inputs(inputs: dict[str, Any], mask: Tensor, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The step inputs whose shape is known before the step table exists, checked; the per-step ones as given."""
+    unknown = sorted(set(inputs) - set(STEP_FIELDS))
+    if unknown:
+        raise TypeError(f"make_batch got an unknown input {unknown[0]!r}")
+    out = {name: value for name, value in inputs.items() if value is not None}
+    turn_ids = out.get("turn_ids")
+    if isinstance(turn_ids, Tensor):
+        _check_per_token("turn_ids", turn_ids, mask)
+    elif turn_ids is not None and not isinstance(turn_ids, str):
+        raise TypeError(f"turn_ids must be a [B, T] int tensor, 'mask_runs' or 'row', got {type(turn_ids).__name__}")
+    if "values" in out:
+        out["values"] = _check_float_per_token("values", out["values"], mask)
+    if "bootstrap_values" in out:
+        value = _require_tensor("bootstrap_values", out["bootstrap_values"])
+        out["bootstrap_values"] = _check_per_response("bootstrap_values", value, batch_size, device, "one per row")
+    if "prompt_values" in out:  # NaN means "absent" here (SPO), so only the shape is checked
+        value = _require_tensor("prompt_values", out["prompt_values"])
+        if value.shape != (batch_size,) or value.device != device:
+            raise ValueError(f"prompt_values must have shape [{batch_size}] on {device}, got {list(value.shape)}")
+        out["prompt_values"] = value.float()
+    if "step_index" in out:
+        index = _require_tensor("step_index", out["step_index"])
+        if index.dtype.is_floating_point or index.dtype == torch.bool or index.shape != (batch_size,):
+            raise ValueError(f"step_index must be a [{batch_size}] integer tensor (−1 = padding row)")
+        bad = index < -1
+        if bad.any():
+            raise ValueError(f"step_index must be >= -1 (−1 = padding row), not at rows {describe_rows(bad)}")
+        out["step_index"] = index.to(device).long()
+    return out

@@ -47,10 +47,18 @@ class EstimatorInfo:
     verified: bool
     multi_reward: bool = False
     stateful: bool = False
+    critic: bool = False
+    layouts: tuple[str, ...] = ("row-per-response",)
 
     @property
     def inputs(self) -> tuple[str, ...]:
         return ("rewards", "group", "mask", *self.requires)
+
+    @property
+    def outcome_level(self) -> bool:
+        """One outcome reward per response and no critic: what the simulator, and verl's and TRL's outcome paths
+        (which give no steps, trajectories or values), can feed."""
+        return self.level != "step" and not self.critic
 
 
 def param(default: Any, help: str) -> Any:
@@ -64,7 +72,8 @@ class Estimator(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     paper: ClassVar[Paper | None] = None
-    #: "sequence" (one scalar per response, broadcast over its tokens) or "token".
+    #: "sequence" (one scalar per response, broadcast over its tokens), "token", or "step" (one scalar per step:
+    #: turn, environment step or segment, see :mod:`canonrl.steps`).
     level: ClassVar[str] = "sequence"
     #: Batch inputs needed beyond rewards, group and mask; may depend on hyperparameters (see ``required_inputs``).
     requires: ClassVar[tuple[str, ...]] = ()
@@ -74,6 +83,11 @@ class Estimator(ABC):
     multi_reward: ClassVar[bool] = False
     #: True if its output depends on the batches of earlier calls (a history), not only on this batch and the step.
     stateful: ClassVar[bool] = False
+    #: True if it reads a critic's ``values`` and returns real value targets from :meth:`compute_with_returns`.
+    critic: ClassVar[bool] = False
+    #: The batch layouts it is defined on: "row-per-response", "row-per-trajectory" (turns are token spans of one
+    #: row), "row-per-step" (each row one step of a trajectory).
+    layouts: ClassVar[tuple[str, ...]] = ("row-per-response",)
 
     @dataclass
     class Params:
@@ -99,6 +113,28 @@ class Estimator(ABC):
         ``step`` is the trainer step (1-based, as verl's ``global_steps``); when omitted the estimator counts its
         own calls.
         """
+        return self.compute_with_returns(batch, step=step, **fields)[0]
+
+    def compute_with_returns(
+        self, batch: RolloutBatch | None = None, /, *, step: int | None = None, **fields: Any
+    ) -> tuple[Tensor, Tensor]:
+        """(advantages, returns), both [B, T] float32, 0 outside the mask.
+
+        Critic estimators (GAE and relatives) return the value targets a critic trains on; the others return the
+        advantages twice, as verl's critic-free estimators do.
+        """
+        batch = self._checked_batch(batch, step, fields)
+        if batch.batch_size == 0:
+            empty = torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.device)
+            return empty, empty
+        return self.compute_returns(batch)
+
+    def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """(advantages, returns) for a non-empty validated batch; critic estimators override it."""
+        advantages = self.compute(batch)
+        return advantages, advantages
+
+    def _checked_batch(self, batch: RolloutBatch | None, step: int | None, fields: dict[str, Any]) -> RolloutBatch:
         if batch is None:
             batch = make_batch(**fields)
         elif fields:
@@ -113,9 +149,7 @@ class Estimator(ABC):
                 f"estimator (gdpo)"
             )
         self.step = self.step + 1 if step is None else int(step)
-        if batch.batch_size == 0:
-            return torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.device)
-        return self.compute(batch)
+        return batch
 
     @abstractmethod
     def compute(self, batch: RolloutBatch) -> Tensor:
@@ -135,6 +169,8 @@ class Estimator(ABC):
             verified=cls.verified,
             multi_reward=cls.multi_reward,
             stateful=cls.stateful,
+            critic=cls.critic,
+            layouts=cls.layouts,
         )
 
 
@@ -148,6 +184,23 @@ class SequenceEstimator(Estimator):
     @abstractmethod
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         """[B] float32 advantage per response; 0 for rows that are not valid."""
+
+
+class StepEstimator(Estimator):
+    """An estimator that gives one scalar per step of the batch's step table, broadcast to the step's tokens.
+
+    Every copy of a repeated ``(traj, step_index)`` receives its step's advantage; tokens in no step get 0.
+    """
+
+    level = "step"
+    layouts = ("row-per-step", "row-per-trajectory")
+
+    def compute(self, batch: RolloutBatch) -> Tensor:
+        return batch.steps.broadcast(self.step_advantages(batch))
+
+    @abstractmethod
+    def step_advantages(self, batch: RolloutBatch) -> Tensor:
+        """[S] float32 advantage per step of ``batch.steps``; 0 for steps without mask mass."""
 
 
 _REGISTRY: dict[str, type[Estimator]] = {}

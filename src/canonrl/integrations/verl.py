@@ -308,6 +308,8 @@ def register_all() -> dict[str, str]:
     registry = core_algos.ADV_ESTIMATOR_REGISTRY
     builtin = {e.value for e in core_algos.AdvantageEstimator}
     for info in estimators():
+        if not info.outcome_level:
+            continue  # step and critic estimators need the agent-loop fields (a later integration)
         fn = advantage_fn(info.name)
         for verl_name in (info.name, f"canonrl_{info.name}"):
             if verl_name in builtin:

@@ -80,7 +80,7 @@ class SimulationConfig:
     def names(self) -> list[str]:
         from canonrl.registry import estimators
 
-        return list(self.estimators) or [info.name for info in estimators()]
+        return list(self.estimators) or [info.name for info in estimators() if info.outcome_level]
 
 
 @dataclass

@@ -1,0 +1,372 @@
+"""The step table: the tokens of a batch cut into steps (turns, environment steps, segments), in time order.
+
+A *step* is a set of tokens of one row that receives one scalar advantage. Two layouts map onto the same table
+(``../shared/specs/steps.md`` §1–3):
+
+- **row-per-trajectory**: a whole episode is one row; ``turn_ids`` [B, T] (or ``"mask_runs"``) cuts it into steps;
+- **row-per-step**: each row is one step (``turn_ids="row"``, the default); rows of one episode share ``traj`` and
+  are ordered by ``step_index`` (−1 marks a padding row that takes no part).
+
+An *occurrence* is a (row, local step) pair. Occurrences of one step can repeat: a row-per-step batch may carry the
+same ``(traj, step_index)`` twice (verl-agent duplicates rows before the advantage); such a step is one step of the
+table — counted once in every statistic — and every copy receives its advantage. Per-step inputs are given in
+occurrence order ((row, local) order); a repeated step takes the values of its first copy.
+
+Steps are numbered in (trajectory, time) order, so a trajectory's steps are contiguous and in time order: returns
+are a segmented scan, the predecessor of a step is the step before it. Everything is vectorized (unique, cumsum,
+scatter); the only loops run over log2 of a trajectory's length or over a history depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from canonrl.batch import describe_rows, encode_groups
+from canonrl.groups import Grouping
+
+TURN_ID_MODES = ("row", "mask_runs")
+
+
+@dataclass
+class StepTable:
+    """Steps of a batch. O occurrences in (row, local) order; S steps in (trajectory, time) order.
+
+    Attributes:
+        batch_size, mask: the batch's B and [B, T] mask.
+        occ_row: [O] long, the row of each occurrence.
+        occ_local: [O] long, the occurrence's index among its row's steps.
+        occ_step: [O] long, the step each occurrence is a copy of.
+        token_occ: [B, T] long occurrence of each token (−1 outside every step), or None when every occurrence is a
+            whole row (``turn_ids="row"``).
+        traj: [S] long trajectory of each step (0..num_traj−1).
+        group: [S] long prompt group of each step.
+        pos: [S] long 0-based position of the step in its trajectory.
+        mass: [S] float32 mask mass of the step (of its first copy).
+        first_occ: [S] long, the first occurrence of each step.
+    """
+
+    batch_size: int
+    mask: Tensor
+    occ_row: Tensor
+    occ_local: Tensor
+    occ_step: Tensor
+    token_occ: Tensor | None
+    traj: Tensor
+    group: Tensor
+    pos: Tensor
+    mass: Tensor
+    first_occ: Tensor
+    num_traj: int
+    num_groups: int
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.traj.shape[0])
+
+    @property
+    def num_occurrences(self) -> int:
+        return int(self.occ_row.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.traj.device
+
+    @cached_property
+    def member(self) -> Tensor:
+        """[S] bool: steps with mask mass; a step without any takes part in no statistic (and gets 0)."""
+        return self.mass > 0
+
+    @cached_property
+    def one_per_row(self) -> bool:
+        """Every row holds at most one occurrence (a [B] per-step input is then one value per row)."""
+        if self.token_occ is None:
+            return True
+        return bool((self.occ_local == 0).all())
+
+    # ----------------------------------------------------------------------------------------- time structure
+    @cached_property
+    def is_first(self) -> Tensor:
+        """[S] bool: the step opens its trajectory."""
+        return self.pos == 0
+
+    @cached_property
+    def is_last(self) -> Tensor:
+        """[S] bool: the step closes its trajectory."""
+        following = torch.cat([self.traj[1:], self.traj.new_full((1,), -1)])
+        return following != self.traj
+
+    @cached_property
+    def prev(self) -> Tensor:
+        """[S] long: the step before each step in its trajectory, −1 for the first."""
+        index = torch.arange(self.num_steps, device=self.device)
+        return torch.where(self.is_first, -1, index - 1)
+
+    @cached_property
+    def max_length(self) -> int:
+        """The number of steps of the longest trajectory."""
+        return int(self.pos.max().item()) + 1 if self.num_steps else 0
+
+    def returns(self, rewards: Tensor, gamma: float) -> Tensor:
+        """[S] float32 discounted return-to-go G_t = sum_{k >= t} gamma^(k - t) r_k within each trajectory.
+
+        A segmented reverse scan by doubling in float64 (log2 of the longest trajectory rounds, no overflow for
+        any gamma in [0, 1]); steps without mask mass still carry their reward into earlier steps' returns.
+        """
+        value = rewards.double().clone()
+        carry = torch.where(self.is_last, 0.0, float(gamma)).double()
+        offset = 1
+        while offset < self.max_length:
+            value = value + carry * _shift_up(value, offset)
+            carry = carry * _shift_up(carry, offset)
+            offset *= 2
+        return value.float()
+
+    def history(self, codes: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+        """The last ``depth`` codes of each step's trajectory, ending at the step: ([S, depth] long, [S] bool).
+
+        Column 0 is the step's own code, column j the code j steps back. The flag is False where the trajectory
+        holds fewer than ``depth`` steps up to this one (those rows are padded with −1).
+        """
+        columns, index = [codes], torch.arange(self.num_steps, device=self.device)
+        for _ in range(depth - 1):
+            index = torch.where(index >= 0, self.prev[index.clamp_min(0)], -1)
+            columns.append(torch.where(index >= 0, codes[index.clamp_min(0)], -1))
+        return torch.stack(columns, 1), self.pos >= depth - 1
+
+    # --------------------------------------------------------------------------------------------- statistics
+    def by(self, *keys: Tensor, member: Tensor | None = None) -> Grouping:
+        """A :class:`Grouping` of the steps by equal values of all ``keys`` ([S] or [S, k] long tensors each).
+
+        ``member`` (default: steps with mask mass) says which steps count in the statistics.
+        """
+        columns = [k.reshape(self.num_steps, -1) for k in keys]
+        if not columns:
+            columns = [torch.zeros(self.num_steps, 1, dtype=torch.long, device=self.device)]
+        stacked = torch.cat(columns, 1)
+        if self.num_steps == 0:
+            return Grouping(stacked.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=self.device), 0)
+        unique, index = torch.unique(stacked, dim=0, return_inverse=True)
+        member = self.member if member is None else member & self.member
+        return Grouping(index, member, int(unique.shape[0]))
+
+    # ---------------------------------------------------------------------------------------------- broadcast
+    def broadcast(self, per_step: Tensor) -> Tensor:
+        """[B, T] float32: each step's value on its tokens, times the mask; exactly 0 outside every step."""
+        per_occurrence = per_step.float()[self.occ_step]
+        if self.token_occ is None:
+            per_row = torch.zeros(self.batch_size, dtype=torch.float32, device=self.device)
+            per_row[self.occ_row] = per_occurrence
+            out = per_row[:, None] * self.mask
+        else:
+            padded = torch.cat([per_occurrence, per_occurrence.new_zeros(1)])
+            out = padded[self.token_occ] * self.mask
+        return out if out.dtype == torch.float32 else out.float()
+
+    def token_sum(self, values: Tensor) -> Tensor:
+        """[S] float32 sum of a [B, T] tensor over each step's mask tokens (the first copy's)."""
+        weighted = (values * self.mask).float()
+        if self.token_occ is None:
+            per_occurrence = weighted.sum(-1)[self.occ_row]
+        else:
+            inside = self.token_occ >= 0
+            per_occurrence = torch.zeros(self.num_occurrences, dtype=torch.float32, device=self.device)
+            per_occurrence.index_add_(0, self.token_occ[inside], weighted[inside])
+        return per_occurrence[self.first_occ]
+
+    # ----------------------------------------------------------------------------------------- per-step inputs
+    def per_step(self, name: str, value: Any, *, per_row: bool = False) -> Tensor:
+        """[S] float32 per-step input from any accepted form (see :func:`per_occurrence`), checked finite."""
+        occurrences = per_occurrence(self, name, value, per_row=per_row).float()
+        bad = ~torch.isfinite(occurrences)
+        if bad.any():
+            rows = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+            rows[self.occ_row[bad]] = True
+            raise ValueError(f"{name} is NaN or Inf at steps of rows {describe_rows(rows)}")
+        return occurrences[self.first_occ]
+
+    def per_step_ids(self, name: str, value: Any, *, per_row: bool = False) -> Tensor:
+        """[S] long codes of per-step ids (an int tensor or hashables: str, int, tuples); equal ids, equal codes."""
+        return per_occurrence(self, name, value, per_row=per_row, ids=True)[self.first_occ]
+
+
+def _shift_up(values: Tensor, offset: int) -> Tensor:
+    """values[i + offset], 0 past the end."""
+    return torch.cat([values[offset:], values.new_zeros(min(offset, values.shape[0]))])
+
+
+def per_occurrence(table: StepTable, name: str, value: Any, *, per_row: bool = False, ids: bool = False) -> Tensor:
+    """[O] values of a per-step input in occurrence order. Accepted forms:
+
+    - a flat [O] tensor (or sequence) in (row, local) order;
+    - a [B] tensor (or sequence) when every row holds one step — or, with ``per_row=True`` (a per-row input such
+      as ``agent``), for any layout: the row's value is copied to each of its steps;
+    - a [B, K] tensor padded past each row's last step;
+    - a list of B Python lists, one value per step of the row.
+
+    With ``ids=True`` values are ids (an int tensor, or hashables such as str, int or tuples) and the result is
+    their [O] long codes; otherwise numbers.
+    """
+    B, O = table.batch_size, table.num_occurrences
+    if isinstance(value, Tensor) and value.dim() == 2:
+        widest = int(table.occ_local.max().item()) + 1 if O else 0
+        if value.shape[0] != B or value.shape[1] < widest:
+            raise ValueError(f"{name} as [B, K] needs B = {B} rows and K >= {widest} columns, got {list(value.shape)}")
+        value = value.to(table.device)[table.occ_row, table.occ_local]
+    elif isinstance(value, list) and value and all(isinstance(row, list) for row in value):
+        value = _from_row_lists(table, name, value)
+    convert = _codes if ids else _numbers
+    length = value.shape[0] if isinstance(value, Tensor) else len(value)
+    if length == B and (table.one_per_row or per_row):
+        return convert(name, value, B, table.device)[table.occ_row]
+    if length == O:
+        return convert(name, value, O, table.device)
+    layout = "one per row" if table.one_per_row else f"{O} steps in (row, step) order"
+    raise ValueError(
+        f"{name} must give one value per step ({layout}; or [B, K] padded; or B per-row lists), got {length}"
+    )
+
+
+def _from_row_lists(table: StepTable, name: str, rows: list) -> list:
+    if len(rows) != table.batch_size:
+        raise ValueError(f"{name} as per-row lists needs {table.batch_size} lists, got {len(rows)}")
+    counts = torch.bincount(table.occ_row, minlength=table.batch_size).tolist()
+    wrong = torch.tensor([len(row) != count for row, count in zip(rows, counts)])
+    if wrong.any():
+        raise ValueError(f"{name} lists must hold one value per step of their row, not at rows {describe_rows(wrong)}")
+    return [v for row in rows for v in row]
+
+
+def _numbers(name: str, values: Any, count: int, device: torch.device) -> Tensor:
+    try:
+        out = torch.as_tensor(values, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must hold numbers, one per step") from None
+    if out.dim() != 1 or out.shape[0] != count or out.is_complex():
+        raise ValueError(f"{name} must hold {count} real numbers, got shape {list(out.shape)}")
+    return out
+
+
+def _codes(name: str, ids: Any, count: int, device: torch.device) -> Tensor:
+    if isinstance(ids, Tensor) and ids.dtype.is_floating_point:
+        raise TypeError(f"{name} must hold integer or hashable ids, got dtype {ids.dtype}")
+    try:
+        codes, _ = encode_groups(ids, count, device)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("group", name, 1)) from None
+    return codes
+
+
+# -------------------------------------------------------------------------------------------------------- building
+def build_step_table(
+    mask: Tensor,
+    group_index: Tensor,
+    num_groups: int,
+    *,
+    turn_ids: Tensor | str | None = None,
+    traj: Any = None,
+    step_index: Tensor | None = None,
+) -> StepTable:
+    """The step table of a batch (see the module docstring); errors name the field and the rows."""
+    B, device = mask.shape[0], mask.device
+    active = torch.ones(B, dtype=torch.bool, device=device) if step_index is None else step_index >= 0
+    mode = "row" if turn_ids is None else turn_ids
+    if isinstance(mode, str):
+        if mode not in TURN_ID_MODES:
+            raise ValueError(f"turn_ids must be a [B, T] int tensor or one of {list(TURN_ID_MODES)}, got {mode!r}")
+        if mode == "mask_runs":
+            mode = mask_run_ids(mask)
+    if isinstance(mode, str):
+        occ_row = active.nonzero().flatten()
+        occ_local = torch.zeros_like(occ_row)
+        token_occ = None
+    else:
+        occ_row, occ_local, token_occ = _occurrences(mode.to(device), mask, active)
+    traj_index, num_traj = (
+        (torch.arange(B, device=device), B) if traj is None else _codes_with_name("traj", traj, B, device)
+    )
+    time = occ_row if step_index is None else step_index.to(device).long()[occ_row]
+    keys = torch.stack([traj_index[occ_row], time, occ_local], 1)
+    if keys.shape[0]:
+        unique, occ_step = torch.unique(keys, dim=0, return_inverse=True)
+    else:
+        unique, occ_step = keys, occ_row.clone()
+    num_steps = unique.shape[0]
+    first_occ = torch.full((num_steps,), keys.shape[0], dtype=torch.long, device=device)
+    first_occ = first_occ.scatter_reduce(0, occ_step, torch.arange(keys.shape[0], device=device), reduce="amin")
+    step_traj = unique[:, 0]
+    step_group = group_index[occ_row[first_occ]]
+    _check_one_group_per_traj(step_traj, step_group, occ_row, occ_step, B)
+    traj_start = torch.ones_like(step_traj, dtype=torch.bool)
+    traj_start[1:] = step_traj[1:] != step_traj[:-1]
+    start_index = torch.cummax(torch.where(traj_start, torch.arange(num_steps, device=device), 0), 0).values
+    pos = torch.arange(num_steps, device=device) - start_index
+    table = StepTable(
+        batch_size=B,
+        mask=mask,
+        occ_row=occ_row,
+        occ_local=occ_local,
+        occ_step=occ_step,
+        token_occ=token_occ,
+        traj=step_traj,
+        group=step_group,
+        pos=pos,
+        mass=torch.zeros(num_steps, device=device),
+        first_occ=first_occ,
+        num_traj=num_traj,
+        num_groups=num_groups,
+    )
+    table.mass = table.token_sum(torch.ones_like(mask, dtype=torch.float32))
+    return table
+
+
+def _codes_with_name(name: str, ids: Any, count: int, device: torch.device) -> tuple[Tensor, int]:
+    codes = _codes(name, ids, count, device)
+    return codes, int(codes.max().item()) + 1 if count else 0
+
+
+def mask_run_ids(mask: Tensor) -> Tensor:
+    """[B, T] long: one turn per maximal run of mask > 0, numbered 0, 1, ... within the row; −1 off the mask."""
+    inside = mask > 0
+    before = torch.zeros_like(inside)
+    before[:, 1:] = inside[:, :-1]
+    starts = inside & ~before
+    return torch.where(inside, starts.long().cumsum(-1) - 1, -1)
+
+
+def _occurrences(turn_ids: Tensor, mask: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(occ_row, occ_local, token_occ) of explicit [B, T] turn ids, without sorting the tokens."""
+    if turn_ids.shape != mask.shape:
+        raise ValueError(f"turn_ids must have the mask's shape {list(mask.shape)}, got {list(turn_ids.shape)}")
+    if turn_ids.dtype.is_floating_point or turn_ids.dtype == torch.bool:
+        raise TypeError(f"turn_ids must be an integer tensor (−1 for tokens in no step), got {turn_ids.dtype}")
+    bad = (turn_ids < -1).any(-1)
+    if bad.any():
+        raise ValueError(f"turn_ids must be >= -1 (−1 = in no step), not at rows {describe_rows(bad)}")
+    ids = torch.where(active[:, None], turn_ids.long(), -1)
+    width = int(ids.max().item()) + 2 if ids.numel() else 1
+    present = torch.zeros(ids.shape[0], width, dtype=torch.bool, device=ids.device)
+    present.scatter_(1, ids + 1, True)
+    present = present[:, 1:]  # column k: turn id k occurs in the row
+    numbering = present.flatten().long().cumsum(0).view_as(present) - 1
+    occ_row, occ_id = present.nonzero(as_tuple=True)
+    local = present.long().cumsum(1) - 1
+    token_occ = torch.where(ids >= 0, numbering.gather(1, ids.clamp_min(0)), -1)
+    return occ_row, local[occ_row, occ_id], token_occ
+
+
+def _check_one_group_per_traj(traj: Tensor, group: Tensor, occ_row: Tensor, occ_step: Tensor, batch_size: int) -> None:
+    if traj.numel() == 0:
+        return
+    size = int(traj.max().item()) + 1
+    low = torch.full((size,), torch.iinfo(torch.long).max, device=traj.device).scatter_reduce(0, traj, group, "amin")
+    high = torch.full((size,), -1, device=traj.device).scatter_reduce(0, traj, group, "amax")
+    split = (low != high)[traj]
+    if split.any():
+        rows = torch.zeros(batch_size, dtype=torch.bool, device=traj.device)
+        rows[occ_row[split[occ_step]]] = True
+        raise ValueError(f"traj: the rows of one trajectory must share one group, not at rows {describe_rows(rows)}")
