@@ -1,0 +1,139 @@
+"""GAE: generalized advantage estimation with a critic, in verl's multi-turn form; VC-PPO's and T-PPO's variants.
+
+Formula (over the policy tokens of a row, mask-0 tokens skipped): delta_t = r_t + gamma * V_next - V_t, where V_next is
+the value at the row's next policy token (0 after the last, or ``bootstrap_values``); A_t = delta_t + gamma * lam *
+A_next; returns = A(lam_critic) + V; advantages = masked whitening of A(lam) over the batch's mask (unbiased
+variance, as verl's ``masked_whiten``).
+
+Papers: "High-Dimensional Continuous Control Using Generalized Advantage Estimation" (arXiv 1506.02438);
+decoupled lambda from "What's Behind PPO's Collapse in Long-CoT? Value Optimization Holds the Secret" (VC-PPO,
+arXiv 2503.01491: lam_critic = 1.0 for the value targets, lam = 0.95 for the policy); bootstrapped truncation
+from "Truncated Proximal Policy Optimization" (T-PPO, arXiv 2506.15050: a row cut before its end is bootstrapped
+by the critic's value after its last token).
+
+Inputs: ``values`` [B, T] (the critic's), ``token_rewards`` [B, T] (verl's ``token_level_rewards``) — or ``rewards``
+[B], placed on each row's last policy token — and the mask, whose holes are observation/tool tokens.
+``bootstrap_values`` [B] (optional): the value after each row's last token, 0 for rows that ended.
+
+Conventions:
+- Mask-0 tokens are skipped as in verl 0.9 ``compute_gae_advantage_return``: they neither discount nor carry a TD
+  error; the running value and advantage pass through them. The mask is read as binary (> 0) for the recursion
+  and as weights for the whitening.
+- Rewards on mask-0 tokens: verl drops them, which loses the outcome when an episode ends on an observation
+  token (steps.md §5.4). ``masked_rewards="move"`` (default) adds a reward that sits after a row's last policy
+  token to that token, and raises, naming the rows, for a reward on a hole before it (whose owner is ambiguous);
+  ``"drop"`` is verl's behaviour.
+- Outside the mask advantages and returns are 0 (verl leaves the carried values there).
+- A batch with fewer than two mask tokens has no variance: whitened advantages are 0 (verl raises).
+- ``group`` is accepted and unused. No group statistics: the estimator is batch-level through the whitening.
+
+Differences from verl: a float64 scan instead of a float32 Python loop over T (parity within 1e-5), and the
+conventions above. With ``masked_rewards="drop"`` the outputs equal verl's at every mask position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from canonrl.batch import RolloutBatch, describe_rows
+from canonrl.methods._common import require_choice, require_range
+from canonrl.ops import discounted_returns, masked_whiten
+from canonrl.registry import Estimator, Paper, param, register
+
+GAE_PAPER = Paper("High-Dimensional Continuous Control Using Generalized Advantage Estimation", "1506.02438")
+MASKED_REWARDS = ("move", "drop")
+
+
+def next_policy_values(values: Tensor, policy: Tensor, bootstrap: Tensor | None) -> Tensor:
+    """[B, T]: at each position, the value at the row's next policy token (``bootstrap``, or 0, past the last)."""
+    B, T = values.shape
+    position = torch.arange(T, device=values.device).expand(B, T)
+    index = torch.where(policy, position, T)
+    following = index.flip(-1).cummin(-1).values.flip(-1)  # first policy position >= t
+    following = torch.cat([following[:, 1:], following.new_full((B, 1), T)], 1)
+    tail = torch.zeros(B, 1, dtype=values.dtype, device=values.device) if bootstrap is None else bootstrap[:, None]
+    return torch.cat([values, tail.to(values.dtype)], 1).gather(1, following)
+
+
+def policy_rewards(batch: RolloutBatch, policy: Tensor, masked_rewards: str) -> Tensor:
+    """[B, T] float32 token rewards on policy tokens only, with rewards on holes moved or dropped."""
+    last = torch.where(policy, torch.arange(policy.shape[1], device=policy.device), -1).amax(-1)
+    if batch.token_rewards is None:
+        rewards = torch.zeros(policy.shape, dtype=torch.float32, device=policy.device)
+        has_token = last >= 0
+        rewards[has_token.nonzero().flatten(), last[has_token]] = batch.rewards[has_token]
+        return rewards
+    rewards = batch.token_rewards.float()
+    on_holes = torch.where(policy, 0.0, rewards)
+    rewards = torch.where(policy, rewards, 0.0)
+    if masked_rewards == "drop" or not (on_holes != 0).any():
+        return rewards
+    position = torch.arange(policy.shape[1], device=policy.device)
+    before_last = (on_holes != 0) & (position[None, :] < last[:, None])
+    if before_last.any():
+        raise ValueError(
+            f"token_rewards has rewards on mask-0 tokens before the row's last policy token at rows "
+            f"{describe_rows(before_last.any(-1))}: put them on a policy token, or pass masked_rewards='drop' (verl)"
+        )
+    after = on_holes.sum(-1)
+    has_token = last >= 0
+    rows = has_token.nonzero().flatten()
+    rewards[rows, last[has_token]] += after[has_token]
+    return rewards
+
+
+def gae(
+    rewards: Tensor, values: Tensor, policy: Tensor, gamma: float, lam: float, bootstrap: Tensor | None = None
+) -> Tensor:
+    """[B, T] float32 GAE advantages on policy tokens (0 elsewhere), mask-0 tokens skipped."""
+    values = values.double()
+    delta = rewards.double() + gamma * next_policy_values(values, policy, bootstrap) - values
+    return discounted_returns(delta, policy.double(), gamma * lam)
+
+
+@register
+class GAE(Estimator):
+    name = "gae"
+    description = "Critic-based token advantages: GAE over policy tokens (verl's multi-turn skip), whitened"
+    paper = GAE_PAPER
+    level = "token"
+    requires = ("values",)
+    critic = True
+    layouts = ("row-per-response", "row-per-trajectory")
+
+    @dataclass
+    class Params:
+        gamma: float = param(1.0, "discount per policy token (verl default 1.0)")
+        lam: float = param(1.0, "GAE lambda of the policy's advantages (verl default 1.0; VC-PPO 0.95)")
+        lam_critic: float | None = param(None, "GAE lambda of the value targets (VC-PPO 1.0); None: same as lam")
+        whiten: bool = param(True, "whiten the advantages over the batch's mask (verl's masked_whiten)")
+        masked_rewards: str = param("move", "rewards on mask-0 tokens: 'move' to the last policy token, 'drop' (verl)")
+
+        def __post_init__(self) -> None:
+            require_range("gamma", self.gamma, 0.0, 1.0)
+            require_range("lam", self.lam, 0.0, 1.0)
+            if self.lam_critic is not None:
+                require_range("lam_critic", self.lam_critic, 0.0, 1.0)
+            require_choice("masked_rewards", self.masked_rewards, MASKED_REWARDS)
+
+    def compute(self, batch: RolloutBatch) -> Tensor:
+        return self.compute_returns(batch)[0]
+
+    def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        p = self.params
+        policy = batch.mask > 0
+        values = batch.values.float()
+        bad = ~torch.isfinite(torch.where(policy, values, 0.0)).all(-1)
+        if bad.any():
+            raise ValueError(f"values is NaN or Inf inside the mask at rows {describe_rows(bad)}")
+        rewards = policy_rewards(batch, policy, p.masked_rewards)
+        advantages = gae(rewards, values, policy, p.gamma, p.lam, batch.bootstrap_values)
+        lam_critic = p.lam if p.lam_critic is None else p.lam_critic
+        critic = advantages if lam_critic == p.lam else gae(rewards, values, policy, p.gamma, lam_critic, batch.bootstrap_values)
+        returns = torch.where(policy, critic + values, 0.0)
+        if p.whiten:
+            advantages = masked_whiten(advantages, batch.mask)
+        return torch.where(policy, advantages, 0.0), returns

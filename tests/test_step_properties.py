@@ -1,0 +1,163 @@
+"""Property-based tests (hypothesis) of every registered step-level estimator, read from the registry: row
+permutation, relabelling of groups, trajectories and anchors, group independence, no NaN/Inf on fuzzed batches,
+duplicated steps counted once, and the same numbers from the row-per-step and the row-per-trajectory layouts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import canonrl
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXAMPLES_FACTOR = float(os.environ.get("CANONRL_PROPERTY_EXAMPLES", "1"))
+
+STEP_ESTIMATORS = [info.name for info in canonrl.estimators() if info.level == "step"]
+#: Variants each property runs besides the defaults (hyperparameters that change which statistics are taken).
+VARIANTS = {
+    "gigpo": [{}, {"mode": "mean_std_norm", "episode_stats": "trajectories", "gamma": 1.0}],
+    "hgpo": [{}, {"history_length": 1, "mode": "mean_norm", "base_group": True}],
+    "trloo": [{}, {"gamma": 0.8}],
+}
+WIDTH = 3
+
+
+def examples(n: int) -> int:
+    return max(1, round(n * EXAMPLES_FACTOR))
+
+
+def test_every_step_estimator_has_variants():
+    assert STEP_ESTIMATORS and set(STEP_ESTIMATORS) == set(VARIANTS)
+
+
+@st.composite
+def trajectories(draw):
+    """A list of trajectories (group, steps), each step (reward, anchor, episode reward, mask tokens)."""
+    out = []
+    for g in range(draw(st.integers(1, 3))):
+        for _ in range(draw(st.integers(1, 4))):
+            outcome = draw(st.sampled_from([0.0, 1.0, 0.5]))
+            steps = [
+                (draw(st.sampled_from([0.0, 1.0, -1.0, 0.25])), draw(st.integers(0, 2)), outcome,
+                 draw(st.sampled_from([WIDTH, WIDTH, 1, 0])))
+                for _ in range(draw(st.integers(1, 4)))
+            ]
+            out.append((g, steps))
+    return out
+
+
+def row_per_step(trajs, order=None, relabel=lambda kind, x: x):
+    rows = [(g, t, s, *step) for t, (g, steps) in enumerate(trajs) for s, step in enumerate(steps)]
+    order = range(len(rows)) if order is None else order
+    rows = [rows[i] for i in order]
+    mask = torch.zeros(len(rows), WIDTH)
+    for i, row in enumerate(rows):
+        mask[i, : row[6]] = 1
+    return dict(
+        rewards=torch.tensor([r[5] for r in rows]),
+        group=[relabel("group", r[0]) for r in rows],
+        traj=[relabel("traj", r[1]) for r in rows],
+        step_index=torch.tensor([r[2] for r in rows]),
+        step_rewards=torch.tensor([r[3] for r in rows]),
+        anchor=[relabel("anchor", r[4]) for r in rows],
+        mask=mask,
+    )
+
+
+def row_per_trajectory(trajs):
+    """One row per trajectory: each step's tokens, then an observation token (mask 0, in no step)."""
+    length = max(len(steps) for _, steps in trajs) * (WIDTH + 1)
+    turn_ids, mask = torch.full((len(trajs), length), -1), torch.zeros(len(trajs), length)
+    for row, (_, steps) in enumerate(trajs):
+        for s, step in enumerate(steps):
+            start = s * (WIDTH + 1)
+            turn_ids[row, start : start + WIDTH] = s
+            mask[row, start : start + step[3]] = 1
+    return dict(
+        rewards=torch.tensor([steps[0][2] for _, steps in trajs]),
+        group=[g for g, _ in trajs],
+        mask=mask,
+        turn_ids=turn_ids,
+        step_rewards=[[step[0] for step in steps] for _, steps in trajs],
+        anchor=[[step[1] for step in steps] for _, steps in trajs],
+    )
+
+
+def run(name, params, fields):
+    return canonrl.advantages(name, **params, **fields)
+
+
+def per_row(out):
+    """The value of each row (constant on its mask tokens, 0 elsewhere)."""
+    return out.sum(-1) / (out != 0).sum(-1).clamp_min(1)
+
+
+parametrize = pytest.mark.parametrize("name", STEP_ESTIMATORS)
+
+
+@parametrize
+@settings(max_examples=examples(25), **SETTINGS)
+@given(trajs=trajectories(), data=st.data())
+def test_row_permutation_and_relabelling(name, trajs, data):
+    base = row_per_step(trajs)
+    n = len(base["rewards"])
+    order = data.draw(st.permutations(range(n)))
+    renamed = row_per_step(trajs, order, relabel=lambda kind, x: f"{kind}-{x * 7 + 3}")
+    for params in VARIANTS[name]:
+        expected = run(name, params, base)
+        assert torch.isfinite(expected).all()
+        assert (expected[base["mask"] == 0] == 0).all()
+        assert torch.allclose(run(name, params, renamed), expected[list(order)], atol=1e-5), params
+
+
+@parametrize
+@settings(max_examples=examples(20), **SETTINGS)
+@given(trajs=trajectories())
+def test_groups_are_independent(name, trajs):
+    full = row_per_step(trajs)
+    groups = torch.tensor(full["group"])
+    for params in VARIANTS[name]:
+        expected = run(name, params, full)
+        for g in groups.unique().tolist():
+            alone = row_per_step([t for t in trajs if t[0] == g])
+            assert torch.allclose(run(name, params, alone), expected[groups == g], atol=1e-5), (g, params)
+
+
+@parametrize
+@settings(max_examples=examples(20), **SETTINGS)
+@given(trajs=trajectories(), data=st.data())
+def test_duplicated_steps_count_once_and_padding_rows_take_no_part(name, trajs, data):
+    base = row_per_step(trajs)
+    n = len(base["rewards"])
+    copies = data.draw(st.lists(st.integers(0, n - 1), max_size=4))
+    extended = {k: (v + [v[i] for i in copies] if isinstance(v, list) else torch.cat([v, v[copies]])) for k, v in base.items()}
+    # a padding row whose ids and rewards would change every statistic if it counted
+    for key, value in dict(rewards=9.0, group=0, traj=0, step_index=-1, step_rewards=5.0, anchor=0).items():
+        extended[key] = extended[key] + [value] if isinstance(extended[key], list) else torch.cat(
+            [extended[key], torch.tensor([value], dtype=extended[key].dtype)]
+        )
+    extended["mask"] = torch.cat([extended["mask"], torch.ones(1, WIDTH)])
+    for params in VARIANTS[name]:
+        expected = run(name, params, base)
+        out = run(name, params, extended)
+        assert torch.allclose(out[:n], expected, atol=1e-5), params
+        assert torch.allclose(out[n:-1], expected[copies], atol=1e-5)
+        assert (out[-1] == 0).all()
+
+
+@parametrize
+@settings(max_examples=examples(20), **SETTINGS)
+@given(trajs=trajectories())
+def test_both_layouts_give_the_same_step_advantages(name, trajs):
+    by_step, by_trajectory = row_per_step(trajs), row_per_trajectory(trajs)
+    for params in VARIANTS[name]:
+        steps = per_row(run(name, params, by_step))
+        dialogue = run(name, params, by_trajectory)
+        starts = torch.arange(0, by_trajectory["mask"].shape[1], WIDTH + 1)
+        first_tokens = dialogue[:, starts]  # each step's first token (0 where the step has no mask token)
+        flat = torch.cat([first_tokens[t, : len(s)] for t, (_, s) in enumerate(trajs)])
+        assert torch.allclose(flat, steps, atol=1e-5), params
