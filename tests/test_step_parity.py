@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import canonrl
-import official_gigpo
-import official_hgpo
+from canonrl.reference import official_gigpo
+from canonrl.reference import official_hgpo
 import official_trloo
 
 SEEDS = range(6)

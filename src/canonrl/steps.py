@@ -144,15 +144,10 @@ class StepTable:
 
         ``member`` (default: steps with mask mass) says which steps count in the statistics.
         """
-        columns = [k.reshape(self.num_steps, -1) for k in keys]
-        if not columns:
-            columns = [torch.zeros(self.num_steps, 1, dtype=torch.long, device=self.device)]
-        stacked = torch.cat(columns, 1)
-        if self.num_steps == 0:
-            return Grouping(stacked.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=self.device), 0)
-        unique, index = torch.unique(stacked, dim=0, return_inverse=True)
+        columns = [column for key in keys for column in key.reshape(self.num_steps, -1).unbind(1)]
+        index, count = lexicographic_codes(columns, self.num_steps, self.device)
         member = self.member if member is None else member & self.member
-        return Grouping(index, member, int(unique.shape[0]))
+        return Grouping(index, member, count)
 
     # ---------------------------------------------------------------------------------------------- broadcast
     def broadcast(self, per_step: Tensor) -> Tensor:
@@ -192,6 +187,19 @@ class StepTable:
     def per_step_ids(self, name: str, value: Any, *, per_row: bool = False) -> Tensor:
         """[S] long codes of per-step ids (an int tensor or hashables: str, int, tuples); equal ids, equal codes."""
         return per_occurrence(self, name, value, per_row=per_row, ids=True)[self.first_occ]
+
+
+def lexicographic_codes(columns: list[Tensor], length: int, device: torch.device) -> tuple[Tensor, int]:
+    """([length] long codes, number of distinct rows) of the rows of integer ``columns``: equal rows get equal codes,
+    and codes follow the rows' lexicographic order. Exact (no hashing): one 1-D ``unique`` per column, which is
+    far faster than ``unique(dim=0)`` on CPU."""
+    code, count = torch.zeros(length, dtype=torch.long, device=device), 1
+    for column in columns:
+        values, column_code = torch.unique(column, return_inverse=True)
+        code = code * values.numel() + column_code
+        uniques, code = torch.unique(code, return_inverse=True)
+        count = uniques.numel()
+    return code.reshape(length), count if length else 0
 
 
 def _shift_up(values: Tensor, offset: int) -> Tensor:
@@ -290,15 +298,12 @@ def build_step_table(
         (torch.arange(B, device=device), B) if traj is None else _codes_with_name("traj", traj, B, device)
     )
     time = occ_row if step_index is None else step_index.to(device).long()[occ_row]
-    keys = torch.stack([traj_index[occ_row], time, occ_local], 1)
-    if keys.shape[0]:
-        unique, occ_step = torch.unique(keys, dim=0, return_inverse=True)
-    else:
-        unique, occ_step = keys, occ_row.clone()
-    num_steps = unique.shape[0]
-    first_occ = torch.full((num_steps,), keys.shape[0], dtype=torch.long, device=device)
-    first_occ = first_occ.scatter_reduce(0, occ_step, torch.arange(keys.shape[0], device=device), reduce="amin")
-    step_traj = unique[:, 0]
+    occurrences = occ_row.shape[0]
+    occ_traj = traj_index[occ_row]
+    occ_step, num_steps = lexicographic_codes([occ_traj, time, occ_local], occurrences, device)
+    first_occ = torch.full((num_steps,), occurrences, dtype=torch.long, device=device)
+    first_occ = first_occ.scatter_reduce(0, occ_step, torch.arange(occurrences, device=device), reduce="amin")
+    step_traj = occ_traj[first_occ]
     step_group = group_index[occ_row[first_occ]]
     _check_one_group_per_traj(step_traj, step_group, occ_row, occ_step, B)
     traj_start = torch.ones_like(step_traj, dtype=torch.bool)

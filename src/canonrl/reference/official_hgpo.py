@@ -1,4 +1,5 @@
-"""Transcription of the official HGPO advantage code, used only as a test oracle.
+"""Transcription of the official HGPO advantage code: a test oracle, and the official contender of
+``canonrl bench-steps``.
 
 Source: repository ``langfengQ/verl-agent`` (history read through the fork ``zzj1111/alfworldauto``), commit
 ``20bd331bdbc9026a5668e11362178e10ab7400c8``, file ``recipe/hgpo/core_hgpo.py``: functions ``to_hashable``,
@@ -39,64 +40,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-
-def to_hashable(x):
-    if isinstance(x, (int, float, str, bool)):
-        return x
-    elif isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    elif isinstance(x, np.ndarray):
-        return tuple(x.flatten())
-    elif isinstance(x, (list, tuple)):
-        return tuple(to_hashable(e) for e in x)
-    elif isinstance(x, dict):
-        return tuple(sorted((k, to_hashable(v)) for k, v in x.items()))
-    else:
-        raise TypeError(f"Unsupported type: {type(x)}")
-
-
-def step_discounted_returns(step_rewards, traj_uid, active_masks, gamma: float, *,
-                            legacy_float64_running_return: bool = False) -> torch.Tensor:
-    """Official ``compute_step_discounted_returns`` of core_hgpo.py (same as GiGPO's)."""
-    rewards = np.asarray(step_rewards).astype(np.float32)
-    traj_uids = np.asarray(traj_uid)
-    active_masks = np.asarray(active_masks).astype(np.float32)
-    returns_by_traj = {}
-    unique_traj_uids = np.unique(traj_uids)
-    for uid in unique_traj_uids:
-        # Get indices for this trajectory
-        traj_indices = np.where(traj_uids == uid)[0]
-
-        # Extract rewards and masks for this trajectory
-        traj_rewards = rewards[traj_indices]
-        traj_active_masks = active_masks[traj_indices]
-        assert traj_active_masks.all(), "active_masks should be all 1s for the same trajectory"
-
-        # Calculate returns
-        traj_returns = np.zeros_like(traj_rewards)
-        running_return = 0
-
-        # Calculate returns from the end to the start
-        for t in reversed(range(len(traj_rewards))):
-            if legacy_float64_running_return:
-                # NumPy 1.x promotion of the official line (np.float32 scalar + Python float -> float64).
-                running_return = np.float64(traj_rewards[t]) + gamma * running_return
-            else:
-                running_return = traj_rewards[t] + gamma * running_return
-            traj_returns[t] = running_return
-
-        # Store the results
-        returns_by_traj[uid] = traj_returns
-
-    # Recombine the returns into the original batch order
-    all_returns = np.zeros_like(rewards)
-    for i, uid in enumerate(traj_uids):
-        traj_indices = np.where(traj_uids == uid)[0]
-        idx_in_traj = np.where(traj_indices == i)[0][0]  # Find position of i in its trajectory
-        all_returns[i] = returns_by_traj[uid][idx_in_traj]
-
-    all_returns = torch.tensor(all_returns, dtype=torch.float32)
-    return all_returns
+# verl-agent's core_hgpo.py carries its own copies of these three functions; they are identical to core_gigpo.py's.
+from canonrl.reference.official_gigpo import episode_norm_reward as trajectory_advantages  # noqa: F401
+from canonrl.reference.official_gigpo import step_discounted_returns, to_hashable  # noqa: F401
 
 
 def hgpo_advantage(
@@ -131,50 +77,6 @@ def hgpo_advantage(
         base_group=base_group,
     )
     return step_advantages, step_advantages
-
-
-def trajectory_advantages(token_level_rewards: torch.Tensor,
-                          response_mask: torch.Tensor,
-                          index: np.array,
-                          traj_index: np.array,
-                          epsilon: float = 1e-6,
-                          remove_std: bool = True,
-                          compute_mean_std_cross_steps: bool = True,
-                          ):
-    """Official ``trajectory_advantages`` (GiGPO's episode_norm_reward), unchanged."""
-    response_length = token_level_rewards.shape[-1]
-    scores = token_level_rewards.sum(dim=-1)
-
-    id2score = defaultdict(list)
-    id2mean = {}
-    id2std = {}
-    seen_pairs = set()
-    with torch.no_grad():
-        bsz = scores.shape[0]
-        for i in range(bsz):
-            if (index[i], traj_index[i]) in seen_pairs:
-                continue
-            id2score[index[i]].append(scores[i])
-            if not compute_mean_std_cross_steps:
-                seen_pairs.add((index[i], traj_index[i]))
-
-        for idx in id2score:
-            if len(id2score[idx]) == 1:
-                id2mean[idx] = torch.tensor(0.0)
-                id2std[idx] = torch.tensor(1.0)
-            elif len(id2score[idx]) > 1:
-                id2mean[idx] = torch.mean(torch.tensor(id2score[idx]))
-                id2std[idx] = torch.std(torch.tensor([id2score[idx]]))
-            else:
-                raise ValueError(f"no score in prompt index: {idx}")
-        for i in range(bsz):
-            if remove_std:
-                scores[i] = scores[i] - id2mean[index[i]]
-            else:
-                scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + epsilon)
-        episode_advantages = scores.unsqueeze(-1).tile([1, response_length]) * response_mask
-
-    return episode_advantages
 
 
 def hgpo_advantage_estimate(

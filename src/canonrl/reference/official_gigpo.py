@@ -1,4 +1,5 @@
-"""Transcription of the official GiGPO advantage code, used only as a test oracle.
+"""Transcription of the official GiGPO advantage code: a test oracle, and the official contender of
+``canonrl bench-steps``.
 
 Source: repository ``langfengQ/verl-agent`` (history read through the fork ``zzj1111/alfworldauto``), commit
 ``20bd331bdbc9026a5668e11362178e10ab7400c8``, file ``gigpo/core_gigpo.py``: functions ``to_hashable``,
