@@ -1,4 +1,4 @@
-"""The ``canonrl`` command line: ``estimators``, ``bench``, and the lab's ``train``, ``compare``, ``eval``, ``lab warmstart``."""
+"""The ``canonrl`` command line: ``estimators``, ``bench``, ``bench-steps``, and the lab's ``train``, ``compare``, ``eval``, ``lab warmstart``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,48 @@ def bench(
     table = Table(title=title)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("device", "contender") else "right")
+    for row in rows:
+        table.add_row(*row.cells())
+    console.print(table)
+    if markdown:
+        markdown.write_text(markdown_table(rows) + "\n")
+        console.print(f"markdown table written to {markdown}")
+
+
+@app.command("bench-steps")
+def bench_steps(
+    sizes: str = typer.Option("32,128,512", help="prompts per batch, comma-separated (one table block each)"),
+    trajectories: int = typer.Option(8, help="trajectories per prompt"),
+    max_steps: int = typer.Option(16, help="steps per trajectory, drawn from 1..max_steps"),
+    tokens_per_step: int = typer.Option(256, help="response tokens of a row in the row-per-step layout"),
+    tokens: int = typer.Option(4096, help="tokens of a row in the row-per-trajectory layout (T)"),
+    repeats: int = typer.Option(3, help="timed repetitions per contender (median reported)"),
+    device: str = typer.Option("cpu", help="device to run on"),
+    official_up_to: int = typer.Option(32, help="run the official GiGPO/HGPO loops up to this many prompts"),
+    markdown: Path = typer.Option(None, help="also write the table as markdown to this file"),
+) -> None:
+    """Time the step and critic estimators on agent batches in both layouts, against the floor and the official code."""
+    from canonrl.bench_steps import COLUMNS, markdown_table, run_step_benchmark
+
+    try:
+        prompts = tuple(int(size) for size in sizes.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {sizes!r}", param_hint="--sizes") from None
+    with console.status("benchmarking") as status:
+        rows = run_step_benchmark(
+            sizes=prompts,
+            trajectories=trajectories,
+            max_steps=max_steps,
+            tokens_per_step=tokens_per_step,
+            tokens=tokens,
+            repeats=repeats,
+            device=device,
+            official_up_to=official_up_to,
+            progress=lambda text: status.update(f"benchmarking {text}"),
+        )
+    table = Table(title=f"step estimators, median of {repeats}")
+    for column in COLUMNS:
+        table.add_column(column, justify="right" if column in ("time (ms)", "× floor", "vs official") else "left")
     for row in rows:
         table.add_row(*row.cells())
     console.print(table)
