@@ -22,6 +22,10 @@ VARIANTS = {
     "gigpo": [{}, {"mode": "mean_std_norm", "episode_stats": "trajectories", "gamma": 1.0}],
     "hgpo": [{}, {"history_length": 1, "mode": "mean_norm", "base_group": True}],
     "trloo": [{}, {"gamma": 0.8}],
+    # random step groups: one group per task / trajectory here (step_group_size 0), the random chunks have own tests
+    "srgpo": [{"scope": "task", "step_group_size": 0}, {"scope": "trajectory", "step_group_size": 0}],
+    "advevo_marl": [{}, {"scale": "std", "gamma": 0.9}],
+    "mapo_dialogue": [{}, {"beta": 1.0, "gamma": 0.9}],
 }
 WIDTH = 3
 
@@ -36,14 +40,15 @@ def test_every_step_estimator_has_variants():
 
 @st.composite
 def trajectories(draw):
-    """A list of trajectories (group, steps), each step (reward, anchor, episode reward, mask tokens)."""
+    """A list of trajectories (group, steps), each step (reward, anchor, episode reward, mask tokens, agent role)."""
     out = []
     for g in range(draw(st.integers(1, 3))):
         for _ in range(draw(st.integers(1, 4))):
             outcome = draw(st.sampled_from([0.0, 1.0, 0.5]))
+            role = draw(st.sampled_from(["attacker", "defender"]))
             steps = [
                 (draw(st.sampled_from([0.0, 1.0, -1.0, 0.25])), draw(st.integers(0, 2)), outcome,
-                 draw(st.sampled_from([WIDTH, WIDTH, 1, 0])))
+                 draw(st.sampled_from([WIDTH, WIDTH, 1, 0])), role)
                 for _ in range(draw(st.integers(1, 4)))
             ]
             out.append((g, steps))
@@ -64,6 +69,7 @@ def row_per_step(trajs, order=None, relabel=lambda kind, x: x):
         step_index=torch.tensor([r[2] for r in rows]),
         step_rewards=torch.tensor([r[3] for r in rows]),
         anchor=[relabel("anchor", r[4]) for r in rows],
+        agent=[relabel("agent", r[7]) for r in rows],
         mask=mask,
     )
 
@@ -84,6 +90,7 @@ def row_per_trajectory(trajs):
         turn_ids=turn_ids,
         step_rewards=[[step[0] for step in steps] for _, steps in trajs],
         anchor=[[step[1] for step in steps] for _, steps in trajs],
+        agent=[steps[0][4] for _, steps in trajs],
     )
 
 
@@ -106,7 +113,7 @@ def test_row_permutation_and_relabelling(name, trajs, data):
     base = row_per_step(trajs)
     n = len(base["rewards"])
     order = data.draw(st.permutations(range(n)))
-    renamed = row_per_step(trajs, order, relabel=lambda kind, x: f"{kind}-{x * 7 + 3}")
+    renamed = row_per_step(trajs, order, relabel=lambda kind, x: (kind, str(x)[::-1], "renamed"))
     for params in VARIANTS[name]:
         expected = run(name, params, base)
         assert torch.isfinite(expected).all()
@@ -121,6 +128,8 @@ def test_groups_are_independent(name, trajs):
     full = row_per_step(trajs)
     groups = torch.tensor(full["group"])
     for params in VARIANTS[name]:
+        if not canonrl.get_estimator(name, **params).group_local:
+            continue
         expected = run(name, params, full)
         for g in groups.unique().tolist():
             alone = row_per_step([t for t in trajs if t[0] == g])
@@ -136,7 +145,7 @@ def test_duplicated_steps_count_once_and_padding_rows_take_no_part(name, trajs, 
     copies = data.draw(st.lists(st.integers(0, n - 1), max_size=4))
     extended = {k: (v + [v[i] for i in copies] if isinstance(v, list) else torch.cat([v, v[copies]])) for k, v in base.items()}
     # a padding row whose ids and rewards would change every statistic if it counted
-    for key, value in dict(rewards=9.0, group=0, traj=0, step_index=-1, step_rewards=5.0, anchor=0).items():
+    for key, value in dict(rewards=9.0, group=0, traj=0, step_index=-1, step_rewards=5.0, anchor=0, agent="attacker").items():
         extended[key] = extended[key] + [value] if isinstance(extended[key], list) else torch.cat(
             [extended[key], torch.tensor([value], dtype=extended[key].dtype)]
         )

@@ -195,6 +195,12 @@ class StepEstimator(Estimator):
     level = "step"
     layouts = ("row-per-step", "row-per-trajectory")
 
+    @property
+    def group_local(self) -> bool:
+        """True when a step's advantage depends only on its own prompt group (so groups can be split across calls);
+        estimators with batch-level statistics or batch-wide random groups say False for those settings."""
+        return True
+
     def compute(self, batch: RolloutBatch) -> Tensor:
         return batch.steps.broadcast(self.step_advantages(batch))
 

@@ -83,24 +83,27 @@ class GiGPO(StepEstimator):
     def step_advantages(self, batch: RolloutBatch) -> Tensor:
         p, steps = self.params, batch.steps
         scale = "unbiased" if p.mode == "mean_std_norm" else "none"
-        episode_reward = batch.rewards[steps.occ_row[steps.first_occ]]
         returns = steps.returns(steps.per_step("step_rewards", batch.step_rewards), p.gamma)
         anchor = steps.per_step_ids("anchor", batch.anchor)
+        episode = episode_advantages(batch, scale=scale, eps=p.eps, numerics=p.numerics, stats=p.episode_stats)
         options = dict(scale=scale, eps=p.eps, numerics=p.numerics, order=steps.first_occ)
-        raw = episode_reward / (1 + p.eps) if scale != "none" else episode_reward
-        if p.episode_stats == "steps":
-            episode = group_relative(steps.by(steps.group), episode_reward, singleton=raw, **options)
-        else:
-            representatives = steps.by(steps.group, member=first_member_of_trajectory(steps))
-            episode = self._per_trajectory(steps, representatives, episode_reward, raw, options)
         step = group_relative(steps.by(steps.group, anchor), returns, **options)
         return torch.where(steps.member, episode + p.step_advantage_w * step, 0.0)
 
-    @staticmethod
-    def _per_trajectory(steps, grouping, episode_reward: Tensor, raw: Tensor, options: dict) -> Tensor:
-        """A^E with one value per trajectory in the statistics, applied to every step of the trajectory."""
-        per_representative = group_relative(grouping, episode_reward, singleton=raw, **options)
-        per_traj = torch.zeros(steps.num_traj, device=steps.device).index_add_(
-            0, steps.traj[grouping.member], per_representative[grouping.member]
-        )
-        return per_traj[steps.traj]
+
+def episode_advantages(batch: RolloutBatch, *, scale: str, eps: float, numerics: str, stats: str = "steps") -> Tensor:
+    """[S] GiGPO's episode advantage A^E of each step: the group-relative episode reward (``rewards`` of the step's
+    row), with statistics over the group's steps or trajectories; a group of one keeps s (or s / (1 + eps))."""
+    steps = batch.steps
+    reward = batch.rewards[steps.occ_row[steps.first_occ]]
+    raw = reward / (1 + eps) if scale != "none" else reward
+    options = dict(scale=scale, eps=eps, numerics=numerics, order=steps.first_occ, singleton=raw)
+    if stats == "steps":
+        return group_relative(steps.by(steps.group), reward, **options)
+    representatives = steps.by(steps.group, member=first_member_of_trajectory(steps))
+    per_representative = group_relative(representatives, reward, **options)
+    member = representatives.member
+    per_traj = torch.zeros(steps.num_traj, device=steps.device).index_add_(
+        0, steps.traj[member], per_representative[member]
+    )
+    return per_traj[steps.traj]

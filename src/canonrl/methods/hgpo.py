@@ -32,7 +32,7 @@ from torch import Tensor
 from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_choice, require_finite, require_int, require_range
 from canonrl.methods._steps import NUMERICS, group_relative, numerics_param
-from canonrl.methods.gigpo import MODES
+from canonrl.methods.gigpo import MODES, episode_advantages
 from canonrl.registry import Paper, StepEstimator, param, register
 
 HGPO_PAPER = Paper("Hierarchy-of-Groups Policy Optimization for Long-Horizon Agentic Tasks", "2602.22817")
@@ -72,7 +72,9 @@ class HGPO(StepEstimator):
         numerator = torch.zeros(steps.num_steps, device=steps.device)
         weights = torch.zeros(steps.num_steps, device=steps.device)
         if p.base_group:
-            self._add_item(numerator, weights, self._episode_item(batch, steps), depth=0)
+            episode_scale = "unbiased" if p.mode == "mean_std_norm" else "none"
+            episode = episode_advantages(batch, scale=episode_scale, eps=p.eps, numerics=p.numerics)
+            self._add_item(numerator, weights, episode, depth=0)
         history, _ = steps.history(anchor, p.history_length + 1)
         for depth in range(1, p.history_length + 2):
             grouping = steps.by(steps.group, history[:, :depth], member=steps.pos >= depth - 1)
@@ -86,11 +88,3 @@ class HGPO(StepEstimator):
         kept = item != 0
         numerator.add_(torch.where(kept, weight * item, 0.0))
         weights.add_(torch.where(kept, weight, 0.0))
-
-    def _episode_item(self, batch: RolloutBatch, steps) -> Tensor:
-        """GiGPO's episode advantage over the group's steps (mean_norm, or unbiased std), singletons raw."""
-        p = self.params
-        reward = batch.rewards[steps.occ_row[steps.first_occ]]
-        scale = "unbiased" if p.mode == "mean_std_norm" else "none"
-        raw = reward / (1 + p.eps) if scale != "none" else reward
-        return group_relative(steps.by(steps.group), reward, scale=scale, eps=p.eps, numerics=p.numerics, singleton=raw)
