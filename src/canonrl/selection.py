@@ -6,6 +6,10 @@
   Dual-Level Down-Sampling", arXiv 2509.22115): keep, per group, the responses whose advantages have the largest
   variance, then the top-K% tokens by |A|·H. They return boolean keep-masks ([B] rows, [B, T] tokens) that a
   trainer multiplies into its loss mask.
+- `pivot_keep`: PivotRL's pivot selection ("PivotRL: High Accuracy Agentic Post-Training at Low Compute Cost", arXiv
+  2603.21383): of the candidate states (one group of local rollouts each), keep those whose outcomes vary and whose
+  success rate is below a threshold. No official code was found (best reading of secondary sources; the threshold
+  is a parameter).
 """
 
 from __future__ import annotations
@@ -36,6 +40,26 @@ def dynamic_sampling_keep(metric: Tensor, group: Any, *, keep_singletons: bool =
     if keep_singletons:
         constant = constant & ~grouping.singleton
     return ~constant
+
+
+def pivot_keep(rewards: Tensor, group: Any, *, max_success: float = 1.0, min_variance: float = 0.0) -> Tensor:
+    """[B] bool: the rows of pivot states — groups (one candidate state each, its K local rollouts) whose reward
+    variance exceeds ``min_variance`` and whose mean reward is below ``max_success``.
+
+    PivotRL trains with GRPO only at states where sampled actions disagree: the GRPO signal there grows with
+    sqrt(Var r). Population variance; a group of one has none and is never a pivot.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must have shape [B], got {list(rewards.shape)}")
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        raise ValueError(f"rewards has NaN or Inf at rows {describe_rows(bad)}")
+    index, num_groups = encode_groups(group, rewards.shape[0], rewards.device)
+    grouping = Grouping(index, torch.ones_like(index, dtype=torch.bool), num_groups)
+    values = rewards.float()
+    variance = grouping.variance(values, unbiased=False)
+    pivot = (variance > min_variance) & (grouping.mean(values) < max_success) & (grouping.count > 1)
+    return grouping.gather(pivot)
 
 
 # ---------------------------------------------------------------------------------------------------------------
