@@ -186,3 +186,31 @@ def test_gae_matches_verl_on_multi_turn_masks(seed, gamma, lam):
     adv = canonrl.advantages("gae", gamma=gamma, lam=lam, token_rewards=on_policy, values=values, mask=mask,
                              group=list(range(B)))
     assert torch.allclose(adv[inside], expected_adv[inside], atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.95)])
+def test_egae_matches_dr_kernel(seed, gamma, lam):
+    """Dr. Kernel's egae branch: official_trloo's turn returns on each row's last token, then verl's GAE."""
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    g = torch.Generator().manual_seed(seed)
+    max_turns, trajectories, width = 3, 6, 6
+    n = max_turns * trajectories
+    lengths = torch.randint(1, width + 1, (n,), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()  # right-padded, as the official indexing assumes
+    step_rewards = torch.randn(n, generator=g)
+    token_rewards = torch.zeros(n, width)
+    token_rewards[torch.arange(n), lengths - 1] = step_rewards
+    values = torch.randn(n, width, generator=g)
+    turn_scores = official_trloo.compute_multi_turn_returns(token_rewards.sum(-1), gamma, max_turns)
+    placed = token_rewards.clone()
+    placed[torch.arange(n), lengths - 1] = turn_scores
+    expected_adv, expected_ret = core_algos.compute_gae_advantage_return(placed, values, mask, gamma, lam)
+    adv, ret = canonrl.get_estimator("egae", gamma=gamma, lam=lam).compute_with_returns(
+        rewards=step_rewards, group=[i // (2 * max_turns) for i in range(n)], mask=mask, values=values,
+        traj=[i // max_turns for i in range(n)], step_index=torch.arange(max_turns).repeat(trajectories),
+        step_rewards=step_rewards,
+    )
+    inside = mask > 0
+    assert torch.allclose(adv[inside], expected_adv[inside], atol=1e-5)
+    assert torch.allclose(ret[inside], expected_ret[inside], atol=1e-5)

@@ -261,3 +261,15 @@ def test_constant_groups_give_exact_zeros_where_the_official_float32_code_does_n
     params = {"gamma": 0.95} | ({"mode": "mean_std_norm"} if name == "gigpo" else {})
     assert (canonrl.advantages(name, **params, **rows) == 0).all()
     assert canonrl.advantages(name, **params, numerics="upstream", **rows).isfinite().all()
+
+
+def test_egae_places_each_turn_return_on_its_last_token_then_runs_gae():
+    rows = dict(rewards=torch.zeros(3), group=[0] * 3, mask=torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]),
+                values=torch.zeros(3, 2), traj=["a", "a", "pad"], step_index=torch.tensor([0, 1, -1]),
+                step_rewards=torch.tensor([0.0, 1.0, 7.0]))
+    # gamma 0.5: turn returns 0.5 and 1 on the last tokens; GAE (lam 1, V 0) within each row: (0.25, 0.5), (0.5, 1)
+    adv, ret = canonrl.get_estimator("egae", gamma=0.5, whiten=False).compute_with_returns(**rows)
+    assert torch.allclose(adv, torch.tensor([[0.25, 0.5], [0.5, 1.0], [0.0, 0.0]]), atol=ATOL)
+    assert torch.allclose(ret, adv, atol=ATOL)  # V = 0
+    with pytest.raises(ValueError, match="egae takes one turn per row"):
+        canonrl.advantages("egae", turn_ids="mask_runs", **{k: v for k, v in rows.items() if k not in ("traj",)})
