@@ -79,14 +79,19 @@ def bench(
         )
     mask_tokens = f" ({rows[0].tokens:,} mask tokens)" if rows else ""
     title = f"{prompts} prompts × {group_size} responses × {tokens} tokens{mask_tokens}, median of {repeats}"
+    _show_bench_table(title, COLUMNS, rows, ("device", "contender"), markdown, markdown_table)
+
+
+def _show_bench_table(title: str, columns, rows, left: tuple[str, ...], markdown: Path | None, to_markdown) -> None:
+    """Print a benchmark's rows as a table (``left`` columns left-aligned) and write its markdown when asked."""
     table = Table(title=title)
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("device", "contender") else "right")
+    for column in columns:
+        table.add_column(column, justify="left" if column in left else "right")
     for row in rows:
         table.add_row(*row.cells())
     console.print(table)
     if markdown:
-        markdown.write_text(markdown_table(rows) + "\n")
+        markdown.write_text(to_markdown(rows) + "\n")
         console.print(f"markdown table written to {markdown}")
 
 
@@ -121,15 +126,8 @@ def bench_steps(
             official_up_to=official_up_to,
             progress=lambda text: status.update(f"benchmarking {text}"),
         )
-    table = Table(title=f"step estimators, median of {repeats}")
-    for column in COLUMNS:
-        table.add_column(column, justify="right" if column in ("time (ms)", "× floor", "vs official") else "left")
-    for row in rows:
-        table.add_row(*row.cells())
-    console.print(table)
-    if markdown:
-        markdown.write_text(markdown_table(rows) + "\n")
-        console.print(f"markdown table written to {markdown}")
+    title = f"step estimators, median of {repeats}"
+    _show_bench_table(title, COLUMNS, rows, ("layout", "batch", "contender"), markdown, markdown_table)
 
 
 @app.command("simulate")
