@@ -27,6 +27,15 @@ def test_mask_runs_make_one_step_per_run_and_holes_belong_to_none():
     assert steps.prev.tolist() == [-1, 0, 1, -1]
 
 
+def test_a_batch_with_no_token_in_any_turn_has_no_steps():
+    for turn_ids in ("mask_runs", torch.full((2, 3), -1)):
+        steps = make_batch(rewards=torch.zeros(2), group=[0, 1], mask=torch.zeros(2, 3), turn_ids=turn_ids).steps
+        assert steps.num_steps == 0 and (steps.token_occ == -1).all()
+    out = canonrl.advantages("gigpo", rewards=torch.zeros(2), group=[0, 1], mask=torch.zeros(2, 3),
+                             turn_ids="mask_runs", step_rewards=[[], []], anchor=[[], []])
+    assert (out == 0).all()
+
+
 def test_row_layout_orders_steps_by_step_index_not_batch_order():
     # trajectory "a" given backwards and interleaved with "b"; one padding row
     batch = make_batch(

@@ -144,7 +144,7 @@ class StepTable:
 
         ``member`` (default: steps with mask mass) says which steps count in the statistics.
         """
-        columns = [column for key in keys for column in key.reshape(self.num_steps, -1).unbind(1)]
+        columns = [column for key in keys for column in (key[:, None] if key.dim() == 1 else key).unbind(1)]
         index, count = lexicographic_codes(columns, self.num_steps, self.device)
         member = self.member if member is None else member & self.member
         return Grouping(index, member, count)
@@ -353,7 +353,7 @@ def _occurrences(turn_ids: Tensor, mask: Tensor, active: Tensor) -> tuple[Tensor
     if bad.any():
         raise ValueError(f"turn_ids must be >= -1 (−1 = in no step), not at rows {describe_rows(bad)}")
     ids = torch.where(active[:, None], turn_ids.long(), -1)
-    width = int(ids.max().item()) + 2 if ids.numel() else 1
+    width = max(int(ids.max().item()) + 2 if ids.numel() else 0, 2)  # at least one id column, even if unused
     present = torch.zeros(ids.shape[0], width, dtype=torch.bool, device=ids.device)
     present.scatter_(1, ids + 1, True)
     present = present[:, 1:]  # column k: turn id k occurs in the row
