@@ -104,6 +104,7 @@ KNOWN_VARIANTS: dict[str, list[dict[str, Any]]] = {
     "capo": [{"switch_step": 0}, {"switch_step": 1000}, {"base": "dr_grpo", "switch_step": 1000}],
     "progrpo": [{"skip_all_correct": True}, {"only_correct": True, "alpha": 0.5}, {"low_fraction": 1.0}],
     "ace": [{"activation": "relu"}, {"length_normalize": True, "alpha": 0.5}, {"base": "dr_grpo"}],
+    "arenarl": [{"grpo_after": False}, {"eps": 0.0}],
     "ktae": [
         {"base": "dr_grpo"},
         {"base": "canon", "base_params": {"mu": 1.0}},  # reads entropy through its base
@@ -754,7 +755,7 @@ def test_group_order_preserving_permutation_equivariance(name, b, data):
 #: are per group; it is as local as its base estimator, see BATCH_LEVEL).
 GROUP_LOCAL = (
     "grpo", "dr_grpo", "rloo", "dapo", "canon", "ktae", "gdpo", "qae", "ngrpo", "mapo", "rlev", "hadw", "unlikely",
-    "psr_nsr", "opo", "gpg", "remax", "aapo", "adora", "capo", "progrpo", "ace",
+    "psr_nsr", "opo", "gpg", "remax", "aapo", "adora", "capo", "progrpo", "ace", "arenarl",
 )  # fmt: skip
 
 
@@ -861,7 +862,7 @@ def _zero_sum(c: Config) -> str | None:
         return "all"
     if c.name == "gdpo":  # the batch mean of group z-scores is exactly 0; token weights break that
         return "all" if c.p["batch_norm"] != "token" else None
-    if c.name == "gpg":
+    if c.name in ("gpg", "arenarl"):
         return "all"
     if c.name in ("rlev", "adora") or (c.name == "capo" and _capo_switched(c.p)):
         return _zero_sum(c.sequence_core)  # the base's advantages, reweighted per group
