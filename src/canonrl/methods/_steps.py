@@ -1,4 +1,5 @@
-"""Pieces the step estimators share: group-relative scores over steps, and the numerics choice.
+"""Pieces the step estimators share: group-relative scores over steps, the numerics choice, turn rewards read at
+each turn's last token, and the default turns of a row-per-trajectory batch.
 
 ``numerics="exact"`` (canonrl's convention, steps.md §5.1): a group whose values are all equal gets exactly 0, and
 statistics are two-pass. ``numerics="upstream"``: float32 statistics without that guard, as ``torch.mean`` and
@@ -8,9 +9,12 @@ that is off by one ulp, divided by std + eps) show up too.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
+from canonrl.batch import RolloutBatch
 from canonrl.groups import Grouping
 from canonrl.registry import param
 
@@ -79,3 +83,61 @@ def upstream_mean_std(
         if size > 1:
             std[groups] = torch.stack([torch.std(row, unbiased=unbiased) for row in matrix])
     return mean, std
+
+
+def with_default_turns(batch: RolloutBatch) -> RolloutBatch:
+    """The batch with ``turn_ids="mask_runs"`` when it names no turns and is not row-per-step (no ``traj`` and no
+    ``step_index``); otherwise the batch itself."""
+    if batch.turn_ids is None and batch.traj is None and batch.step_index is None:
+        return dataclasses.replace(batch, turn_ids="mask_runs")
+    return batch
+
+
+def all_zero(batch: RolloutBatch) -> Tensor | None:
+    """[B, T] float32 zeros when the batch has no mask token at all (nothing to compute), else None."""
+    if batch.valid.any():
+        return None
+    return torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.device)
+
+
+def turn_end_columns(steps) -> tuple[Tensor, Tensor]:
+    """([O] long, [O] bool): the column of each occurrence's last mask token, and whether it has one (if not, the
+    column of its last token). One scatter over the tokens, no loop."""
+    B, T = steps.mask.shape
+    occurrence = steps.token_occ
+    if occurrence is None:  # one occurrence per row, covering the whole row
+        per_row = torch.full((B,), -1, dtype=torch.long, device=steps.device)
+        per_row[steps.occ_row] = torch.arange(steps.num_occurrences, device=steps.device)
+        occurrence = per_row[:, None].expand(B, T)
+    inside = occurrence >= 0
+    column = torch.arange(T, device=steps.device).expand(B, T)
+    key = column + T * (steps.mask > 0).long()  # mask tokens rank above the others
+    best = torch.full((steps.num_occurrences,), -1, dtype=torch.long, device=steps.device)
+    best = best.scatter_reduce(0, occurrence[inside], key[inside], reduce="amax")
+    return best.clamp_min(0) % max(T, 1), best >= T
+
+
+def turn_rewards(batch: RolloutBatch, steps, estimator: str) -> Tensor:
+    """[S] float32 reward of each step: ``step_rewards`` if given, else the token reward on the step's last mask
+    token (its last token if it has none)."""
+    if batch.step_rewards is not None:
+        return steps.per_step("step_rewards", batch.step_rewards)
+    if batch.token_rewards is None:
+        raise ValueError(
+            f"estimator {estimator!r} needs turn rewards: token_rewards (each turn's reward on its last token) "
+            f"or step_rewards (one per turn); neither was given"
+        )
+    end, _ = turn_end_columns(steps)
+    return batch.token_rewards.float()[steps.occ_row, end][steps.first_occ]
+
+
+def float32_returns(steps, rewards: Tensor, gamma: float) -> Tensor:
+    """[S] the official float32 recursion G_t = r_t + gamma * G_{t+1}, one turn position at a time over all
+    trajectories (``numerics="upstream"`` only: its rounding is part of the official constant-group noise; a loop over
+    the positions of the longest trajectory, never over rows or steps)."""
+    rewards = rewards.float()
+    returns = rewards.clone()
+    for position in range(steps.max_length - 2, -1, -1):
+        at = ((steps.pos == position) & ~steps.is_last).nonzero().flatten()
+        returns[at] = rewards[at] + gamma * returns[at + 1]
+    return returns
