@@ -259,6 +259,15 @@ class RolloutBatch:
             step_index=self.step_index,
         )
 
+    @cached_property
+    def nodes(self):
+        """The :class:`~canonrl.nodes.NodeTable` of the per-step ``node`` and ``parent`` ids, built on first use."""
+        from canonrl.nodes import build_node_table
+
+        if self.node is None or self.parent is None:
+            raise ValueError("a tree needs node and parent: one id per step each (a root's parent is None or -1)")
+        return build_node_table(self.steps, self.node, self.parent)
+
     def broadcast(self, scores: Tensor) -> Tensor:
         """[B, T] float32: per-response ``scores`` [B] on every mask position, exactly 0 elsewhere."""
         out = scores[:, None] * self.mask

@@ -1,0 +1,151 @@
+"""The node table: rollout trees over the steps of a batch (SPO-tree's edges, ROSE's and ARPO's branches).
+
+Every step reaches a ``node`` from its ``parent`` (per-step ids: ints or hashables; a root's parent is None or −1).
+Nodes are identified by these ids — by prefix, not by token position (steps.md §5.5) — across the whole batch, so an
+id names one node however many rows carry it. A node that is no step's ``node`` but some step's ``parent`` is a
+root (SPO-tree's tree root). Built once per batch, vectorized: pointer jumping for depths and ancestors, scatters for
+the reductions over children; the only loops run over the depth of the deepest tree.
+
+- ``value_from_children(leaf_values)``: V(leaf) given, V(node) = mean of its children's values, recursively
+  (SPO-tree);
+- ``mean_of_leaves(leaf_values)``: the mean over the leaves below each node (ROSE, T-SPMO's prefix statistics);
+- ``children_std(values)``: the population std of each node's children.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from canonrl.batch import describe_rows, encode_groups
+from canonrl.steps import StepTable, per_occurrence
+
+
+@dataclass
+class NodeTable:
+    """N nodes. ``parent`` [N] long (−1 for a root), ``step_node`` / ``step_parent`` [S] (−1: a step from a root
+    given as None/−1)."""
+
+    parent: Tensor
+    step_node: Tensor
+    step_parent: Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.parent.shape[0])
+
+    @cached_property
+    def depth(self) -> Tensor:
+        """[N] long: 0 for a root, its parent's depth + 1 otherwise."""
+        return _depths(self.parent)
+
+    @cached_property
+    def max_depth(self) -> int:
+        return int(self.depth.max().item()) if self.num_nodes else 0
+
+    @cached_property
+    def children(self) -> Tensor:
+        """[N] float32 number of children of each node."""
+        count = torch.zeros(self.num_nodes + 1, device=self.parent.device)
+        return count.index_add_(0, _slot(self.parent, self.num_nodes), torch.ones_like(count[:-1]))[:-1]
+
+    @cached_property
+    def is_leaf(self) -> Tensor:
+        return self.children == 0
+
+    def _mean_over_children(self, values: Tensor) -> Tensor:
+        sums = torch.zeros(self.num_nodes + 1, dtype=values.dtype, device=values.device)
+        sums = sums.index_add_(0, _slot(self.parent, self.num_nodes), values)[:-1]
+        return sums / self.children.to(values.dtype).clamp_min(1)
+
+    def value_from_children(self, leaf_values: Tensor) -> Tensor:
+        """[N] V(leaf) = ``leaf_values`` at leaves; V(node) = mean of its children's V, from the deepest level up."""
+        values = torch.where(self.is_leaf, leaf_values.double(), 0.0)
+        for level in range(self.max_depth - 1, -1, -1):
+            update = (self.depth == level) & ~self.is_leaf
+            values = torch.where(update, self._mean_over_children(values), values)
+        return values.float()
+
+    def mean_of_leaves(self, leaf_values: Tensor) -> Tensor:
+        """[N] the mean of ``leaf_values`` over the leaves below each node (a leaf: its own value)."""
+        leaf = self.is_leaf
+        sums = torch.where(leaf, leaf_values.double(), 0.0)
+        counts = leaf.double()
+        total_sum, total_count = sums.clone(), counts.clone()
+        ancestor = self.parent.clone()
+        for _ in range(self.max_depth):
+            has = ancestor >= 0
+            total_sum.index_add_(0, ancestor[has], sums[has])
+            total_count.index_add_(0, ancestor[has], counts[has])
+            ancestor = torch.where(has, self.parent[ancestor.clamp_min(0)], -1)
+        return (total_sum / total_count.clamp_min(1)).float()
+
+    def children_std(self, values: Tensor) -> Tensor:
+        """[N] the population std of the values of each node's children (0 for a leaf)."""
+        values = values.double()
+        mean = self._mean_over_children(values)
+        parent_mean = torch.cat([mean, mean.new_zeros(1)])[_slot(self.parent, self.num_nodes)]
+        deviation = torch.where(self.parent >= 0, values - parent_mean, 0.0)
+        return self._mean_over_children(deviation * deviation).sqrt().float()
+
+
+def _slot(parent: Tensor, num_nodes: int) -> Tensor:
+    """Parent index with roots sent to the extra slot ``num_nodes``."""
+    return torch.where(parent >= 0, parent, num_nodes)
+
+
+def _depths(parent: Tensor) -> Tensor:
+    """[N] depth by pointer jumping (log2 N rounds); raises when a chain never reaches a root (a cycle)."""
+    n = parent.shape[0]
+    jump, depth = parent.clone(), (parent >= 0).long()
+    for _ in range(max(1, n).bit_length() + 1):
+        has = jump >= 0
+        if not has.any():
+            return depth
+        depth = torch.where(has, depth + depth[jump.clamp_min(0)], depth)
+        jump = torch.where(has, jump[jump.clamp_min(0)], -1)
+    raise ValueError("node/parent: the tree has a cycle (a node is its own ancestor)")
+
+
+def build_node_table(steps: StepTable, node: Any, parent: Any) -> NodeTable:
+    """The node table of per-step ``node`` and ``parent`` ids; errors name the field and the rows."""
+    nodes = _ids(steps, "node", node)
+    parents = _ids(steps, "parent", parent)
+    root = np.array([p is None or (isinstance(p, (int, np.integer)) and p == -1) for p in parents])
+    everything = list(nodes) + [p for p, is_root in zip(parents, root) if not is_root]
+    codes, num_nodes = encode_groups(np.fromiter(everything, dtype=object, count=len(everything)), len(everything),
+                                     steps.device)
+    step_node = codes[: len(nodes)]
+    step_parent = torch.full_like(step_node, -1)
+    step_parent[torch.from_numpy(~root).to(steps.device)] = codes[len(nodes):]
+    parent_of = torch.full((num_nodes,), -2, dtype=torch.long, device=steps.device)
+    parent_of = parent_of.scatter_reduce(0, step_node, step_parent, reduce="amax")
+    lowest = torch.full((num_nodes,), num_nodes, dtype=torch.long, device=steps.device)
+    lowest = lowest.scatter_reduce(0, step_node, step_parent, reduce="amin")
+    conflict = (parent_of[step_node] != lowest[step_node]) | (step_parent == step_node)
+    if conflict.any():
+        rows = torch.zeros(steps.batch_size, dtype=torch.bool, device=steps.device)
+        rows[steps.occ_row[steps.first_occ[conflict]]] = True
+        raise ValueError(f"node/parent: a node has two parents (or is its own) at rows {describe_rows(rows)}")
+    table = NodeTable(parent=torch.where(parent_of == -2, -1, parent_of), step_node=step_node, step_parent=step_parent)
+    _ = table.depth  # a cycle raises here, once
+    return table
+
+
+def _ids(steps: StepTable, name: str, value: Any) -> list:
+    """The per-step ids of ``name`` as a list in step order (a None stays None)."""
+    if isinstance(value, Tensor):
+        codes = per_occurrence(steps, name, value.long())
+        flat = codes.tolist()
+    else:
+        values = list(value) if not isinstance(value, list) else value
+        if values and all(isinstance(v, list) for v in values):
+            values = [v for row in values for v in row]
+        index = torch.arange(len(values))
+        flat = [values[i] for i in per_occurrence(steps, name, index).tolist()]
+    return [flat[i] for i in steps.first_occ.tolist()]
