@@ -162,15 +162,16 @@ class StepTable:
             out = padded[self.token_occ] * self.mask
         return out if out.dtype == torch.float32 else out.float()
 
-    def token_sum(self, values: Tensor) -> Tensor:
-        """[S] float32 sum of a [B, T] tensor over each step's mask tokens (the first copy's)."""
-        weighted = (values * self.mask).float()
+    def token_sum(self, values: Tensor | None) -> Tensor:
+        """[S] float32 sum of a [B, T] tensor over each step's mask tokens (the first copy's); ``None`` sums the
+        mask itself (each step's mask mass)."""
+        weighted = (self.mask if values is None else values * self.mask).float()
         if self.token_occ is None:
             per_occurrence = weighted.sum(-1)[self.occ_row]
-        else:
-            inside = self.token_occ >= 0
-            per_occurrence = torch.zeros(self.num_occurrences, dtype=torch.float32, device=self.device)
-            per_occurrence.index_add_(0, self.token_occ[inside], weighted[inside])
+        else:  # tokens in no step go to an extra slot: no boolean indexing over [B, T]
+            slot = torch.where(self.token_occ >= 0, self.token_occ, self.num_occurrences).flatten()
+            per_occurrence = torch.zeros(self.num_occurrences + 1, dtype=torch.float32, device=self.device)
+            per_occurrence = per_occurrence.index_add_(0, slot, weighted.flatten())[:-1]
         return per_occurrence[self.first_occ]
 
     # ----------------------------------------------------------------------------------------- per-step inputs
@@ -325,7 +326,7 @@ def build_step_table(
         num_traj=num_traj,
         num_groups=num_groups,
     )
-    table.mass = table.token_sum(torch.ones_like(mask, dtype=torch.float32))
+    table.mass = table.token_sum(None)
     return table
 
 
@@ -352,16 +353,18 @@ def _occurrences(turn_ids: Tensor, mask: Tensor, active: Tensor) -> tuple[Tensor
     bad = (turn_ids < -1).any(-1)
     if bad.any():
         raise ValueError(f"turn_ids must be >= -1 (−1 = in no step), not at rows {describe_rows(bad)}")
-    ids = torch.where(active[:, None], turn_ids.long(), -1)
-    width = max(int(ids.max().item()) + 2 if ids.numel() else 0, 2)  # at least one id column, even if unused
-    present = torch.zeros(ids.shape[0], width, dtype=torch.bool, device=ids.device)
-    present.scatter_(1, ids + 1, True)
-    present = present[:, 1:]  # column k: turn id k occurs in the row
+    shifted = turn_ids.long() + 1  # column 0 collects the tokens in no step
+    if not active.all():
+        shifted = torch.where(active[:, None], shifted, 0)
+    width = max(int(shifted.max().item()) + 1 if shifted.numel() else 0, 2)  # at least one id column
+    present = torch.zeros(shifted.shape[0], width, dtype=torch.bool, device=shifted.device)
+    present.scatter_(1, shifted, True)
+    present[:, 0] = False  # column k + 1: turn id k occurs in the row
     numbering = present.flatten().long().cumsum(0).view_as(present) - 1
-    occ_row, occ_id = present.nonzero(as_tuple=True)
+    numbering[:, 0] = -1
+    occ_row, occ_column = present.nonzero(as_tuple=True)
     local = present.long().cumsum(1) - 1
-    token_occ = torch.where(ids >= 0, numbering.gather(1, ids.clamp_min(0)), -1)
-    return occ_row, local[occ_row, occ_id], token_occ
+    return occ_row, local[occ_row, occ_column], numbering.gather(1, shifted)
 
 
 def _check_one_group_per_traj(traj: Tensor, group: Tensor, occ_row: Tensor, occ_step: Tensor, batch_size: int) -> None:
