@@ -282,3 +282,16 @@ def test_egae_places_each_turn_return_on_its_last_token_then_runs_gae():
     assert torch.allclose(ret, adv, atol=ATOL)  # V = 0
     with pytest.raises(ValueError, match="egae takes one turn per row"):
         canonrl.advantages("egae", turn_ids="mask_runs", **{k: v for k, v in rows.items() if k not in ("traj",)})
+
+
+@pytest.mark.parametrize("width", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("factor", [0.0, 0.5, 0.95, 1.0])
+def test_blocked_reverse_discounted_cumsum_matches_the_loop(width, factor):
+    from canonrl.ops import reverse_discounted_cumsum
+
+    x = torch.randn(3, width, generator=torch.Generator().manual_seed(width))
+    expected, running = torch.zeros_like(x), torch.zeros(3)
+    for t in range(width - 1, -1, -1):
+        running = x[:, t] + factor * running
+        expected[:, t] = running
+    assert torch.allclose(reverse_discounted_cumsum(x, factor), expected, atol=1e-4, rtol=1e-5)
