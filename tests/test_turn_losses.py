@@ -22,7 +22,7 @@ def test_turn_ratio_is_the_geometric_mean_of_the_turn_token_ratios():
     advantages = torch.tensor([[1.0, 1.0, 0.0, -2.0, 0.0]])
     loss, clipped = turn_ppo_clip_loss(logprobs, old, advantages, mask, turn_ids, clip_low=0.05, clip_high=0.05)
     # rho = e^0.1 = 1.105 > 1.05: for A > 0 the clipped term -1.05 is the larger, on both tokens of the turn
-    assert loss[0, :2].tolist() == pytest.approx([-1.05, -1.05]) and clipped[0].tolist() == [1, 1, 0, 0, 0]
+    assert loss[0, :2].tolist() == pytest.approx([-1.05, -1.05]) and clipped["clipped"][0].tolist() == [1, 1, 0, 0, 0]
     assert loss[0, 3].item() == pytest.approx(2.0) and loss[0, 2] == 0 and loss[0, 4] == 0
     # per-token ratios would clip only the first token (e^0.4) and leave the second (e^-0.2) alone
     token_loss, _ = turn_ppo_clip_loss(logprobs, old, advantages, mask, torch.arange(5)[None, :])

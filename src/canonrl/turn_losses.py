@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import describe_rows
+from canonrl.losses import ppo_clip_loss
 
 EPO_PENALTIES = ("hinge", "official")
 
@@ -56,17 +57,14 @@ def turn_ppo_clip_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
-) -> tuple[Tensor, Tensor]:
-    """(per-token loss [B, T], per-token clipped indicator [B, T]) of PPO-clip with one ratio per turn.
-
-    loss = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)), rho = exp(turn_log_ratio); 0 off the mask.
-    """
-    ratio = torch.exp(turn_log_ratio(logprobs, old_logprobs, mask, turn_ids).clamp(-20, 20))
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = torch.maximum(unclipped, clipped)
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token loss [B, T] (0 off the mask) and indicators of :func:`canonrl.losses.ppo_clip_loss`, with every
+    token's ratio replaced by its turn's rho = exp(turn_log_ratio); no dual clip by default (not in the paper)."""
+    turn_logprobs = old_logprobs + turn_log_ratio(logprobs, old_logprobs, mask, turn_ids)
+    loss, indicators = ppo_clip_loss(turn_logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip)
     on = mask > 0
-    return torch.where(on, loss, 0.0), ((clipped > unclipped) & on).float()
+    return torch.where(on, loss, 0.0), {name: torch.where(on, value, 0.0) for name, value in indicators.items()}
 
 
 def epo_entropy_regularizer(
