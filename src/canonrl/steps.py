@@ -41,8 +41,9 @@ class StepTable:
         occ_row: [O] long, the row of each occurrence.
         occ_local: [O] long, the occurrence's index among its row's steps.
         occ_step: [O] long, the step each occurrence is a copy of.
-        token_occ: [B, T] long occurrence of each token (−1 outside every step), or None when every occurrence is a
-            whole row (``turn_ids="row"``).
+        token_column: [B, T] long column of each token in its row's step table (turn id + 1; 0 outside every step),
+            or None when every occurrence is a whole row (``turn_ids="row"``); ``occ_column`` [O] is the column of
+            each occurrence. Row-local columns let every token pass run along rows (scatter and gather on dim 1).
         traj: [S] long trajectory of each step (0..num_traj−1).
         group: [S] long prompt group of each step.
         pos: [S] long 0-based position of the step in its trajectory.
@@ -55,7 +56,8 @@ class StepTable:
     occ_row: Tensor
     occ_local: Tensor
     occ_step: Tensor
-    token_occ: Tensor | None
+    token_column: Tensor | None
+    occ_column: Tensor | None
     traj: Tensor
     group: Tensor
     pos: Tensor
@@ -82,9 +84,29 @@ class StepTable:
         return self.mass > 0
 
     @cached_property
+    def width(self) -> int:
+        """Columns of the row-local step tables (column 0: tokens in no step)."""
+        return int(self.token_column.max().item()) + 1 if self.token_column is not None and self.mask.numel() else 1
+
+    @cached_property
+    def token_occ(self) -> Tensor | None:
+        """[B, T] long occurrence of each token (−1 outside every step); None for ``turn_ids="row"``."""
+        if self.token_column is None:
+            return None
+        return self.per_row_table(torch.arange(self.num_occurrences, device=self.device), fill=-1).gather(
+            1, self.token_column
+        )
+
+    def per_row_table(self, per_occurrence: Tensor, fill: float = 0) -> Tensor:
+        """[B, width]: each occurrence's value at (its row, its column); ``fill`` elsewhere and in column 0."""
+        table = torch.full((self.batch_size, self.width), fill, dtype=per_occurrence.dtype, device=self.device)
+        table[self.occ_row, self.occ_column] = per_occurrence
+        return table
+
+    @cached_property
     def one_per_row(self) -> bool:
         """Every row holds at most one occurrence (a [B] per-step input is then one value per row)."""
-        if self.token_occ is None:
+        if self.token_column is None:
             return True
         return bool((self.occ_local == 0).all())
 
@@ -153,25 +175,23 @@ class StepTable:
     def broadcast(self, per_step: Tensor) -> Tensor:
         """[B, T] float32: each step's value on its tokens, times the mask; exactly 0 outside every step."""
         per_occurrence = per_step.float()[self.occ_step]
-        if self.token_occ is None:
+        if self.token_column is None:
             per_row = torch.zeros(self.batch_size, dtype=torch.float32, device=self.device)
             per_row[self.occ_row] = per_occurrence
             out = per_row[:, None] * self.mask
         else:
-            padded = torch.cat([per_occurrence, per_occurrence.new_zeros(1)])
-            out = padded[self.token_occ] * self.mask
+            out = self.per_row_table(per_occurrence).gather(1, self.token_column) * self.mask
         return out if out.dtype == torch.float32 else out.float()
 
     def token_sum(self, values: Tensor | None) -> Tensor:
         """[S] float32 sum of a [B, T] tensor over each step's mask tokens (the first copy's); ``None`` sums the
         mask itself (each step's mask mass)."""
         weighted = (self.mask if values is None else values * self.mask).float()
-        if self.token_occ is None:
+        if self.token_column is None:
             per_occurrence = weighted.sum(-1)[self.occ_row]
-        else:  # tokens in no step go to an extra slot: no boolean indexing over [B, T]
-            slot = torch.where(self.token_occ >= 0, self.token_occ, self.num_occurrences).flatten()
-            per_occurrence = torch.zeros(self.num_occurrences + 1, dtype=torch.float32, device=self.device)
-            per_occurrence = per_occurrence.index_add_(0, slot, weighted.flatten())[:-1]
+        else:  # row-wise sums into the row's columns (tokens in no step land in column 0)
+            sums = torch.zeros(self.batch_size, self.width, dtype=torch.float32, device=self.device)
+            per_occurrence = sums.scatter_add_(1, self.token_column, weighted)[self.occ_row, self.occ_column]
         return per_occurrence[self.first_occ]
 
     # ----------------------------------------------------------------------------------------- per-step inputs
@@ -306,9 +326,9 @@ def build_step_table(
     if isinstance(mode, str):
         occ_row = active.nonzero().flatten()
         occ_local = torch.zeros_like(occ_row)
-        token_occ = None
+        token_column = occ_column = None
     else:
-        occ_row, occ_local, token_occ = _occurrences(mode.to(device), mask, active)
+        occ_row, occ_local, token_column, occ_column = _occurrences(mode.to(device), mask, active)
     traj_index, num_traj = (
         (torch.arange(B, device=device), B) if traj is None else _codes_with_name("traj", traj, B, device)
     )
@@ -331,7 +351,8 @@ def build_step_table(
         occ_row=occ_row,
         occ_local=occ_local,
         occ_step=occ_step,
-        token_occ=token_occ,
+        token_column=token_column,
+        occ_column=occ_column,
         traj=step_traj,
         group=step_group,
         pos=pos,
@@ -358,27 +379,24 @@ def mask_run_ids(mask: Tensor) -> Tensor:
     return torch.where(inside, starts.long().cumsum(-1) - 1, -1)
 
 
-def _occurrences(turn_ids: Tensor, mask: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(occ_row, occ_local, token_occ) of explicit [B, T] turn ids, without sorting the tokens."""
+def _occurrences(turn_ids: Tensor, mask: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(occ_row, occ_local, token_column, occ_column) of explicit [B, T] turn ids, without sorting the tokens."""
     if turn_ids.shape != mask.shape:
         raise ValueError(f"turn_ids must have the mask's shape {list(mask.shape)}, got {list(turn_ids.shape)}")
     if turn_ids.dtype.is_floating_point or turn_ids.dtype == torch.bool:
         raise TypeError(f"turn_ids must be an integer tensor (−1 for tokens in no step), got {turn_ids.dtype}")
-    bad = (turn_ids < -1).any(-1)
-    if bad.any():
-        raise ValueError(f"turn_ids must be >= -1 (−1 = in no step), not at rows {describe_rows(bad)}")
-    shifted = turn_ids.long() + 1  # column 0 collects the tokens in no step
+    if turn_ids.numel() and turn_ids.min() < -1:
+        raise ValueError(f"turn_ids must be >= -1 (−1 = in no step), not at rows {describe_rows((turn_ids < -1).any(-1))}")
+    column = turn_ids.long() + 1  # column 0 collects the tokens in no step
     if not active.all():
-        shifted = torch.where(active[:, None], shifted, 0)
-    width = max(int(shifted.max().item()) + 1 if shifted.numel() else 0, 2)  # at least one id column
-    present = torch.zeros(shifted.shape[0], width, dtype=torch.bool, device=shifted.device)
-    present.scatter_(1, shifted, True)
+        column = torch.where(active[:, None], column, 0)
+    width = max(int(column.max().item()) + 1 if column.numel() else 0, 2)  # at least one id column
+    present = torch.zeros(column.shape[0], width, dtype=torch.bool, device=column.device)
+    present.scatter_(1, column, True)
     present[:, 0] = False  # column k + 1: turn id k occurs in the row
-    numbering = present.flatten().long().cumsum(0).view_as(present) - 1
-    numbering[:, 0] = -1
     occ_row, occ_column = present.nonzero(as_tuple=True)
     local = present.long().cumsum(1) - 1
-    return occ_row, local[occ_row, occ_column], numbering.gather(1, shifted)
+    return occ_row, local[occ_row, occ_column], column, occ_column
 
 
 def _check_one_group_per_traj(traj: Tensor, group: Tensor, occ_row: Tensor, occ_step: Tensor, batch_size: int) -> None:

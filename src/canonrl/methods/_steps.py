@@ -102,18 +102,16 @@ def all_zero(batch: RolloutBatch) -> Tensor | None:
 
 def turn_end_columns(steps) -> tuple[Tensor, Tensor]:
     """([O] long, [O] bool): the column of each occurrence's last mask token, and whether it has one (if not, the
-    column of its last token). One scatter over the tokens, no loop."""
+    column of its last token). One row-wise scatter over the tokens, no loop."""
     B, T = steps.mask.shape
-    occurrence = steps.token_occ
-    if occurrence is None:  # one occurrence per row, covering the whole row
-        per_row = torch.full((B,), -1, dtype=torch.long, device=steps.device)
-        per_row[steps.occ_row] = torch.arange(steps.num_occurrences, device=steps.device)
-        occurrence = per_row[:, None].expand(B, T)
-    inside = occurrence >= 0
     column = torch.arange(T, device=steps.device).expand(B, T)
     key = column + T * (steps.mask > 0).long()  # mask tokens rank above the others
-    best = torch.full((steps.num_occurrences,), -1, dtype=torch.long, device=steps.device)
-    best = best.scatter_reduce(0, occurrence[inside], key[inside], reduce="amax")
+    if steps.token_column is None:  # one occurrence per row, covering the whole row
+        best = key.amax(-1)[steps.occ_row] if T else torch.full_like(steps.occ_row, -1)
+    else:
+        best_by_column = torch.full((B, steps.width), -1, dtype=torch.long, device=steps.device)
+        best_by_column = best_by_column.scatter_reduce(1, steps.token_column, key, reduce="amax")
+        best = best_by_column[steps.occ_row, steps.occ_column]
     return best.clamp_min(0) % max(T, 1), best >= T
 
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from canonrl.batch import RolloutBatch, describe_rows
+from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_range
-from canonrl.methods.gae import gae
+from canonrl.methods.gae import checked_values, gae
 from canonrl.methods.trloo import DR_KERNEL
 from canonrl.ops import masked_whiten
 from canonrl.registry import Estimator, param, register
@@ -60,15 +60,12 @@ class EGAE(Estimator):
 
     def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         p, steps = self.params, batch.steps
-        if steps.token_occ is not None:
+        if steps.token_column is not None:
             raise ValueError("egae takes one turn per row (turn_ids='row'); pass traj and step_index")
         live = torch.zeros(batch.batch_size, dtype=torch.bool, device=batch.device)
         live[steps.occ_row] = True
         policy = (batch.mask > 0) & live[:, None]
-        values = batch.values.float()
-        bad = ~torch.isfinite(torch.where(policy, values, 0.0)).all(-1)
-        if bad.any():
-            raise ValueError(f"values is NaN or Inf inside the mask at rows {describe_rows(bad)}")
+        values = checked_values(batch, policy)
         turn_returns = steps.returns(steps.per_step("step_rewards", batch.step_rewards), p.gamma)
         per_row = torch.zeros(batch.batch_size, device=batch.device)
         per_row[steps.occ_row] = turn_returns[steps.occ_step]

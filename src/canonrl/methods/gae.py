@@ -74,6 +74,17 @@ def policy_rewards(batch: RolloutBatch, policy: Tensor, masked_rewards: str) -> 
     return rewards
 
 
+def checked_values(batch: RolloutBatch, policy: Tensor) -> Tensor:
+    """[B, T] float32 critic values; NaN or Inf off the policy tokens is padding (set to 0), inside them an error."""
+    values = batch.values.float()
+    if torch.isfinite(values).all():
+        return values
+    bad = ~torch.isfinite(torch.where(policy, values, 0.0)).all(-1)
+    if bad.any():
+        raise ValueError(f"values is NaN or Inf inside the mask at rows {describe_rows(bad)}")
+    return torch.where(policy, values, 0.0)
+
+
 def gae(
     rewards: Tensor, values: Tensor, policy: Tensor, gamma: float, lam: float, bootstrap: Tensor | None = None
 ) -> Tensor:
@@ -94,8 +105,7 @@ def gae(
     if bootstrap is not None:  # after a row's last policy token: the bootstrap value instead of 0
         has_token = count > 0
         following[has_token, count[has_token] - 1] = bootstrap[has_token].float()
-    delta = pack(rewards) + gamma * following - packed_values
-    delta = torch.where(torch.arange(T, device=policy.device)[None, :] < count[:, None], delta, 0.0)
+    delta = pack(rewards) + gamma * following - packed_values  # 0 past each row's last policy token
     advantages = reverse_discounted_cumsum(delta, gamma * lam)
     return torch.where(policy, advantages.gather(1, slot.clamp_min(0)), 0.0)
 
@@ -131,10 +141,7 @@ class GAE(Estimator):
     def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         p = self.params
         policy = batch.mask > 0
-        values = batch.values.float()
-        bad = ~torch.isfinite(torch.where(policy, values, 0.0)).all(-1)
-        if bad.any():
-            raise ValueError(f"values is NaN or Inf inside the mask at rows {describe_rows(bad)}")
+        values = checked_values(batch, policy)
         rewards = policy_rewards(batch, policy, p.masked_rewards)
         advantages = gae(rewards, values, policy, p.gamma, p.lam, batch.bootstrap_values)
         lam_critic = p.lam if p.lam_critic is None else p.lam_critic
