@@ -14,6 +14,11 @@ def per_response(adv: torch.Tensor) -> torch.Tensor:
     return adv[:, 0]
 
 
+def row_values(out: torch.Tensor) -> torch.Tensor:
+    """[B] the value of each row of an output that is constant on the row's non-zero tokens (0 for an all-zero row)."""
+    return out.sum(-1) / (out != 0).sum(-1).clamp_min(1)
+
+
 def tiny_lab_model():
     """A random 2-layer Llama with the lab tokenizer (seeded): (model, tokenizer), for tests that need a policy."""
     from canonrl.lab.lab_task import build_tokenizer

@@ -11,14 +11,11 @@ import pytest
 import torch
 
 import canonrl
+from conftest import row_values
 
 ATOL = 1e-5
 EPS = 1e-6
 
-
-def per_row(out: torch.Tensor) -> torch.Tensor:
-    """The value of each row of a row-per-step output (rows are constant over their mask)."""
-    return out.sum(-1) / (out != 0).sum(-1).clamp_min(1)
 
 
 def z(x: float, values: list[float]) -> float:
@@ -123,7 +120,7 @@ def row_per_step_of_two_dialogues(**kw):
         traj=[t for t, _ in rows], step_index=torch.tensor([s for _, s in rows]),
         step_rewards=torch.tensor([gain[t][s] for t, s in rows]), **kw,
     )
-    return per_row(out), rows
+    return row_values(out), rows
 
 
 @pytest.mark.parametrize("params", [{}, {"norm": "joint", "gamma": 0.7}, {"scale_by_std": False}])
@@ -308,7 +305,7 @@ def arena(metric, group=None, **kw):
     mask = kw.pop("mask", torch.ones(n, 2))
     group = [0] * n if group is None else group
     out = canonrl.advantages("arenarl", rewards=torch.zeros(n), group=group, mask=mask, metric=metric, **kw)
-    return per_row(out)
+    return row_values(out)
 
 
 def test_arenarl_spec_vectors():

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import canonrl
+from conftest import row_values
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 EXAMPLES_FACTOR = float(os.environ.get("CANONRL_PROPERTY_EXAMPLES", "1"))
@@ -105,10 +106,6 @@ def run(name, params, fields):
     return canonrl.advantages(name, **params, **fields)
 
 
-def per_row(out):
-    """The value of each row (constant on its mask tokens, 0 elsewhere)."""
-    return out.sum(-1) / (out != 0).sum(-1).clamp_min(1)
-
 
 parametrize = pytest.mark.parametrize("name", STEP_ESTIMATORS)
 
@@ -173,7 +170,7 @@ def test_both_layouts_give_the_same_step_advantages(name, trajs):
     for params in VARIANTS[name]:
         if LAYOUT_DEPENDENT.get(name, lambda _: False)(params):
             continue
-        steps = per_row(run(name, params, by_step))
+        steps = row_values(run(name, params, by_step))
         dialogue = run(name, params, by_trajectory)
         starts = torch.arange(0, by_trajectory["mask"].shape[1], WIDTH + 1)
         first_tokens = dialogue[:, starts]  # each step's first token (0 where the step has no mask token)

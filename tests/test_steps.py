@@ -8,13 +8,10 @@ import torch
 
 import canonrl
 from canonrl.batch import make_batch
+from conftest import row_values
 
 ATOL = 1e-5
 
-
-def per_row(out: torch.Tensor) -> torch.Tensor:
-    """The value of each row of a row-per-step output (rows are constant over their mask)."""
-    return out.sum(-1) / (out != 0).sum(-1).clamp_min(1)
 
 
 # ------------------------------------------------------------------------------------------------------ step table
@@ -166,9 +163,9 @@ GIGPO_TRAJECTORIES = [0.75, 1.0, -0.75, -0.5, -1.0]
 
 def test_gigpo_by_hand_in_the_row_per_step_layout():
     out = canonrl.advantages("gigpo", gamma=0.5, **GIGPO_ROWS)
-    assert torch.allclose(per_row(out), torch.tensor(GIGPO_STEPS), atol=ATOL)
+    assert torch.allclose(row_values(out), torch.tensor(GIGPO_STEPS), atol=ATOL)
     out = canonrl.advantages("gigpo", gamma=0.5, episode_stats="trajectories", **GIGPO_ROWS)
-    assert torch.allclose(per_row(out), torch.tensor(GIGPO_TRAJECTORIES), atol=ATOL)
+    assert torch.allclose(row_values(out), torch.tensor(GIGPO_TRAJECTORIES), atol=ATOL)
 
 
 def test_gigpo_row_per_trajectory_layout_gives_the_same_numbers():
@@ -192,7 +189,7 @@ def test_gigpo_duplicated_padding_and_shuffled_rows():
     rows["mask"] = torch.ones(7, 3)
     order = [6, 3, 0, 5, 2, 4, 1]
     shuffled = {k: ([v[i] for i in order] if isinstance(v, list) else v[order]) for k, v in rows.items()}
-    out = per_row(canonrl.advantages("gigpo", gamma=0.5, **shuffled))
+    out = row_values(canonrl.advantages("gigpo", gamma=0.5, **shuffled))
     expected = torch.tensor(GIGPO_STEPS + [GIGPO_STEPS[3], 0.0])[order]
     assert torch.allclose(out, expected, atol=ATOL)  # the copy counted once and given its step's advantage
 
@@ -218,7 +215,7 @@ def test_a_step_without_mask_tokens_feeds_returns_but_no_statistic():
     mask[1] = 0  # a's last step is masked out of the loss
     out = canonrl.advantages("gigpo", gamma=1.0, mask=mask, **rows)
     # anchor 0: returns 1 (a, fed by the masked step) and 0 (b); anchor 1 keeps only b's step: a singleton
-    assert torch.allclose(per_row(out), torch.tensor([0.5, 0.0, -0.5, 0.0]), atol=ATOL)
+    assert torch.allclose(row_values(out), torch.tensor([0.5, 0.0, -0.5, 0.0]), atol=ATOL)
     assert (out[1] == 0).all()
 
 
@@ -230,9 +227,9 @@ def test_hgpo_by_hand():
     out = canonrl.advantages("hgpo", history_length=1, mode="mean_norm", gamma=1.0, **rows)
     # depth 1: a: A0 +0.5, B0 -0.5; b: A1 2/3, B1 -1/3, C1 -1/3. depth 2 (weight 3): (b after a): A1 +0.5, B1 -0.5
     expected = [0.5, (2 * 2 / 3 + 3 * 0.5) / 5, -0.5, (-2 / 3 - 1.5) / 5, 0.0, -1 / 3]
-    assert torch.allclose(per_row(out), torch.tensor(expected), atol=ATOL)
+    assert torch.allclose(row_values(out), torch.tensor(expected), atol=ATOL)
     uniform = canonrl.advantages("hgpo", history_length=1, mode="mean_norm", gamma=1.0, length_weight_alpha=0.0, **rows)
-    assert torch.allclose(per_row(uniform)[1], torch.tensor((2 / 3 + 0.5) / 2), atol=ATOL)
+    assert torch.allclose(row_values(uniform)[1], torch.tensor((2 / 3 + 0.5) / 2), atol=ATOL)
 
 
 def test_hgpo_constant_groups_are_dropped_not_averaged_in():
@@ -257,8 +254,8 @@ def test_trloo_by_hand_with_padding_turns_and_a_masked_turn():
     # returns: [2, 1], [1, 1], [0, 0], [2, 2, 2]; turn 0: mean 1.25, n 4; turn 1: mean 1, n 4; turn 2: alone
     expected = [4 / 3 * (2 - 1.25), 0, 0, 4 / 3 * (1 - 1.25), 0, 0, 4 / 3 * (0 - 1.25), 4 / 3 * (0 - 1), 0,
                 4 / 3 * (2 - 1.25), 4 / 3 * (2 - 1), 2.0]
-    assert torch.allclose(per_row(adv), torch.tensor(expected), atol=ATOL)
-    assert per_row(ret).tolist() == [2, 1, 0, 1, 1, 0, 0, 0, 0, 2, 2, 2]
+    assert torch.allclose(row_values(adv), torch.tensor(expected), atol=ATOL)
+    assert row_values(ret).tolist() == [2, 1, 0, 1, 1, 0, 0, 0, 0, 2, 2, 2]
 
 
 @pytest.mark.parametrize("name", ["gigpo", "hgpo", "trloo"])

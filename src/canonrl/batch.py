@@ -54,8 +54,6 @@ BATCH_FIELDS = (
 #: Optional inputs with one value per response token ([B, T]) and with one value per response ([B]).
 PER_TOKEN_FIELDS = ("token_rewards", "entropy", "logprobs", "token_ids", "ref_logprobs", "values")
 PER_RESPONSE_FIELDS = ("metric", "greedy_rewards", "reference_rewards", "prompt_confidence", "bootstrap_values")
-#: Inputs with one value (or id) per step, validated when the step table reads them.
-PER_STEP_FIELDS = ("step_rewards", "anchor", "agent", "step_values", "step_labels", "node", "parent")
 
 _MAX_ROWS_IN_MESSAGE = 10
 
@@ -66,6 +64,13 @@ def describe_rows(bad_rows: Tensor) -> str:
     shown = ", ".join(str(r) for r in rows[:_MAX_ROWS_IN_MESSAGE])
     more = f", ... ({len(rows)} rows)" if len(rows) > _MAX_ROWS_IN_MESSAGE else ""
     return f"[{shown}{more}]"
+
+
+def describe_row_indices(rows: Tensor, batch_size: int) -> str:
+    """:func:`describe_rows` of a [K] tensor of row indices (repeats allowed) of a batch of ``batch_size`` rows."""
+    flags = torch.zeros(batch_size, dtype=torch.bool, device=rows.device)
+    flags[rows] = True
+    return describe_rows(flags)
 
 
 def _require_tensor(name: str, value: Any) -> Tensor:

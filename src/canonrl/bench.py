@@ -75,6 +75,7 @@ class Row:
 
 
 COLUMNS = ("device", "contender", "time (ms)", "× floor", "M tokens/s")
+LEFT_COLUMNS = ("device", "contender")
 
 
 def synthetic_batch(prompts: int, group_size: int, tokens: int, device: str, seed: int = 0) -> dict:
@@ -256,6 +257,11 @@ def _ktae_loop_row(batch: dict, device: str, prompts: int, loop_groups: int, flo
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|"]
+    return markdown(COLUMNS, LEFT_COLUMNS, rows)
+
+
+def markdown(columns: tuple[str, ...], left: tuple[str, ...], rows) -> str:
+    """A markdown table of rows with ``cells()``; the ``left`` columns left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if c in left else "---:" for c in columns) + "|"]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     return "\n".join(lines)

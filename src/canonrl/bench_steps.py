@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 import canonrl
-from canonrl.bench import _timed_blocks, keep_freed_memory_for_reuse
+from canonrl.bench import _timed_blocks, keep_freed_memory_for_reuse, markdown
+from canonrl.methods.gae import on_last_policy_token
 
 #: (label, registry name, hyperparameters) timed on the row-per-step layout
 ROW_PER_STEP = (
@@ -31,6 +32,8 @@ ROW_PER_TRAJECTORY = (
     ("gae (gamma 1, lam 0.95)", "gae", {"lam": 0.95}),
 )
 FLOOR = "floor: per-step value -> [B, T] output"
+#: what only GAE reads (the critic's values and the token rewards it discounts)
+CRITIC_FIELDS = ("values", "token_rewards")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class StepRow:
 
 
 COLUMNS = ("layout", "batch", "contender", "time (ms)", "× floor", "vs official")
+LEFT_COLUMNS = ("layout", "batch", "contender")
 
 
 def episodes(prompts: int, trajectories: int, max_steps: int, seed: int = 0) -> dict:
@@ -96,10 +100,12 @@ def row_per_trajectory(ep: dict, tokens: int, device: str) -> dict:
     inside = (position % span) < span - 4
     turn_ids = torch.where(inside[None, :] & (turn[None, :] < lengths[:, None]), turn[None, :], -1)
     g = torch.Generator().manual_seed(1)
+    mask = (turn_ids >= 0).float()
     return {
         "rewards": ep["outcome"].to(device),
+        "token_rewards": on_last_policy_token(ep["outcome"], mask > 0).to(device),
         "group": ep["traj_prompt"].to(device),
-        "mask": (turn_ids >= 0).float().to(device),
+        "mask": mask.to(device),
         "turn_ids": turn_ids.to(device),
         "step_rewards": ep["step_rewards"].to(device),
         "anchor": ep["anchor"].to(device),
@@ -132,13 +138,14 @@ def _official_step_contenders(batch: dict) -> dict[str, Callable[[], object]]:
 
 
 def _verl_gae(batch: dict) -> Callable[[], object] | None:
+    """verl's GAE loop on the same token rewards (the outcome on each row's last policy token) and values."""
     try:
         from verl.trainer.ppo import core_algos
     except Exception:  # noqa: BLE001 — verl is optional
         return None
-    token_rewards = torch.zeros_like(batch["mask"])
-    token_rewards[:, -1] = batch["rewards"]
-    return lambda: core_algos.compute_gae_advantage_return(token_rewards, batch["values"], batch["mask"], 1.0, 0.95)
+    return lambda: core_algos.compute_gae_advantage_return(
+        batch["token_rewards"], batch["values"], batch["mask"], 1.0, 0.95
+    )
 
 
 def run_step_benchmark(
@@ -171,12 +178,12 @@ def run_step_benchmark(
 
 
 def _time_layout(layout, size, batch, cases, with_official, device, repeats) -> list[StepRow]:
-    steps = canonrl.make_batch(**{k: v for k, v in batch.items() if k != "values"}).steps
+    steps = canonrl.make_batch(**{k: v for k, v in batch.items() if k not in CRITIC_FIELDS}).steps
     per_step = torch.rand(steps.num_steps, device=steps.device)
     contenders: list[tuple[str, Callable[[], object]]] = [(FLOOR, lambda: steps.broadcast(per_step))]
     for label, name, params in cases:
         estimator = canonrl.get_estimator(name, **params)
-        fields = {k: v for k, v in batch.items() if k != "values" or name == "gae"}
+        fields = {k: v for k, v in batch.items() if k not in CRITIC_FIELDS or name == "gae"}
         contenders.append((label, lambda e=estimator, f=fields: e(**f)))
     official: dict[str, Callable[[], object]] = {}
     if with_official and layout == "row-per-step":
@@ -194,6 +201,4 @@ def _time_layout(layout, size, batch, cases, with_official, device, repeats) -> 
 
 
 def markdown_table(rows: list[StepRow]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---|---:|---:|---:|"]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown(COLUMNS, LEFT_COLUMNS, rows)

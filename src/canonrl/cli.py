@@ -60,7 +60,7 @@ def bench(
     """Time every estimator against the memory floor (and verl's GRPO) on one synthetic batch."""
     import torch
 
-    from canonrl.bench import COLUMNS, markdown_table, run_benchmark
+    from canonrl.bench import COLUMNS, LEFT_COLUMNS, markdown_table, run_benchmark
 
     for name in device or []:
         if name.startswith("cuda") and not torch.cuda.is_available():
@@ -79,7 +79,7 @@ def bench(
         )
     mask_tokens = f" ({rows[0].tokens:,} mask tokens)" if rows else ""
     title = f"{prompts} prompts × {group_size} responses × {tokens} tokens{mask_tokens}, median of {repeats}"
-    _show_bench_table(title, COLUMNS, rows, ("device", "contender"), markdown, markdown_table)
+    _show_bench_table(title, COLUMNS, rows, LEFT_COLUMNS, markdown, markdown_table)
 
 
 def _show_bench_table(title: str, columns, rows, left: tuple[str, ...], markdown: Path | None, to_markdown) -> None:
@@ -108,7 +108,7 @@ def bench_steps(
     markdown: Path = typer.Option(None, help="also write the table as markdown to this file"),
 ) -> None:
     """Time the step and critic estimators on agent batches in both layouts, against the floor and the official code."""
-    from canonrl.bench_steps import COLUMNS, markdown_table, run_step_benchmark
+    from canonrl.bench_steps import COLUMNS, LEFT_COLUMNS, markdown_table, run_step_benchmark
 
     try:
         prompts = tuple(int(size) for size in sizes.split(","))
@@ -127,7 +127,7 @@ def bench_steps(
             progress=lambda text: status.update(f"benchmarking {text}"),
         )
     title = f"step estimators, median of {repeats}"
-    _show_bench_table(title, COLUMNS, rows, ("layout", "batch", "contender"), markdown, markdown_table)
+    _show_bench_table(title, COLUMNS, rows, LEFT_COLUMNS, markdown, markdown_table)
 
 
 @app.command("simulate")

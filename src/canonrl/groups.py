@@ -64,15 +64,21 @@ class Grouping:
         denominator = (self.count - 1) if unbiased else self.count
         return self.sum(deviation * deviation) / denominator.clamp_min(1)
 
+    def max(self, values: Tensor) -> Tensor:
+        """[G] largest member value per group (-inf for a group without members); float ``values``."""
+        return self._extreme(values, "amax", float("-inf"))
+
+    def min(self, values: Tensor) -> Tensor:
+        """[G] smallest member value per group (inf for a group without members); float ``values``."""
+        return self._extreme(values, "amin", float("inf"))
+
+    def _extreme(self, values: Tensor, reduce: str, empty: float) -> Tensor:
+        out = torch.full((self.num_groups + 1,), empty, dtype=values.dtype, device=values.device)
+        return out.scatter_reduce(0, self.bins.to(values.device), values, reduce=reduce, include_self=True)[:-1]
+
     def is_constant(self, values: Tensor) -> Tensor:
         """[G] bool: every member value of the group is the same (true for empty and singleton groups)."""
-        bins = self.bins.to(values.device)
-        size = self.num_groups + 1
-        high = torch.full((size,), float("-inf"), dtype=values.dtype, device=values.device)
-        low = torch.full((size,), float("inf"), dtype=values.dtype, device=values.device)
-        high = high.scatter_reduce(0, bins, values, reduce="amax", include_self=True)
-        low = low.scatter_reduce(0, bins, values, reduce="amin", include_self=True)
-        return (high <= low)[:-1] | (self.count <= 1)
+        return (self.max(values) <= self.min(values)) | (self.count <= 1)
 
     @cached_property
     def singleton(self) -> Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from canonrl.batch import describe_rows, encode_groups
+from canonrl.batch import describe_row_indices, encode_groups
 from canonrl.steps import StepTable, per_occurrence
 
 
@@ -114,12 +114,10 @@ def _depths(parent: Tensor) -> Tensor:
 
 def build_node_table(steps: StepTable, node: Any, parent: Any) -> NodeTable:
     """The node table of per-step ``node`` and ``parent`` ids; errors name the field and the rows."""
-    nodes = _ids(steps, "node", node)
-    parents = _ids(steps, "parent", parent)
-    root = np.array([p is None or (isinstance(p, (int, np.integer)) and p == -1) for p in parents])
-    everything = list(nodes) + [p for p, is_root in zip(parents, root) if not is_root]
-    codes, num_nodes = encode_groups(np.fromiter(everything, dtype=object, count=len(everything)), len(everything),
-                                     steps.device)
+    nodes, parents = _ids(steps, "node", node), _ids(steps, "parent", parent)
+    root = np.equal(parents, None) | np.equal(parents, -1)
+    everything = np.concatenate([nodes, parents[~root]])
+    codes, num_nodes = encode_groups(everything, len(everything), steps.device)
     step_node = codes[: len(nodes)]
     step_parent = torch.full_like(step_node, -1)
     step_parent[torch.from_numpy(~root).to(steps.device)] = codes[len(nodes):]
@@ -129,23 +127,19 @@ def build_node_table(steps: StepTable, node: Any, parent: Any) -> NodeTable:
     lowest = lowest.scatter_reduce(0, step_node, step_parent, reduce="amin")
     conflict = (parent_of[step_node] != lowest[step_node]) | (step_parent == step_node)
     if conflict.any():
-        rows = torch.zeros(steps.batch_size, dtype=torch.bool, device=steps.device)
-        rows[steps.occ_row[steps.first_occ[conflict]]] = True
-        raise ValueError(f"node/parent: a node has two parents (or is its own) at rows {describe_rows(rows)}")
+        rows = describe_row_indices(steps.occ_row[steps.first_occ[conflict]], steps.batch_size)
+        raise ValueError(f"node/parent: a node has two parents (or is its own) at rows {rows}")
     table = NodeTable(parent=torch.where(parent_of == -2, -1, parent_of), step_node=step_node, step_parent=step_parent)
     _ = table.depth  # a cycle raises here, once
     return table
 
 
-def _ids(steps: StepTable, name: str, value: Any) -> list:
-    """The per-step ids of ``name`` as a list in step order (a None stays None)."""
+def _ids(steps: StepTable, name: str, value: Any) -> np.ndarray:
+    """[S] object array of the per-step ids of ``name``, in step order (a None stays None)."""
     if isinstance(value, Tensor):
-        codes = per_occurrence(steps, name, value.long())
-        flat = codes.tolist()
-    else:
-        values = list(value) if not isinstance(value, list) else value
-        if values and all(isinstance(v, list) for v in values):
-            values = [v for row in values for v in row]
-        index = torch.arange(len(values))
-        flat = [values[i] for i in per_occurrence(steps, name, index).tolist()]
-    return [flat[i] for i in steps.first_occ.tolist()]
+        return per_occurrence(steps, name, value.long())[steps.first_occ].cpu().numpy().astype(object)
+    if isinstance(value, list) and value and all(isinstance(row, list) for row in value):
+        value = [v for row in value for v in row]  # per-row lists, flattened in (row, step) order
+    ids = np.fromiter(value, dtype=object, count=len(value))  # tuples stay whole ids
+    which = per_occurrence(steps, name, torch.arange(len(ids)))[steps.first_occ]
+    return ids[which.cpu().numpy()]

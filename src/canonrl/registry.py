@@ -194,6 +194,9 @@ class StepEstimator(Estimator):
 
     level = "step"
     layouts = ("row-per-step", "row-per-trajectory")
+    #: The turns of a batch that names none (no ``turn_ids``, ``traj`` or ``step_index``): "row" (each row is one
+    #: step) or "mask_runs" (for row-per-trajectory methods whose official code cuts turns at the mask's runs).
+    default_turns: ClassVar[str] = "row"
 
     @property
     def group_local(self) -> bool:
@@ -202,11 +205,41 @@ class StepEstimator(Estimator):
         return True
 
     def compute(self, batch: RolloutBatch) -> Tensor:
-        return batch.steps.broadcast(self.step_advantages(batch))
+        return self.compute_returns(batch)[0]
+
+    def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        if self.default_turns != "row" and batch.turn_ids is None and batch.traj is None and batch.step_index is None:
+            batch = dataclasses.replace(batch, turn_ids=self.default_turns)
+        steps = batch.steps
+        per_step, returns = self.step_advantages_and_returns(batch)
+        advantages = steps.broadcast(per_step)
+        if returns is per_step:
+            return advantages, advantages
+        return advantages, steps.broadcast(torch.where(steps.member, returns, 0.0))
 
     @abstractmethod
     def step_advantages(self, batch: RolloutBatch) -> Tensor:
         """[S] float32 advantage per step of ``batch.steps``; 0 for steps without mask mass."""
+
+    def step_advantages_and_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """([S] advantages, [S] returns); estimators whose official code returns turn returns override it."""
+        advantages = self.step_advantages(batch)
+        return advantages, advantages
+
+
+class CriticEstimator(Estimator):
+    """A token-level estimator that reads a critic's ``values`` and returns real value targets."""
+
+    level = "token"
+    requires = ("values",)
+    critic = True
+
+    def compute(self, batch: RolloutBatch) -> Tensor:
+        return self.compute_returns(batch)[0]
+
+    @abstractmethod
+    def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """(advantages, value targets), both [B, T] float32, 0 off the mask."""
 
 
 _REGISTRY: dict[str, type[Estimator]] = {}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canonrl.batch import describe_rows, encode_groups
+from canonrl.batch import describe_row_indices, describe_rows, encode_groups
 from canonrl.groups import Grouping
 
 TURN_ID_MODES = ("row", "mask_runs")
@@ -47,7 +47,6 @@ class StepTable:
         traj: [S] long trajectory of each step (0..num_traj−1).
         group: [S] long prompt group of each step.
         pos: [S] long 0-based position of the step in its trajectory.
-        mass: [S] float32 mask mass of the step (of its first copy).
         first_occ: [S] long, the first occurrence of each step.
     """
 
@@ -61,7 +60,6 @@ class StepTable:
     traj: Tensor
     group: Tensor
     pos: Tensor
-    mass: Tensor
     first_occ: Tensor
     num_traj: int
     num_groups: int
@@ -77,6 +75,11 @@ class StepTable:
     @property
     def device(self) -> torch.device:
         return self.traj.device
+
+    @cached_property
+    def mass(self) -> Tensor:
+        """[S] float32 mask mass of each step (of its first copy)."""
+        return self.token_sum(None)
 
     @cached_property
     def member(self) -> Tensor:
@@ -148,17 +151,17 @@ class StepTable:
             offset *= 2
         return value.float()
 
-    def history(self, codes: Tensor, depth: int) -> tuple[Tensor, Tensor]:
-        """The last ``depth`` codes of each step's trajectory, ending at the step: ([S, depth] long, [S] bool).
+    def history(self, codes: Tensor, depth: int) -> Tensor:
+        """[S, depth] long: the last ``depth`` codes of each step's trajectory, ending at the step.
 
-        Column 0 is the step's own code, column j the code j steps back. The flag is False where the trajectory
-        holds fewer than ``depth`` steps up to this one (those rows are padded with −1).
+        Column 0 is the step's own code, column j the code j steps back; −1 where the trajectory holds fewer steps
+        (column j is complete where ``pos >= j``).
         """
         columns, index = [codes], torch.arange(self.num_steps, device=self.device)
         for _ in range(depth - 1):
             index = torch.where(index >= 0, self.prev[index.clamp_min(0)], -1)
             columns.append(torch.where(index >= 0, codes[index.clamp_min(0)], -1))
-        return torch.stack(columns, 1), self.pos >= depth - 1
+        return torch.stack(columns, 1)
 
     # --------------------------------------------------------------------------------------------- statistics
     def by(self, *keys: Tensor, member: Tensor | None = None) -> Grouping:
@@ -200,9 +203,8 @@ class StepTable:
         occurrences = per_occurrence(self, name, value, per_row=per_row).float()
         bad = ~torch.isfinite(occurrences)
         if bad.any():
-            rows = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
-            rows[self.occ_row[bad]] = True
-            raise ValueError(f"{name} is NaN or Inf at steps of rows {describe_rows(rows)}")
+            rows = describe_row_indices(self.occ_row[bad], self.batch_size)
+            raise ValueError(f"{name} is NaN or Inf at steps of rows {rows}")
         return occurrences[self.first_occ]
 
     def per_step_ids(self, name: str, value: Any, *, per_row: bool = False) -> Tensor:
@@ -295,13 +297,17 @@ def _numbers(name: str, values: Any, count: int, device: torch.device) -> Tensor
 
 
 def _codes(name: str, ids: Any, count: int, device: torch.device) -> Tensor:
+    return _encode(name, ids, count, device)[0]
+
+
+def _encode(name: str, ids: Any, count: int, device: torch.device) -> tuple[Tensor, int]:
+    """:func:`~canonrl.batch.encode_groups` of ``ids`` (codes, number of distinct ids), errors naming ``name``."""
     if isinstance(ids, Tensor) and ids.dtype.is_floating_point:
         raise TypeError(f"{name} must hold integer or hashable ids, got dtype {ids.dtype}")
     try:
-        codes, _ = encode_groups(ids, count, device)
+        return encode_groups(ids, count, device)
     except (TypeError, ValueError) as error:
         raise type(error)(str(error).replace("group", name, 1)) from None
-    return codes
 
 
 # -------------------------------------------------------------------------------------------------------- building
@@ -330,7 +336,7 @@ def build_step_table(
     else:
         occ_row, occ_local, token_column, occ_column = _occurrences(mode.to(device), mask, active)
     traj_index, num_traj = (
-        (torch.arange(B, device=device), B) if traj is None else _codes_with_name("traj", traj, B, device)
+        (torch.arange(B, device=device), B) if traj is None else _encode("traj", traj, B, device)
     )
     time = occ_row if step_index is None else step_index.to(device).long()[occ_row]
     occurrences = occ_row.shape[0]
@@ -340,12 +346,13 @@ def build_step_table(
     first_occ = first_occ.scatter_reduce(0, occ_step, torch.arange(occurrences, device=device), reduce="amin")
     step_traj = occ_traj[first_occ]
     step_group = group_index[occ_row[first_occ]]
-    _check_one_group_per_traj(step_traj, step_group, occ_row, occ_step, B)
+    _check_one_group_per_traj(Grouping(step_traj, torch.ones_like(step_traj, dtype=torch.bool), num_traj),
+                              step_group, occ_row, occ_step, B)
     traj_start = torch.ones_like(step_traj, dtype=torch.bool)
     traj_start[1:] = step_traj[1:] != step_traj[:-1]
     start_index = torch.cummax(torch.where(traj_start, torch.arange(num_steps, device=device), 0), 0).values
     pos = torch.arange(num_steps, device=device) - start_index
-    table = StepTable(
+    return StepTable(
         batch_size=B,
         mask=mask,
         occ_row=occ_row,
@@ -356,18 +363,10 @@ def build_step_table(
         traj=step_traj,
         group=step_group,
         pos=pos,
-        mass=torch.zeros(num_steps, device=device),
         first_occ=first_occ,
         num_traj=num_traj,
         num_groups=num_groups,
     )
-    table.mass = table.token_sum(None)
-    return table
-
-
-def _codes_with_name(name: str, ids: Any, count: int, device: torch.device) -> tuple[Tensor, int]:
-    codes = _codes(name, ids, count, device)
-    return codes, int(codes.max().item()) + 1 if count else 0
 
 
 def mask_run_ids(mask: Tensor) -> Tensor:
@@ -399,14 +398,11 @@ def _occurrences(turn_ids: Tensor, mask: Tensor, active: Tensor) -> tuple[Tensor
     return occ_row, local[occ_row, occ_column], column, occ_column
 
 
-def _check_one_group_per_traj(traj: Tensor, group: Tensor, occ_row: Tensor, occ_step: Tensor, batch_size: int) -> None:
-    if traj.numel() == 0:
-        return
-    size = int(traj.max().item()) + 1
-    low = torch.full((size,), torch.iinfo(torch.long).max, device=traj.device).scatter_reduce(0, traj, group, "amin")
-    high = torch.full((size,), -1, device=traj.device).scatter_reduce(0, traj, group, "amax")
-    split = (low != high)[traj]
+def _check_one_group_per_traj(
+    trajectories: Grouping, group: Tensor, occ_row: Tensor, occ_step: Tensor, batch_size: int
+) -> None:
+    """Raise, naming the rows, where the steps of one trajectory (a group of ``trajectories``) span two groups."""
+    split = ~trajectories.gather(trajectories.is_constant(group.double()))
     if split.any():
-        rows = torch.zeros(batch_size, dtype=torch.bool, device=traj.device)
-        rows[occ_row[split[occ_step]]] = True
-        raise ValueError(f"traj: the rows of one trajectory must share one group, not at rows {describe_rows(rows)}")
+        rows = describe_row_indices(occ_row[split[occ_step]], batch_size)
+        raise ValueError(f"traj: the rows of one trajectory must share one group, not at rows {rows}")

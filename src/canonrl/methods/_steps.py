@@ -1,5 +1,5 @@
 """Pieces the step estimators share: group-relative scores over steps, the numerics choice, turn rewards read at
-each turn's last token, and the default turns of a row-per-trajectory batch.
+each turn's last token.
 
 ``numerics="exact"`` (canonrl's convention, steps.md §5.1): a group whose values are all equal gets exactly 0, and
 statistics are two-pass. ``numerics="upstream"``: float32 statistics without that guard, as ``torch.mean`` and
@@ -9,8 +9,6 @@ that is off by one ulp, divided by std + eps) show up too.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
@@ -19,7 +17,6 @@ from canonrl.groups import Grouping
 from canonrl.registry import param
 
 NUMERICS = ("exact", "upstream")
-SCALES = ("none", "unbiased", "population")
 
 
 def numerics_param():
@@ -85,24 +82,9 @@ def upstream_mean_std(
     return mean, std
 
 
-def with_default_turns(batch: RolloutBatch) -> RolloutBatch:
-    """The batch with ``turn_ids="mask_runs"`` when it names no turns and is not row-per-step (no ``traj`` and no
-    ``step_index``); otherwise the batch itself."""
-    if batch.turn_ids is None and batch.traj is None and batch.step_index is None:
-        return dataclasses.replace(batch, turn_ids="mask_runs")
-    return batch
-
-
-def all_zero(batch: RolloutBatch) -> Tensor | None:
-    """[B, T] float32 zeros when the batch has no mask token at all (nothing to compute), else None."""
-    if batch.valid.any():
-        return None
-    return torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.device)
-
-
-def turn_end_columns(steps) -> tuple[Tensor, Tensor]:
-    """([O] long, [O] bool): the column of each occurrence's last mask token, and whether it has one (if not, the
-    column of its last token). One row-wise scatter over the tokens, no loop."""
+def turn_end_columns(steps) -> Tensor:
+    """[O] long: the column of each occurrence's last mask token (its last token if it has none). One row-wise
+    scatter over the tokens, no loop."""
     B, T = steps.mask.shape
     column = torch.arange(T, device=steps.device).expand(B, T)
     key = column + T * (steps.mask > 0).long()  # mask tokens rank above the others
@@ -112,7 +94,7 @@ def turn_end_columns(steps) -> tuple[Tensor, Tensor]:
         best_by_column = torch.full((B, steps.width), -1, dtype=torch.long, device=steps.device)
         best_by_column = best_by_column.scatter_reduce(1, steps.token_column, key, reduce="amax")
         best = best_by_column[steps.occ_row, steps.occ_column]
-    return best.clamp_min(0) % max(T, 1), best >= T
+    return best.clamp_min(0) % max(T, 1)
 
 
 def turn_rewards(batch: RolloutBatch, steps, estimator: str) -> Tensor:
@@ -125,7 +107,7 @@ def turn_rewards(batch: RolloutBatch, steps, estimator: str) -> Tensor:
             f"estimator {estimator!r} needs turn rewards: token_rewards (each turn's reward on its last token) "
             f"or step_rewards (one per turn); neither was given"
         )
-    end, _ = turn_end_columns(steps)
+    end = turn_end_columns(steps)
     return batch.token_rewards.float()[steps.occ_row, end][steps.first_occ]
 
 

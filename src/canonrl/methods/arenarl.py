@@ -71,12 +71,6 @@ def min_rank_descending(grouping: Grouping, scores: Tensor) -> Tensor:
     return torch.where(grouping.member, higher, -1)
 
 
-def group_max(grouping: Grouping, values: Tensor) -> Tensor:
-    """[G] largest member value per group (0 for groups without members)."""
-    out = torch.zeros(grouping.num_groups + 1, dtype=values.dtype, device=values.device)
-    return out.scatter_reduce(0, grouping.bins, values, reduce="amax", include_self=False)[:-1]
-
-
 @register
 class ArenaRL(SequenceEstimator):
     name = "arenarl"
@@ -102,7 +96,7 @@ class ArenaRL(SequenceEstimator):
         size = grouping.count.double()
         if p.topology == "anchor":
             higher = min_rank_descending(grouping, batch.metric).double()
-            spread = group_max(grouping, torch.where(grouping.member, higher, 0.0))  # M - 1
+            spread = grouping.max(higher).clamp_min(0)  # M - 1 (0 for a group without members)
             points = grouping.gather(spread) - higher  # M - rank
         else:
             spread = size - 1  # N - 1

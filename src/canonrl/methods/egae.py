@@ -29,20 +29,18 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_range
-from canonrl.methods.gae import checked_values, gae
+from canonrl.methods.gae import checked_values, gae, on_last_policy_token
 from canonrl.methods.trloo import DR_KERNEL
 from canonrl.ops import masked_whiten
-from canonrl.registry import Estimator, param, register
+from canonrl.registry import CriticEstimator, param, register
 
 
 @register
-class EGAE(Estimator):
+class EGAE(CriticEstimator):
     name = "egae"
     description = "Turn-level GAE: each turn's discounted return on its last token, then token GAE with the critic"
     paper = DR_KERNEL
-    level = "token"
     requires = ("values", "step_rewards")
-    critic = True
     layouts = ("row-per-step",)
 
     @dataclass
@@ -55,9 +53,6 @@ class EGAE(Estimator):
             require_range("gamma", self.gamma, 0.0, 1.0)
             require_range("lam", self.lam, 0.0, 1.0)
 
-    def compute(self, batch: RolloutBatch) -> Tensor:
-        return self.compute_returns(batch)[0]
-
     def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         p, steps = self.params, batch.steps
         if steps.token_column is not None:
@@ -69,10 +64,7 @@ class EGAE(Estimator):
         turn_returns = steps.returns(steps.per_step("step_rewards", batch.step_rewards), p.gamma)
         per_row = torch.zeros(batch.batch_size, device=batch.device)
         per_row[steps.occ_row] = turn_returns[steps.occ_step]
-        position = torch.arange(policy.shape[1], device=batch.device)
-        last = torch.where(policy, position, -1).amax(-1, keepdim=True)
-        rewards = torch.where(position[None, :] == last, per_row[:, None], 0.0)
-        advantages = gae(rewards, values, policy, p.gamma, p.lam)
+        advantages = gae(on_last_policy_token(per_row, policy), values, policy, p.gamma, p.lam)
         returns = torch.where(policy, advantages + values, 0.0)
         if p.whiten:
             advantages = masked_whiten(advantages, batch.mask * live[:, None])

@@ -41,37 +41,40 @@ from torch import Tensor
 from canonrl.batch import RolloutBatch, describe_rows
 from canonrl.methods._common import require_choice, require_range
 from canonrl.ops import masked_whiten, reverse_discounted_cumsum
-from canonrl.registry import Estimator, Paper, param, register
+from canonrl.registry import CriticEstimator, Paper, param, register
 
 GAE_PAPER = Paper("High-Dimensional Continuous Control Using Generalized Advantage Estimation", "1506.02438")
 MASKED_REWARDS = ("move", "drop")
 
 
+def last_policy_position(policy: Tensor) -> Tensor:
+    """[B] long: the column of each row's last policy token, −1 for a row without one."""
+    return torch.where(policy, torch.arange(policy.shape[1], device=policy.device), -1).amax(-1)
+
+
+def on_last_policy_token(per_row: Tensor, policy: Tensor) -> Tensor:
+    """[B, T] float32: each row's value on its last policy token, 0 elsewhere (and on rows without one)."""
+    position = torch.arange(policy.shape[1], device=policy.device)
+    return torch.where(position[None, :] == last_policy_position(policy)[:, None], per_row.float()[:, None], 0.0)
+
+
 def policy_rewards(batch: RolloutBatch, policy: Tensor, masked_rewards: str) -> Tensor:
     """[B, T] float32 token rewards on policy tokens only, with rewards on holes moved or dropped."""
-    last = torch.where(policy, torch.arange(policy.shape[1], device=policy.device), -1).amax(-1)
     if batch.token_rewards is None:
-        rewards = torch.zeros(policy.shape, dtype=torch.float32, device=policy.device)
-        has_token = last >= 0
-        rewards[has_token.nonzero().flatten(), last[has_token]] = batch.rewards[has_token]
-        return rewards
+        return on_last_policy_token(batch.rewards, policy)
     rewards = batch.token_rewards.float()
     on_holes = torch.where(policy, 0.0, rewards)
     rewards = torch.where(policy, rewards, 0.0)
     if masked_rewards == "drop" or not (on_holes != 0).any():
         return rewards
     position = torch.arange(policy.shape[1], device=policy.device)
-    before_last = (on_holes != 0) & (position[None, :] < last[:, None])
+    before_last = (on_holes != 0) & (position[None, :] < last_policy_position(policy)[:, None])
     if before_last.any():
         raise ValueError(
             f"token_rewards has rewards on mask-0 tokens before the row's last policy token at rows "
             f"{describe_rows(before_last.any(-1))}: put them on a policy token, or pass masked_rewards='drop' (verl)"
         )
-    after = on_holes.sum(-1)
-    has_token = last >= 0
-    rows = has_token.nonzero().flatten()
-    rewards[rows, last[has_token]] += after[has_token]
-    return rewards
+    return rewards + on_last_policy_token(on_holes.sum(-1), policy)
 
 
 def checked_values(batch: RolloutBatch, policy: Tensor) -> Tensor:
@@ -111,13 +114,10 @@ def gae(
 
 
 @register
-class GAE(Estimator):
+class GAE(CriticEstimator):
     name = "gae"
     description = "Critic-based token advantages: GAE over policy tokens (verl's multi-turn skip), whitened"
     paper = GAE_PAPER
-    level = "token"
-    requires = ("values",)
-    critic = True
     layouts = ("row-per-response", "row-per-trajectory")
 
     @dataclass
@@ -135,9 +135,6 @@ class GAE(Estimator):
                 require_range("lam_critic", self.lam_critic, 0.0, 1.0)
             require_choice("masked_rewards", self.masked_rewards, MASKED_REWARDS)
 
-    def compute(self, batch: RolloutBatch) -> Tensor:
-        return self.compute_returns(batch)[0]
-
     def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         p = self.params
         policy = batch.mask > 0
@@ -145,7 +142,10 @@ class GAE(Estimator):
         rewards = policy_rewards(batch, policy, p.masked_rewards)
         advantages = gae(rewards, values, policy, p.gamma, p.lam, batch.bootstrap_values)
         lam_critic = p.lam if p.lam_critic is None else p.lam_critic
-        critic = advantages if lam_critic == p.lam else gae(rewards, values, policy, p.gamma, lam_critic, batch.bootstrap_values)
+        if lam_critic == p.lam:
+            critic = advantages
+        else:
+            critic = gae(rewards, values, policy, p.gamma, lam_critic, batch.bootstrap_values)
         returns = torch.where(policy, critic + values, 0.0)
         if p.whiten:
             advantages = masked_whiten(advantages, batch.mask)

@@ -44,7 +44,6 @@ class HGPO(StepEstimator):
     description = "Step advantages over groups sharing the last k anchor states, weighted (k+1)^alpha (agents)"
     paper = HGPO_PAPER
     requires = ("step_rewards", "anchor")
-    layouts = ("row-per-step", "row-per-trajectory")
 
     @dataclass
     class Params:
@@ -75,7 +74,7 @@ class HGPO(StepEstimator):
             episode_scale = "unbiased" if p.mode == "mean_std_norm" else "none"
             episode = episode_advantages(batch, scale=episode_scale, eps=p.eps, numerics=p.numerics)
             self._add_item(numerator, weights, episode, depth=0)
-        history, _ = steps.history(anchor, p.history_length + 1)
+        history = steps.history(anchor, p.history_length + 1)
         for depth in range(1, p.history_length + 2):
             grouping = steps.by(steps.group, history[:, :depth], member=steps.pos >= depth - 1)
             item = group_relative(grouping, returns, scale=scale, eps=p.eps, numerics=p.numerics)

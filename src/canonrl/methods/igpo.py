@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from canonrl.batch import RolloutBatch, describe_rows
+from canonrl.batch import RolloutBatch, describe_row_indices
 from canonrl.groups import Grouping
 from canonrl.methods._common import require_choice, require_range
 from canonrl.registry import Paper, StepEstimator, param, register
@@ -131,7 +131,7 @@ class IGPO(StepEstimator):
         _check_log_probs("step_values", after, step_rows, batch.batch_size)
         bad = steps.is_first & ~torch.isfinite(before_first)
         if bad.any():
-            raise ValueError(f"prompt_values is NaN or Inf at rows {_rows(step_rows[bad], batch.batch_size)}")
+            raise ValueError(f"prompt_values is NaN or Inf at rows {describe_row_indices(step_rows[bad], batch.batch_size)}")
         _check_log_probs("prompt_values", torch.where(steps.is_first, before_first, 0.0), step_rows, batch.batch_size)
         before = torch.where(steps.is_first, before_first, after[steps.prev.clamp_min(0)])
         if p.info_gain == "prob":
@@ -153,10 +153,4 @@ def population_z_score(grouping: Grouping, values: Tensor, *, eps: float, scale:
 def _check_log_probs(name: str, values: Tensor, rows: Tensor, batch_size: int) -> None:
     bad = values > 0
     if bad.any():
-        raise ValueError(f"{name} must be mean log-probs (<= 0), not at rows {_rows(rows[bad], batch_size)}")
-
-
-def _rows(rows: Tensor, batch_size: int) -> str:
-    flags = torch.zeros(batch_size, dtype=torch.bool, device=rows.device)
-    flags[rows] = True
-    return describe_rows(flags)
+        raise ValueError(f"{name} must be mean log-probs (<= 0), not at rows {describe_row_indices(rows[bad], batch_size)}")

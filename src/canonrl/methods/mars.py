@@ -69,8 +69,8 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_choice
-from canonrl.methods._steps import NUMERICS, all_zero, float32_returns, turn_end_columns, turn_rewards, with_default_turns
-from canonrl.ops import WHITEN_EPS
+from canonrl.methods._steps import NUMERICS, float32_returns, turn_end_columns, turn_rewards
+from canonrl.ops import WHITEN_EPS, whiten_broadcast_scores
 from canonrl.registry import Paper, StepEstimator, param, register
 
 MARS_PAPER = Paper("MARS: Reinforcing Multi-Agent Reasoning of LLMs through Self-Play in Strategic Games", "2510.15414")
@@ -86,6 +86,7 @@ class MARS(StepEstimator):
     paper = MARS_PAPER
     requires = ("agent",)  # and step_rewards or token_rewards: checked when the turn rewards are read
     layouts = ("row-per-trajectory",)
+    default_turns = "mask_runs"
 
     @dataclass
     class Params:
@@ -106,23 +107,10 @@ class MARS(StepEstimator):
         # a player's distinct values span every tag of the batch; the whitenings are batch-wide
         return False
 
-    def compute(self, batch: RolloutBatch) -> Tensor:
-        return self.compute_returns(batch)[0]
-
-    def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
-        empty = all_zero(batch)
-        if empty is not None:
-            return empty, empty
-        batch = with_default_turns(batch)
-        steps = batch.steps
-        advantages, returns = self._per_step(batch)
-        return steps.broadcast(advantages), steps.broadcast(torch.where(steps.member, returns, 0.0))
-
     def step_advantages(self, batch: RolloutBatch) -> Tensor:
-        """[S] per step of ``batch.steps`` (``compute`` sets the mask runs first when the batch names no turns)."""
-        return self._per_step(batch)[0]
+        return self.step_advantages_and_returns(batch)[0]
 
-    def _per_step(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+    def step_advantages_and_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         p, steps = self.params, batch.steps
         member = steps.member
         agent = steps.per_step_ids("agent", batch.agent, per_row=True)
@@ -156,7 +144,7 @@ class MARS(StepEstimator):
         largest one are one value (0: exact float equality, as ``torch.unique``)."""
         member = steps.member
         B, T = batch.mask.shape
-        end, _ = turn_end_columns(steps)
+        end = turn_end_columns(steps)
         rows = torch.arange(B, device=steps.device)
         last_end = torch.full((B,), -1, dtype=torch.long, device=steps.device)
         last_end = last_end.scatter_reduce(0, steps.occ_row, end, reduce="amax")
@@ -192,13 +180,8 @@ class MARS(StepEstimator):
 
 
 def _whiten(values: Tensor, tokens: Tensor, member: Tensor) -> Tensor:
-    """[S] masked whitening of per-step values weighted by their tokens (unbiased variance over the tokens,
-    rsqrt(var + 1e-8)); exactly 0 when there are fewer than two tokens or the member values are all equal."""
-    total = tokens.sum()
-    mean = (tokens * values).sum() / total.clamp_min(1)
-    centred = values - mean
-    variance = (tokens * centred * centred).sum() / (total - 1).clamp_min(1)
+    """[S] masked whitening of per-step values weighted by their tokens (``whiten_broadcast_scores``); exactly 0
+    when there are fewer than two tokens or the member values are all equal."""
     high = torch.where(member, values, float("-inf")).max() if member.any() else values.new_zeros(())
     low = torch.where(member, values, float("inf")).min() if member.any() else values.new_zeros(())
-    usable = (total > 1) & (high > low)
-    return torch.where(usable, centred * torch.rsqrt(variance + WHITEN_EPS), 0.0)
+    return torch.where(high > low, whiten_broadcast_scores(values, tokens), 0.0)

@@ -47,15 +47,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_choice, require_range
-from canonrl.methods._steps import (
-    NUMERICS,
-    all_zero,
-    float32_returns,
-    group_relative,
-    numerics_param,
-    turn_rewards,
-    with_default_turns,
-)
+from canonrl.methods._steps import NUMERICS, float32_returns, group_relative, numerics_param, turn_rewards
 from canonrl.methods.gigpo import episode_advantages
 from canonrl.registry import Paper, StepEstimator, param, register
 
@@ -71,6 +63,7 @@ class MatchTIR(StepEstimator):
     paper = MATCHTIR_PAPER
     requires = ()  # token_rewards or step_rewards: checked when the turn rewards are read
     layouts = ("row-per-trajectory",)
+    default_turns = "mask_runs"
 
     @dataclass
     class Params:
@@ -83,12 +76,7 @@ class MatchTIR(StepEstimator):
             require_range("eps", self.eps, 0.0, float("inf"), low_open=True)  # 0 would make a constant group 0 / 0
             require_choice("numerics", self.numerics, NUMERICS)
 
-    def compute(self, batch: RolloutBatch) -> Tensor:
-        empty = all_zero(batch)
-        return empty if empty is not None else super().compute(with_default_turns(batch))
-
     def step_advantages(self, batch: RolloutBatch) -> Tensor:
-        """[S] per step of ``batch.steps`` (``compute`` sets the mask runs first when the batch names no turns)."""
         p, steps = self.params, batch.steps
         rewards = turn_rewards(batch, steps, self.name)
         upstream = p.numerics == "upstream"

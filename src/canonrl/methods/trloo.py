@@ -53,15 +53,10 @@ class TRLOO(StepEstimator):
             require_range("gamma", self.gamma, 0.0, 1.0)
             require_choice("numerics", self.numerics, NUMERICS)
 
-    def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
-        advantages, returns = self._per_step(batch)
-        steps = batch.steps
-        return steps.broadcast(advantages), steps.broadcast(torch.where(steps.member, returns, 0.0))
-
     def step_advantages(self, batch: RolloutBatch) -> Tensor:
-        return self._per_step(batch)[0]
+        return self.step_advantages_and_returns(batch)[0]
 
-    def _per_step(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+    def step_advantages_and_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         steps = batch.steps
         returns = steps.returns(steps.per_step("step_rewards", batch.step_rewards), self.params.gamma)
         grouping = steps.by(steps.group, steps.pos)
