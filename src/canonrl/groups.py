@@ -58,9 +58,10 @@ class Grouping:
         centered = values - self.gather(self.mean(values))
         return torch.where(self.gather(self.is_constant(values)) | ~self.member, 0.0, centered)
 
-    def variance(self, values: Tensor, *, unbiased: bool = True) -> Tensor:
-        """[G] per-group variance (two-pass, float32); 0 for groups too small to have one."""
-        deviation = self.centered(values)
+    def variance(self, values: Tensor, *, unbiased: bool = True, centered: Tensor | None = None) -> Tensor:
+        """[G] per-group variance (two-pass, float32); 0 for groups too small to have one. ``centered``: the
+        caller's ``self.centered(values)``, when it has it already."""
+        deviation = self.centered(values) if centered is None else centered
         denominator = (self.count - 1) if unbiased else self.count
         return self.sum(deviation * deviation) / denominator.clamp_min(1)
 

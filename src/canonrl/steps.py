@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from canonrl.batch import describe_row_indices, describe_rows, encode_groups
+from canonrl.batch import dense_codes, describe_row_indices, describe_rows, encode_groups
 from canonrl.groups import Grouping
 
 TURN_ID_MODES = ("row", "mask_runs")
@@ -227,16 +227,13 @@ def lexicographic_codes(
         low, high = torch.aminmax(column)
         span = int(high.item() - low.item()) + 1
         if size * span >= 2**62:
-            code, size = _dense(code)
+            code, size = dense_codes(code)
         code, size = code * span + (column - low), size * span
     if dense or size > 4 * length + 1024:
-        return _dense(code)
+        return dense_codes(code)
     return code, size
 
 
-def _dense(code: Tensor) -> tuple[Tensor, int]:
-    uniques, dense = torch.unique(code, return_inverse=True)
-    return dense, int(uniques.numel())
 
 
 def _shift_up(values: Tensor, offset: int) -> Tensor:

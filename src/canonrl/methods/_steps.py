@@ -46,7 +46,7 @@ def group_relative(
     else:
         centered = grouping.centered(values)
         if scale != "none":
-            std = grouping.variance(values, unbiased=scale == "unbiased").sqrt()
+            std = grouping.variance(values, unbiased=scale == "unbiased", centered=centered).sqrt()
     if scale != "none":
         centered = centered / (std[index] + eps)
     out = torch.where(grouping.singleton, singleton, centered)

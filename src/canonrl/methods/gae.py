@@ -80,7 +80,7 @@ def policy_rewards(batch: RolloutBatch, policy: Tensor, masked_rewards: str) -> 
 def checked_values(batch: RolloutBatch, policy: Tensor) -> Tensor:
     """[B, T] float32 critic values; NaN or Inf off the policy tokens is padding (set to 0), inside them an error."""
     values = batch.values.float()
-    if torch.isfinite(values).all():
+    if torch.isfinite(values.sum()):  # a finite sum has no NaN or Inf term (an overflow only takes the slow path)
         return values
     bad = ~torch.isfinite(torch.where(policy, values, 0.0)).all(-1)
     if bad.any():
@@ -97,7 +97,9 @@ def gae(
     is a plain reverse discounted sum of the TD errors: a blocked scan, then one gather unpacks it.
     """
     B, T = policy.shape
-    slot = policy.long().cumsum(1) - 1  # each policy token's index among its row's policy tokens
+    # each policy token's index among its row's policy tokens (for a hole: the next policy token's, always < T)
+    ones = policy.long()
+    slot = ones.cumsum(1) - ones
     trash = torch.where(policy, slot, T)  # holes write to a spare column
 
     def pack(x: Tensor) -> Tensor:
@@ -110,7 +112,7 @@ def gae(
         following[has_token, count[has_token] - 1] = bootstrap[has_token].float()
     delta = pack(rewards) + gamma * following - packed_values  # 0 past each row's last policy token
     advantages = reverse_discounted_cumsum(delta, gamma * lam)
-    return torch.where(policy, advantages.gather(1, slot.clamp_min(0)), 0.0)
+    return torch.where(policy, advantages.gather(1, slot), 0.0)
 
 
 @register
