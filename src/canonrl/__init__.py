@@ -20,7 +20,7 @@ from canonrl.methods.ktae import KeyTokens, key_token_scores
 from canonrl.selection import dynamic_sampling_keep
 from canonrl.shaping import overlong_penalty
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it (tool.setuptools.dynamic)
 
 __all__ = [
     "Estimator",
