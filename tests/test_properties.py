@@ -116,11 +116,10 @@ KNOWN_VARIANTS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-#: Estimators that run a base estimator (``base``/``base_params``) and reshape its advantages.
-WRAPPERS = ("ktae", "rlev", "hadw", "adora", "capo", "progrpo", "ace")
-#: Estimators that reject rewards outside [0, 1] (MAPO needs r >= 0; A-GRAE's p and omega are accuracies); the
-#: random batches map their rewards into [0, 1] for them, as for CANON's accuracy schedules.
-UNIT_REWARDS = ("mapo", "agrae")
+#: What the tests read from each configured estimator, rather than from lists of names kept here: whether it is
+#: group-local (``batch_level_reason``), whether it wraps a base (``wraps_base``), the rewards it accepts
+#: (``reward_range``; a restricted range gets rewards mapped into [0, 1]) and how it z-scores (``z_score_bound``).
+ANY_REWARD = (-math.inf, math.inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +134,14 @@ class Config:
     inputs: tuple[str, ...]
     #: reads rewards as [B, K] components (GDPO)
     multi_reward: bool = False
+    #: why the configured estimator is batch-level, or None when it is group-local (its ``batch_level_reason``)
+    batch_level: str | None = None
+    #: runs a ``base`` estimator (``base``/``base_params``) and reshapes its advantages
+    wraps_base: bool = False
+    #: the rewards it accepts on valid rows
+    reward_range: tuple[float, float] = ANY_REWARD
+    #: divides reward deviations by a group std + eps, then multiplies the z-scores by at most this
+    z_score_bound: float | None = None
 
     @property
     def p(self) -> dict[str, Any]:
@@ -150,8 +157,8 @@ class Config:
     # --- classification used by the tests -------------------------------------------------------------------
     @property
     def sequence_core(self) -> Config:
-        """The configuration of the sequence-level estimator inside (KTAE's base), else itself."""
-        if self.name in WRAPPERS:
+        """The configuration of the sequence-level estimator inside (a wrapper's base), else itself."""
+        if self.wraps_base:
             return make_config(self.p["base"], self.p["base_params"] or {})
         return self
 
@@ -186,6 +193,10 @@ def make_config(name: str, variant: dict[str, Any]) -> Config:
         level=info.level,
         inputs=required,
         multi_reward=info.multi_reward,
+        batch_level=estimator.batch_level_reason,
+        wraps_base=info.wraps_base,
+        reward_range=tuple(estimator.reward_range),
+        z_score_bound=estimator.z_score_bound,
     )
 
 
@@ -397,9 +408,10 @@ def batches(draw, *, distinct_metrics: bool = False, min_rows: int = 0, max_rows
 
 
 def effective_rewards(cfg: Config, b: Batch) -> np.ndarray:
-    """Accuracy-based mu schedules need rewards in [0, 1]: those configurations see rewards outside it taken mod 1
-    (a map applied row by row, so that it commutes with permutations and row insertion)."""
-    if cfg.accuracy_mu or cfg.sequence_core.name in UNIT_REWARDS:
+    """Configurations that accept only some rewards (a declared ``reward_range``: MAPO needs r >= 0, A-GRAE's p and
+    omega and CANON's accuracy schedules need r in [0, 1]) see rewards outside [0, 1] taken mod 1 (a map applied row
+    by row, so that it commutes with permutations and row insertion)."""
+    if cfg.reward_range != ANY_REWARD:
         r = b.rewards
         return _f32(np.where((r >= 0) & (r <= 1), r, np.mod(r, 1.0)))
     return b.rewards
@@ -515,7 +527,7 @@ def error_scale(cfg: Config, b: Batch) -> float:
             magnitude = max(magnitude, float(np.abs(values).max()))
     elif cfg.name == "canon":
         denominator = p["normalizer"]
-    elif cfg.name in Z_SCORED or (cfg.name == "gpg" and p["scale_std"]) or (cfg.name == "psr_nsr" and p["mode"] == "grpo_n"):
+    elif cfg.z_score_bound is not None:
         values = r
         if cfg.name == "unlikely":  # the reshaped rewards r (1 - beta rank / G) are what is z-scored
             values = r * (1.0 - p["beta"])
@@ -531,8 +543,8 @@ def error_scale(cfg: Config, b: Batch) -> float:
         if cfg.name == "gdpo" and p["batch_norm"] == "sample":
             # the weighted sum of z-scores is then divided by its batch std + batch_eps, which can be tiny
             denominator *= p["batch_eps"]
-        magnitude *= Z_SCORED.get(cfg.name, 1.0)
-    elif cfg.name in WRAPPERS:
+        magnitude *= cfg.z_score_bound
+    elif cfg.wraps_base:
         amplification = _wrapper_amplification(cfg, b)
         scaled_core = error_scale(cfg.sequence_core, b) * amplification
         if cfg.name == "hadw":
@@ -540,10 +552,6 @@ def error_scale(cfg: Config, b: Batch) -> float:
             return scaled_core + amplification * math.sqrt(max(b.B, 1)) * SLACK * EPS32 * magnitude
         return scaled_core
     return SLACK * (EPS32 * magnitude + 1e-30) / max(denominator, 1e-30)
-
-
-#: Estimators that divide by a group std, with a bound on what they multiply the z-scores by.
-Z_SCORED = {"qae": 1.0, "ngrpo": 1.0, "mapo": 2.0, "agrae": 8.0, "unlikely": 1.0, "aapo": 1.0, "gdpo": 40.0}
 
 
 def _wrapper_amplification(cfg: Config, b: Batch) -> float:
@@ -613,6 +621,8 @@ def test_every_registered_estimator_is_configured():
         for field in cfg.inputs:
             generated = ("entropy", "metric", "token_ids", "logprobs", "ref_logprobs", *ROW_ARRAYS)
             assert field in generated, f"{cfg.id} needs {field!r}: not generated"
+        low, high = cfg.reward_range  # a restricted range gets the batches' rewards mapped into [0, 1]
+        assert low <= 0.0 and high >= 1.0, f"{cfg.id} accepts rewards in {cfg.reward_range}, which misses [0, 1]"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -751,75 +761,61 @@ def test_group_order_preserving_permutation_equivariance(name, b, data):
 # 2: group independence
 # ---------------------------------------------------------------------------------------------------------------
 
-#: Estimators whose advantage of a row depends only on the rows of its own group (KTAE: its key-token statistics
-#: are per group; it is as local as its base estimator, see BATCH_LEVEL).
-GROUP_LOCAL = (
-    "grpo", "dr_grpo", "rloo", "dapo", "canon", "ktae", "gdpo", "qae", "ngrpo", "mapo", "rlev", "hadw", "unlikely",
-    "psr_nsr", "opo", "gpg", "remax", "aapo", "adora", "capo", "progrpo", "ace", "arenarl",
-)  # fmt: skip
-
-
-def _accuracy_schedule(p: dict[str, Any]) -> bool:
-    return isinstance(p.get("mu"), str) and p["mu"] in ACCURACY_SCHEDULES
-
-
-#: Deliberately not tested for group independence: configurations with batch-level statistics.
-BATCH_LEVEL = (
-    # (estimator, predicate on its resolved hyperparameters, why)
-    ("reinforce_pp", lambda p: True, "whitened over all tokens of the batch (no groups)"),
-    ("reinforce_pp_baseline", lambda p: True, "group baseline, then whitened over all tokens of the batch"),
-    ("grpo", lambda p: p["scale"] == "batch", "divides by one std of all rewards of the batch"),
-    ("canon", _accuracy_schedule, "mu is a function of the batch accuracy"),
-    *(
-        (wrapper, lambda p: not is_group_local(make_config(p["base"], p["base_params"] or {})), "its base is batch-level")
-        for wrapper in WRAPPERS
-        if wrapper != "hadw"
-    ),
-    ("gdpo", lambda p: p["batch_norm"] != "none", "the weighted sum is normalised over the batch"),
-    ("agrae", lambda p: True, "omega is the batch's mean reward"),
-    ("gpg", lambda p: p["alpha"] != "none", "alpha counts the informative rows (or non-zero rewards) of the batch"),
-    # a fixed init_anchor on a fresh estimator weights the first batch by the prior alone (group-local then)
-    ("hadw", lambda p: p["init_anchor"] is None or p["anchor"] == "official", "the anchor follows the batch accuracy"),
-)
+# Each configured estimator declares whether it is group-local (``Estimator.batch_level_reason``: None, or why a row
+# depends on other groups: a batch statistic, a batch-wide random grouping; a wrapper inherits its base's). The
+# declaration is checked against a witness below, and the group-local configurations against random batches.
 
 
 def batch_level_reason(cfg: Config) -> str | None:
-    for name, predicate, reason in BATCH_LEVEL:
-        if cfg.name == name and predicate(cfg.p):
-            return reason
-    return None
+    return cfg.batch_level
 
 
 def is_group_local(cfg: Config) -> bool:
-    return cfg.name in GROUP_LOCAL and batch_level_reason(cfg) is None
+    return cfg.batch_level is None
+
+
+def _locality_witnesses() -> tuple[Batch, tuple[Batch, ...]]:
+    """Two groups of three, and two changes of group 2's rewards (its accuracy moves, so does the batch's)."""
+    base = Batch(
+        rewards=_f32([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]),
+        gid=[1, 1, 1, 2, 2, 2],
+        mask=np.ones((6, 3), dtype=bool),
+        entropy=np.arange(18, dtype=np.float32).reshape(6, 3),
+        metric=np.arange(6, dtype=np.float32),
+        token_ids=np.arange(18).reshape(6, 3) % 5,
+    )
+    return base, (base.with_rewards([1.0, 0.0, 0.0, 1.0, 1.0, 0.25]), base.with_rewards([1.0, 0.0, 0.0, 1, 1, 1]))
 
 
 class TestGroupIndependence:
-    GROUP_LOCAL = GROUP_LOCAL
-    BATCH_LEVEL = BATCH_LEVEL
-
-    def test_every_configuration_is_classified(self):
-        """A new estimator must be declared group-local or listed, with its reason, in BATCH_LEVEL."""
+    def test_declarations(self):
+        """Every configuration says group-local or gives a reason; the known batch-level ones say so."""
         for cfg in CONFIGS:
-            local = cfg.name in self.GROUP_LOCAL and batch_level_reason(cfg) is None
-            skipped = any(cfg.name == name and predicate(cfg.p) for name, predicate, _ in self.BATCH_LEVEL)
-            assert local != skipped, f"{cfg.id}: classify it as group-local or list it in BATCH_LEVEL"
+            estimator = canonrl.get_estimator(cfg.name, **dict(cfg.hp))
+            reason = estimator.batch_level_reason
+            assert reason is None or (isinstance(reason, str) and reason), f"{cfg.id}: reason {reason!r}"
+            assert estimator.group_local == (reason is None), f"{cfg.id}: group_local disagrees with its reason"
         skipped = {c.name for c in CONFIGS if batch_level_reason(c)}
-        assert {"reinforce_pp", "reinforce_pp_baseline", "grpo"} <= skipped
+        assert {"reinforce_pp", "reinforce_pp_baseline", "grpo", "agrae"} <= skipped
+        assert is_group_local(make_config("grpo", {})) and is_group_local(make_config("ktae", {}))
+        assert not is_group_local(make_config("ktae", {"base": "grpo", "base_params": {"scale": "batch"}}))
 
-    @pytest.mark.parametrize("cfg", [c for c in CONFIGS if batch_level_reason(c)], ids=lambda c: c.id)
-    def test_skipped_configurations_really_are_batch_level(self, cfg):
-        """A witness that the skip is needed: changing group 2's rewards changes group 1's advantages."""
-        base = Batch(
-            rewards=_f32([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]),
-            gid=[1, 1, 1, 2, 2, 2],
-            mask=np.ones((6, 3), dtype=bool),
-            entropy=np.arange(18, dtype=np.float32).reshape(6, 3),
-            metric=np.arange(6, dtype=np.float32),
-            token_ids=np.arange(18).reshape(6, 3) % 5,
-        )
-        witnesses = (base.with_rewards([1.0, 0.0, 0.0, 1.0, 1.0, 0.25]), base.with_rewards([1.0, 0.0, 0.0, 1, 1, 1]))
-        assert any(not torch.equal(run(cfg, base)[:3], run(cfg, changed)[:3]) for changed in witnesses)
+    @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.id)
+    def test_declared_locality_matches_a_witness(self, cfg):
+        """Changing group 2's rewards must change group 1's advantages for a configuration declared batch-level (a
+        witness that skipping it below is needed) and leave them unchanged for one declared group-local (an
+        estimator with a batch statistic that keeps the default declaration fails here)."""
+        base, witnesses = _locality_witnesses()
+        expected = run(cfg, base)[:3]
+        if batch_level_reason(cfg):
+            assert any(not torch.equal(run(cfg, changed)[:3], expected) for changed in witnesses), (
+                f"{cfg.id} is declared batch-level ({cfg.batch_level}), but group 2 does not move group 1"
+            )
+        else:
+            for changed in witnesses:
+                atol = max(error_scale(cfg, base), error_scale(cfg, changed))
+                what = f"{cfg.id} is declared group-local (batch_level_reason None), but group 2 moves group 1"
+                assert_close(run(cfg, changed)[:3], expected, atol, what)
 
     @for_estimators(is_group_local)
     @settings(max_examples=examples(30), **SETTINGS)

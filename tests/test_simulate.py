@@ -20,7 +20,7 @@ from canonrl.simulate.amplification import (
     inter_advantage,
     sample_conditions,
 )
-from canonrl.simulate.measures import ALIGNMENT, estimator_advantages, measure
+from canonrl.simulate.measures import alignment_of, estimator_advantages, measure
 from canonrl.simulate.model import DIFFICULTY_BUCKETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +32,7 @@ def batch(group_size: int = 8, prompts: int = 4096, seed: int = 0, **model):
 
 def measured(name: str, b, **hyperparameters):
     advantages = estimator_advantages(canonrl.get_estimator(name, **hyperparameters), b)
-    return measure(name, advantages, b, ALIGNMENT.get(name, "fit")), advantages
+    return measure(name, advantages, b, alignment_of(name)), advantages
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 EXAMPLES_FACTOR = float(os.environ.get("CANONRL_PROPERTY_EXAMPLES", "1"))
 
 STEP_ESTIMATORS = [info.name for info in canonrl.estimators() if info.level == "step"]
-#: Variants each property runs besides the defaults (hyperparameters that change which statistics are taken).
+#: The configurations each property runs, where the defaults alone are not enough (hyperparameters that change which
+#: statistics are taken); an estimator not listed runs at its defaults. Group independence is checked where the
+#: configured estimator declares itself group-local (``Estimator.batch_level_reason`` None).
 VARIANTS = {
     "gigpo": [{}, {"mode": "mean_std_norm", "episode_stats": "trajectories", "gamma": 1.0}],
     "hgpo": [{}, {"history_length": 1, "mode": "mean_norm", "base_group": True}],
@@ -32,6 +34,11 @@ VARIANTS = {
     "mars": [{}, {"advantage_norm": "mean_std", "whiten_advantages": False},
              {"advantage_norm": "none", "whiten_rewards": True}],
 }
+#: Batch-level configurations (besides those in VARIANTS) whose declaration the witness test checks.
+BATCH_LEVEL_VARIANTS = {
+    "srgpo": [{"scope": "batch", "step_group_size": 0}],
+    "mapo_dialogue": [{"beta": 0.5}],
+}
 #: Variants whose numbers legitimately differ between the layouts: MARS centres on the distinct values of a player's
 #: returns plus a 0 for a row with columns after its last turn, which the row-per-trajectory batches here have.
 LAYOUT_DEPENDENT = {"mars": lambda params: params.get("advantage_norm", "mean") != "none"}
@@ -42,8 +49,12 @@ def examples(n: int) -> int:
     return max(1, round(n * EXAMPLES_FACTOR))
 
 
-def test_every_step_estimator_has_variants():
-    assert STEP_ESTIMATORS and set(STEP_ESTIMATORS) == set(VARIANTS)
+def variants(name: str) -> list[dict]:
+    return VARIANTS.get(name, [{}])
+
+
+def test_variants_name_registered_step_estimators():
+    assert STEP_ESTIMATORS and set(VARIANTS) <= set(STEP_ESTIMATORS)
 
 
 @st.composite
@@ -118,7 +129,7 @@ def test_row_permutation_and_relabelling(name, trajs, data):
     n = len(base["rewards"])
     order = data.draw(st.permutations(range(n)))
     renamed = row_per_step(trajs, order, relabel=lambda kind, x: (kind, str(x)[::-1], "renamed"))
-    for params in VARIANTS[name]:
+    for params in variants(name):
         expected = run(name, params, base)
         assert torch.isfinite(expected).all()
         assert (expected[base["mask"] == 0] == 0).all()
@@ -131,13 +142,39 @@ def test_row_permutation_and_relabelling(name, trajs, data):
 def test_groups_are_independent(name, trajs):
     full = row_per_step(trajs)
     groups = torch.tensor(full["group"])
-    for params in VARIANTS[name]:
+    for params in variants(name):
         if not canonrl.get_estimator(name, **params).group_local:
             continue
         expected = run(name, params, full)
         for g in groups.unique().tolist():
             alone = row_per_step([t for t in trajs if t[0] == g])
             assert torch.allclose(run(name, params, alone), expected[groups == g], atol=1e-5), (g, params)
+
+
+def test_declared_locality_matches_a_witness():
+    """A step estimator declared batch-level must let other groups move a group's advantages (each declaration with
+    a reason is needed); one declared group-local is checked on random batches below."""
+    trajs = [(0, [(1.0, 0, 1.0, WIDTH, "attacker"), (0.0, 1, 1.0, WIDTH, "defender")]),
+             (0, [(0.0, 0, 0.0, WIDTH, "defender"), (1.0, 2, 0.0, WIDTH, "attacker")]),
+             (1, [(0.25, 0, 1.0, WIDTH, "attacker"), (1.0, 1, 1.0, WIDTH, "defender")]),
+             (1, [(0.0, 0, 0.0, WIDTH, "defender"), (-1.0, 1, 0.0, WIDTH, "attacker")])]  # fmt: skip
+    scaled = [(g, [(5.0 * r + 1.0, *rest) for r, *rest in steps]) if g else (g, steps) for g, steps in trajs]
+    first = torch.tensor(row_per_step(trajs)["group"]) == 0
+    alone = row_per_step(trajs[:2])  # group 0 without group 1
+    declared = 0
+    for name in STEP_ESTIMATORS:
+        for params in [*variants(name), *BATCH_LEVEL_VARIANTS.get(name, [])]:
+            estimator = canonrl.get_estimator(name, **params)
+            reason = estimator.batch_level_reason
+            assert estimator.group_local == (reason is None) and (reason is None or reason), (name, params)
+            if reason is None:
+                continue
+            declared += 1
+            full = run(name, params, row_per_step(trajs))[first]
+            witnesses = (run(name, params, alone), run(name, params, row_per_step(scaled))[first])
+            moved = any(not torch.allclose(full, other, atol=1e-5) for other in witnesses)
+            assert moved, f"{name} {params} is declared batch-level ({reason}), but no other group moves group 0"
+    assert declared >= len(BATCH_LEVEL_VARIANTS)
 
 
 @parametrize
@@ -154,7 +191,7 @@ def test_duplicated_steps_count_once_and_padding_rows_take_no_part(name, trajs, 
             [extended[key], torch.tensor([value], dtype=extended[key].dtype)]
         )
     extended["mask"] = torch.cat([extended["mask"], torch.ones(1, WIDTH)])
-    for params in VARIANTS[name]:
+    for params in variants(name):
         expected = run(name, params, base)
         out = run(name, params, extended)
         assert torch.allclose(out[:n], expected, atol=1e-5), params
@@ -167,7 +204,7 @@ def test_duplicated_steps_count_once_and_padding_rows_take_no_part(name, trajs, 
 @given(trajs=trajectories())
 def test_both_layouts_give_the_same_step_advantages(name, trajs):
     by_step, by_trajectory = row_per_step(trajs), row_per_trajectory(trajs)
-    for params in VARIANTS[name]:
+    for params in variants(name):
         if LAYOUT_DEPENDENT.get(name, lambda _: False)(params):
             continue
         steps = row_values(run(name, params, by_step))

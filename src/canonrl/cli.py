@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -15,6 +16,9 @@ app = typer.Typer(
 )
 console = Console()
 
+if TYPE_CHECKING:
+    from canonrl.registry import EstimatorInfo
+
 
 def _format_default(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
@@ -23,10 +27,27 @@ def _format_default(value: object) -> str:
 @app.command("estimators")
 def list_estimators(
     details: bool = typer.Option(False, "--details", help="also list every hyperparameter with its help text"),
+    markdown: bool = typer.Option(False, "--markdown", help="print the README's estimator tables (markdown)"),
+    update: Path = typer.Option(
+        None, "--update", help="rewrite the estimator tables between the marker comments of this file (README.md)"
+    ),
 ) -> None:
     """Print the registry: each estimator, its paper, the inputs it needs and its hyperparameters."""
     import canonrl
 
+    if update is not None:
+        try:
+            before = update.read_text()
+            after = with_estimator_tables(before)
+        except (OSError, ValueError) as error:
+            raise typer.BadParameter(str(error), param_hint="--update") from None
+        if after != before:
+            update.write_text(after)
+        console.print(f"{update}: estimator tables {'updated' if after != before else 'already up to date'}")
+        return
+    if markdown:
+        typer.echo(marked_estimator_tables())
+        return
     table = Table(title="canonrl estimators", show_lines=True)
     for column in ("name", "description", "paper", "inputs", "hyperparameters (defaults)"):
         table.add_column(column, overflow="fold")
@@ -41,6 +62,64 @@ def list_estimators(
         inputs = ", ".join(info.inputs)
         table.add_row(info.name, f"{info.description}\n[{info.level}-level]", paper, inputs, hyper or "-")
     console.print(table)
+
+
+# The README's estimator tables, generated from the registry: one for the outcome-level estimators (one reward per
+# response, no critic), one for the step and critic estimators. Each sits between <!-- KEY:begin --> and
+# <!-- KEY:end --> in README.md; tests/test_readme_estimators.py fails when they are stale.
+_INPUTS = "inputs beyond rewards, group, mask"
+TABLE_COLUMNS = {
+    "estimators": ("name", "level", "method", "paper", _INPUTS, "works in", "verified"),
+    "step-estimators": ("name", "level", "method", "paper", _INPUTS, "layouts", "verified"),
+}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table_row(info: EstimatorInfo) -> tuple[str, ...]:
+    paper = "–"
+    if info.paper:
+        paper = f"{info.paper.short_title}, [arXiv {info.paper.arxiv}](https://arxiv.org/abs/{info.paper.arxiv})"
+    inputs = info.inputs_note or ", ".join(f"`{name}`" for name in info.requires) or "–"
+    if info.outcome_level:
+        where = info.works_in
+    else:
+        where = ", ".join(layout.removeprefix("row-").replace("-", " ") for layout in info.layouts)
+    verified = "yes" if info.verified else "best reading"
+    return (f"`{info.name}`", info.level, _cell(info.description), _cell(paper), _cell(inputs), _cell(where), verified)
+
+
+def estimator_tables() -> dict[str, str]:
+    """The README's estimator tables (marker key -> markdown table), from the registry."""
+    import canonrl
+
+    infos = canonrl.estimators()
+    tables = {}
+    for key, columns in TABLE_COLUMNS.items():
+        rows = [_table_row(info) for info in infos if info.outcome_level == (key == "estimators")]
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        tables[key] = "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return tables
+
+
+def marked_estimator_tables() -> str:
+    """Every estimator table between its marker comments, as ``canonrl estimators --markdown`` prints them."""
+    tables = estimator_tables().items()
+    return "\n\n".join(f"<!-- {key}:begin -->\n{table}\n<!-- {key}:end -->" for key, table in tables)
+
+
+def with_estimator_tables(text: str) -> str:
+    """``text`` (a README) with the estimator tables between its marker comments regenerated."""
+    for key, table in estimator_tables().items():
+        begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+        if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+            raise ValueError(f"expected one {begin} followed by one {end}")
+        head, rest = text.split(begin)
+        tail = rest.split(end)[1]
+        text = f"{head}{begin}\n{table}\n{end}{tail}"
+    return text
 
 
 @app.command("bench")

@@ -8,6 +8,7 @@ callable on a :class:`~canonrl.batch.RolloutBatch` and may keep state across cal
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,6 +26,11 @@ class Paper:
 
     def __str__(self) -> str:
         return f"{self.title} (arXiv {self.arxiv})"
+
+    @property
+    def short_title(self) -> str:
+        """The title up to its first colon (``"DAPO"`` for ``"DAPO: An Open-Source LLM ..."``)."""
+        return self.title.split(":")[0].strip()
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,19 @@ class EstimatorInfo:
     stateful: bool = False
     critic: bool = False
     layouts: tuple[str, ...] = ("row-per-response",)
+    #: At the default hyperparameters: a response's advantage depends only on its own prompt group's rows.
+    group_local: bool = True
+    #: At the default hyperparameters: the rewards it accepts on valid rows (others raise ValueError).
+    reward_range: tuple[float, float] = (-math.inf, math.inf)
+    #: It runs a ``base`` estimator (hyperparameters ``base``/``base_params``) and reshapes its advantages.
+    wraps_base: bool = False
+    #: The scale alignment ``canonrl simulate`` compares it with the truth after: "centred", "z" or "fit".
+    simulator_alignment: str = "fit"
+    #: Where it runs: library, lab, verl, TRL, with their conditions (the README's "works in" column).
+    works_in: str = "library"
+    #: What it reads beyond rewards, group and mask, where ``requires`` does not say it all (alternatives, optional
+    #: inputs); None: ``requires``.
+    inputs_note: str | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -59,6 +78,14 @@ class EstimatorInfo:
         """One outcome reward per response and no critic: what the simulator, and verl's and TRL's outcome paths
         (which give no steps, trajectories or values), can feed."""
         return self.level != "step" and not self.critic
+
+
+#: How ``canonrl simulate`` aligns an estimator's scale with the truth r - p (see :mod:`canonrl.simulate.measures`).
+SIMULATOR_ALIGNMENTS = ("centred", "z", "fit")
+#: Where an outcome-level estimator runs unless it says otherwise (``Estimator.works_in``).
+OUTCOME_WORKS_IN = "library, lab, verl, TRL"
+#: The default ``Estimator.reward_range``: every finite reward.
+ANY_REWARD = (-math.inf, math.inf)
 
 
 def param(default: Any, help: str) -> Any:
@@ -88,6 +115,21 @@ class Estimator(ABC):
     #: The batch layouts it is defined on: "row-per-response", "row-per-trajectory" (turns are token spans of one
     #: row), "row-per-step" (each row one step of a trajectory).
     layouts: ClassVar[tuple[str, ...]] = ("row-per-response",)
+    #: True if it runs a ``base`` estimator (hyperparameters ``base`` and ``base_params``, a sequence-level
+    #: estimator's name and its hyperparameters) and reshapes its advantages; such an estimator keeps the configured
+    #: base in ``self.base``.
+    wraps_base: ClassVar[bool] = False
+    #: The scale alignment ``canonrl simulate`` measures it after (:mod:`canonrl.simulate.measures`): "centred"
+    #: (a baseline is subtracted and the reward's scale kept), "z" (divided by the group's reward std) or "fit" (a
+    #: batch statistic or a design choice sets the scale: the best constant rescaling is fitted).
+    simulator_alignment: ClassVar[str] = "fit"
+    #: Where it runs, for the README's table: None means "library, lab, verl, TRL" for an outcome-level estimator
+    #: (the lab supplies, verl's entry point registers and TRL's trainer feeds what it asks for) and "library" for
+    #: the others; say otherwise where an integration needs a patch, renames it or cannot feed an input.
+    works_in: ClassVar[str | None] = None
+    #: The README's text for its inputs beyond rewards, group and mask where ``requires`` does not say it all
+    #: (alternatives, optional inputs, layout ids); None lists ``requires``.
+    inputs_note: ClassVar[str | None] = None
 
     @dataclass
     class Params:
@@ -106,6 +148,32 @@ class Estimator(ABC):
     def required_inputs(self) -> tuple[str, ...]:
         """The optional batch inputs this configured instance reads."""
         return self.requires
+
+    # --- facts about this configured instance (read by the property tests, the simulator and the README) --------
+    @property
+    def batch_level_reason(self) -> str | None:
+        """Why a row's advantage depends on rows outside its prompt group with these hyperparameters (a batch
+        statistic, a batch-wide random grouping), or None when it does not; estimators override it."""
+        return None
+
+    @property
+    def group_local(self) -> bool:
+        """True when a row's advantage depends only on the rows of its own prompt group (so groups can be split
+        across calls); False where :attr:`batch_level_reason` gives a reason."""
+        return self.batch_level_reason is None
+
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        """The closed interval of rewards it accepts on valid rows with these hyperparameters (a reward outside it
+        raises ValueError): (-inf, inf) unless it reads rewards as accuracies or divides by their mean."""
+        return ANY_REWARD
+
+    @property
+    def z_score_bound(self) -> float | None:
+        """For an estimator that divides reward deviations by their group's std plus ``eps`` (a hyperparameter): a
+        bound on the factor it multiplies those z-scores by (1 for a plain z-score); None for the others. The
+        property tests size their float32 tolerance by it (the rewards' rounding over the smallest group std)."""
+        return None
 
     def __call__(self, batch: RolloutBatch | None = None, /, *, step: int | None = None, **fields: Any) -> Tensor:
         """Token-level advantages [B, T] (float32, 0 outside the mask) for a batch or raw batch fields.
@@ -157,6 +225,8 @@ class Estimator(ABC):
 
     @classmethod
     def info(cls) -> EstimatorInfo:
+        defaults = cls()
+        outcome_level = cls.level != "step" and not cls.critic
         return EstimatorInfo(
             name=cls.name,
             description=cls.description,
@@ -171,6 +241,12 @@ class Estimator(ABC):
             stateful=cls.stateful,
             critic=cls.critic,
             layouts=cls.layouts,
+            group_local=defaults.group_local,
+            reward_range=defaults.reward_range,
+            wraps_base=cls.wraps_base,
+            simulator_alignment=cls.simulator_alignment,
+            works_in=cls.works_in or (OUTCOME_WORKS_IN if outcome_level else "library"),
+            inputs_note=cls.inputs_note,
         )
 
 
@@ -197,12 +273,6 @@ class StepEstimator(Estimator):
     #: The turns of a batch that names none (no ``turn_ids``, ``traj`` or ``step_index``): "row" (each row is one
     #: step) or "mask_runs" (for row-per-trajectory methods whose official code cuts turns at the mask's runs).
     default_turns: ClassVar[str] = "row"
-
-    @property
-    def group_local(self) -> bool:
-        """True when a step's advantage depends only on its own prompt group (so groups can be split across calls);
-        estimators with batch-level statistics or batch-wide random groups say False for those settings."""
-        return True
 
     def compute(self, batch: RolloutBatch) -> Tensor:
         return self.compute_returns(batch)[0]
@@ -249,6 +319,11 @@ def register(cls: type[Estimator]) -> type[Estimator]:
     """Class decorator adding an estimator to the registry under ``cls.name``."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"an estimator named {cls.name!r} is already registered")
+    if cls.simulator_alignment not in SIMULATOR_ALIGNMENTS:
+        raise ValueError(
+            f"estimator {cls.name!r}: simulator_alignment must be one of {', '.join(SIMULATOR_ALIGNMENTS)}, "
+            f"got {cls.simulator_alignment!r}"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -13,6 +13,12 @@ BASE_HELP = "sequence-level estimator giving A_i (grpo, dr_grpo, rloo, dapo, can
 BASE_PARAMS_HELP = "hyperparameters of the base estimator, e.g. {'std': 'population'}"
 
 
+def base_batch_level_reason(base: Estimator) -> str | None:
+    """A wrapper's reason to be batch-level inherited from its base (None when the base is group-local)."""
+    reason = base.batch_level_reason
+    return None if reason is None else f"its base {base.name!r} is batch-level ({reason})"
+
+
 def check_base(name: str, wrapper: str | None = None) -> None:
     """Raise unless ``name`` is a registered sequence-level estimator (other than ``wrapper`` itself)."""
     if name == wrapper:
@@ -23,7 +29,13 @@ def check_base(name: str, wrapper: str | None = None) -> None:
 
 
 class WrapsBase(SequenceEstimator):
-    """A sequence-level estimator that modifies the advantages of a ``base`` estimator (``Params.base``)."""
+    """A sequence-level estimator that modifies the advantages of a ``base`` estimator (``Params.base``).
+
+    It is as group-local as its base and accepts the rewards its base accepts; a subclass with a batch statistic
+    or a reward domain of its own extends :attr:`batch_level_reason` / :attr:`reward_range`.
+    """
+
+    wraps_base = True
 
     def __init__(self, **hyperparameters: Any) -> None:
         super().__init__(**hyperparameters)
@@ -31,6 +43,14 @@ class WrapsBase(SequenceEstimator):
 
     def required_inputs(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.requires + self.base.required_inputs()))
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        return base_batch_level_reason(self.base)
+
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        return self.base.reward_range
 
     def base_advantages(self, batch: RolloutBatch) -> Tensor:
         """[B] float32 advantages of the base estimator at this estimator's step."""

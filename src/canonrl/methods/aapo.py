@@ -44,6 +44,8 @@ class AAPO(SequenceEstimator):
     paper = AAPO_PAPER
     requires = ("reference_rewards",)
     verified = False
+    simulator_alignment = "z"
+    works_in = "library, lab, verl: no, TRL: no"
 
     @dataclass
     class Params:
@@ -60,6 +62,10 @@ class AAPO(SequenceEstimator):
                 )
             require_range("eps", self.eps, 0.0)
             require_choice("std", self.std, STD_CHOICES)
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 1.0
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params

@@ -66,6 +66,8 @@ class ACE(WrapsBase):
     paper = ACE_PAPER
     requires = ("logprobs", "ref_logprobs")
     verified = False
+    simulator_alignment = "z"
+    works_in = "library, lab, verl (with the patch and a reference policy), TRL (beta > 0)"
 
     @dataclass
     class Params:

@@ -66,6 +66,7 @@ class ADORA(WrapsBase):
     name = "adora"
     description = "Base z-score times 1 or lam (0.1) per group: longest correct vs mean incorrect length (2025 code)"
     paper = ADORA_PAPER
+    simulator_alignment = "z"
 
     @dataclass
     class Params:

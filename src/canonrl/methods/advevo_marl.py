@@ -41,6 +41,7 @@ class AdvEvoMARL(StepEstimator):
     requires = ("agent",)
     verified = False
     layouts = ("row-per-response", "row-per-step", "row-per-trajectory")
+    inputs_note = "`agent` (+ optional `step_rewards`)"
 
     @dataclass
     class Params:

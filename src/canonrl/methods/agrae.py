@@ -56,6 +56,7 @@ class AGRAE(SequenceEstimator):
     name = "agrae"
     description = "Asymmetric GRAE: z x (w/2/sqrt(p) + (1-w)/2/sqrt(1-p)), w = batch accuracy; A > 0 x min(1, w/alpha)"
     paper = AGRAE_PAPER
+    simulator_alignment = "z"
 
     @dataclass
     class Params:
@@ -68,6 +69,18 @@ class AGRAE(SequenceEstimator):
             require_range("alpha", self.alpha, 0.0, 1.0, low_open=True)
             require_range("eps", self.eps, 0.0)
             require_choice("std", self.std, STD_CHOICES)
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        return "omega is the batch's mean reward"
+
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        return (0.0, 1.0)  # p and omega are accuracies
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 8.0  # the asymmetric weights w/2/sqrt(p) + (1-w)/2/sqrt(1-p)
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params

@@ -77,6 +77,10 @@ class ArenaRL(SequenceEstimator):
     description = "Tournament ranking within the group -> linear rank reward, z-scored (open-ended agents, LLM judge)"
     paper = ARENARL_PAPER
     requires = ("metric",)
+    works_in = (
+        "library, lab: no (no comparator yet), verl (with the patch: batch key `canonrl_metric`), TRL: no"
+    )
+    inputs_note = "`metric` (the comparator's score or rank)"
 
     @dataclass
     class Params:

@@ -69,6 +69,9 @@ class CANON(SequenceEstimator):
     paper = CANON_PAPER
     #: with the default metric="entropy"; metric="given" needs ``metric``, "length"/"random"/"index" nothing more.
     requires = ("entropy",)
+    simulator_alignment = "centred"
+    works_in = "library, lab, verl (by entropy: with the patch), TRL"
+    inputs_note = '`entropy` (metric="entropy") or `metric`'
 
     @dataclass
     class Params:
@@ -100,6 +103,19 @@ class CANON(SequenceEstimator):
             if self.schedule_steps <= self.warmup_steps:
                 raise ValueError(f"schedule_steps must exceed warmup_steps={self.warmup_steps}, got {self.schedule_steps}")
             require_range("normalizer", self.normalizer, 0.0, low_open=True)
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        return "mu is a function of the batch accuracy" if self.accuracy_schedule else None
+
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        return (0.0, 1.0) if self.accuracy_schedule else super().reward_range
+
+    @property
+    def accuracy_schedule(self) -> bool:
+        """mu follows the batch accuracy (rewards must then lie in [0, 1])."""
+        return isinstance(self.params.mu, str) and self.params.mu in ACCURACY_SCHEDULES
 
     def required_inputs(self) -> tuple[str, ...]:
         return {"entropy": ("entropy",), "given": ("metric",)}.get(self.params.metric, ())

@@ -57,6 +57,7 @@ class CAPO(WrapsBase):
     description = "Best reading: base advantage with A < 0 set to 0 until a switch step, then all advantages"
     paper = CAPO_PAPER
     verified = False
+    simulator_alignment = "z"
 
     @dataclass
     class Params:

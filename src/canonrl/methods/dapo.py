@@ -33,6 +33,7 @@ class DAPO(SequenceEstimator):
     name = "dapo"
     description = "GRPO z-score on correctness + soft overlong punishment; constant-accuracy groups get 0"
     paper = DAPO_PAPER
+    simulator_alignment = "z"
 
     @dataclass
     class Params:
@@ -53,6 +54,10 @@ class DAPO(SequenceEstimator):
                 raise ValueError(
                     f"buffer_length must lie in (0, max_length={self.max_length}], got {self.buffer_length}"
                 )
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 1.0
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params

@@ -33,6 +33,7 @@ class DrGRPO(SequenceEstimator):
     name = "dr_grpo"
     description = "Group-mean baseline r - mean, no std (pair with a constant-normalised token-sum loss)"
     paper = DR_GRPO
+    simulator_alignment = "centred"
 
     @dataclass
     class Params:

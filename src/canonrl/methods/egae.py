@@ -42,6 +42,7 @@ class EGAE(CriticEstimator):
     paper = DR_KERNEL
     requires = ("values", "step_rewards")
     layouts = ("row-per-step",)
+    inputs_note = "`values`, `step_rewards`, `traj`, `step_index`"
 
     @dataclass
     class Params:
@@ -52,6 +53,10 @@ class EGAE(CriticEstimator):
         def __post_init__(self) -> None:
             require_range("gamma", self.gamma, 0.0, 1.0)
             require_range("lam", self.lam, 0.0, 1.0)
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        return "whitened over the batch's mask" if self.params.whiten else None
 
     def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         p, steps = self.params, batch.steps

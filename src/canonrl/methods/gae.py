@@ -121,6 +121,7 @@ class GAE(CriticEstimator):
     description = "Critic-based token advantages: GAE over policy tokens (verl's multi-turn skip), whitened"
     paper = GAE_PAPER
     layouts = ("row-per-response", "row-per-trajectory")
+    inputs_note = "`values`, `token_rewards`"
 
     @dataclass
     class Params:
@@ -136,6 +137,10 @@ class GAE(CriticEstimator):
             if self.lam_critic is not None:
                 require_range("lam_critic", self.lam_critic, 0.0, 1.0)
             require_choice("masked_rewards", self.masked_rewards, MASKED_REWARDS)
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        return "whitened over the batch's mask" if self.params.whiten else None
 
     def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         p = self.params

@@ -85,6 +85,8 @@ class GDPO(SequenceEstimator):
     description = "Multi-reward: per-component group z-scores, weighted sum, then normalised over the batch"
     paper = GDPO_PAPER
     multi_reward = True
+    works_in = "library, lab, verl (as `canonrl_gdpo`, with the patch: `algorithm.gdpo_reward_keys`), TRL"
+    inputs_note = "`rewards` [B, K]"
 
     @dataclass
     class Params:
@@ -114,6 +116,14 @@ class GDPO(SequenceEstimator):
                     raise ValueError(f"weights must be K >= 1 finite non-negative numbers, got {self.weights!r}")
                 self.weights = weights
             self.condition = _check_condition(self.condition) or None
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        return "the weighted sum is normalised over the batch" if self.params.batch_norm != "none" else None
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 40.0  # weighted z-scores of the components, then the batch normalisation
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params

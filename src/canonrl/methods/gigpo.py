@@ -62,6 +62,7 @@ class GiGPO(StepEstimator):
     description = "Episode group advantage + step advantage within anchor-state groups (agents, row per step)"
     paper = GIGPO_PAPER
     requires = ("step_rewards", "anchor")
+    inputs_note = "`step_rewards`, `anchor` (+ `traj`, `step_index`)"
 
     @dataclass
     class Params:

@@ -50,6 +50,7 @@ class GPG(SequenceEstimator):
     name = "gpg"
     description = "alpha * (r - group mean), alpha = B / B_valid (capped at 1/min_inverse_alpha); REINFORCE loss"
     paper = GPG_PAPER
+    works_in = "library, lab, verl (as `canonrl_gpg`), TRL"
 
     @dataclass
     class Params:
@@ -63,6 +64,16 @@ class GPG(SequenceEstimator):
             require_choice("alpha", self.alpha, ALPHA_CHOICES)
             require_range("min_inverse_alpha", self.min_inverse_alpha, 0.0, 1.0)
             require_range("eps", self.eps, 0.0)
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        if self.params.alpha != "none":
+            return "alpha counts the informative rows (or non-zero rewards) of the batch"
+        return None
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 1.0 if self.params.scale_std else None
 
     def alpha(self, batch: RolloutBatch) -> Tensor:
         """The scalar (0-d float32 tensor) alpha of this batch."""

@@ -58,6 +58,8 @@ class GRPO(SequenceEstimator):
     name = "grpo"
     description = "Group-normalised outcome advantage (r - group mean) / (group std + eps)"
     paper = DEEPSEEKMATH
+    simulator_alignment = "z"
+    works_in = "library, lab, verl (as `canonrl_grpo`), TRL"
 
     @dataclass
     class Params:
@@ -70,6 +72,14 @@ class GRPO(SequenceEstimator):
             require_range("eps", self.eps, 0.0)
             require_choice("std", self.std, STD_CHOICES)
             require_choice("scale", self.scale, SCALE_CHOICES)
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        return "divides by one std of all rewards of the batch" if self.params.scale == "batch" else None
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 1.0 if self.params.scale == "group" else None
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params

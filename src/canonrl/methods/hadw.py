@@ -83,6 +83,7 @@ class HADW(WrapsBase):
     paper = HADW_PAPER
     verified = False
     stateful = True
+    simulator_alignment = "z"
 
     @dataclass
     class Params:
@@ -107,6 +108,13 @@ class HADW(WrapsBase):
                 raise ValueError(f"init_anchor must be a finite number or None, got {self.init_anchor!r}")
             require_range("max_magnitude", self.max_magnitude, 0.0, 80.0, low_open=True)
             check_base(self.base, "hadw")
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        # a fixed init_anchor on a fresh estimator weights the first batch by the prior alone (group-local then)
+        if self.params.init_anchor is None or self.params.anchor == "official":
+            return "the anchor follows the batch accuracy"
+        return super().batch_level_reason
 
     def __init__(self, **hyperparameters: Any) -> None:
         super().__init__(**hyperparameters)

@@ -44,6 +44,7 @@ class HGPO(StepEstimator):
     description = "Step advantages over groups sharing the last k anchor states, weighted (k+1)^alpha (agents)"
     paper = HGPO_PAPER
     requires = ("step_rewards", "anchor")
+    inputs_note = "`step_rewards`, `anchor` (+ `traj`, `step_index`)"
 
     @dataclass
     class Params:

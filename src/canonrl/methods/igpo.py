@@ -79,6 +79,7 @@ class IGPO(StepEstimator):
     description = "Information-gain turn rewards + outcome on the last turn, group z-scored, summed over later turns"
     paper = IGPO_PAPER
     requires = ("step_rewards",)
+    inputs_note = "`step_rewards` (gains), or `step_values` + `prompt_values` (answer log-probs)"
 
     @dataclass
     class Params:

@@ -52,6 +52,7 @@ from torch import Tensor
 from canonrl.batch import RolloutBatch, describe_rows
 from canonrl.fisher import fisher_two_sided, fisher_two_sided_upstream
 from canonrl.methods._common import require_choice, require_range
+from canonrl.methods._wrapped import base_batch_level_reason
 from canonrl.registry import Estimator, Paper, SequenceEstimator, estimator_class, param, register
 
 KTAE_PAPER = Paper(
@@ -224,6 +225,10 @@ class KTAE(Estimator):
     paper = KTAE_PAPER
     level = "token"
     requires = ("token_ids",)
+    wraps_base = True
+    simulator_alignment = "z"
+    works_in = "library, lab, verl (with the patch), TRL"
+    inputs_note = "`token_ids` (+ the base's)"
 
     @dataclass
     class Params:
@@ -260,6 +265,14 @@ class KTAE(Estimator):
 
     def required_inputs(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.requires + self.base.required_inputs()))
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        return base_batch_level_reason(self.base)  # the key-token statistics are per group
+
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        return self.base.reward_range
 
     def compute(self, batch: RolloutBatch) -> Tensor:
         self.base.step = self.step

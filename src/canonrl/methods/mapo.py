@@ -69,6 +69,14 @@ class MAPO(SequenceEstimator):
             require_range("eps", self.eps, 0.0)
             require_finite("success_reward", self.success_reward)
 
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        return (0.0, float("inf"))  # the percent deviation divides by the group mean
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 2.0  # a mix of the z-score and the percent deviation
+
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params
         grouping = batch.grouping

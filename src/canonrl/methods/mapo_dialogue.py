@@ -50,8 +50,8 @@ class MAPODialogue(StepEstimator):
             require_range("eps", self.eps, 0.0)
 
     @property
-    def group_local(self) -> bool:
-        return self.params.beta == 1.0
+    def batch_level_reason(self) -> str | None:
+        return None if self.params.beta == 1.0 else "mixes in z-scores over the whole batch (beta < 1)"
 
     def step_advantages(self, batch: RolloutBatch) -> Tensor:
         p, steps = self.params, batch.steps

@@ -87,6 +87,7 @@ class MARS(StepEstimator):
     requires = ("agent",)  # and step_rewards or token_rewards: checked when the turn rewards are read
     layouts = ("row-per-trajectory",)
     default_turns = "mask_runs"
+    inputs_note = "`agent`, turn scores (`token_rewards` or `step_rewards`)"
 
     @dataclass
     class Params:
@@ -103,9 +104,8 @@ class MARS(StepEstimator):
             require_choice("numerics", self.numerics, NUMERICS)
 
     @property
-    def group_local(self) -> bool:
-        # a player's distinct values span every tag of the batch; the whitenings are batch-wide
-        return False
+    def batch_level_reason(self) -> str | None:
+        return "a player's distinct values span every tag of the batch; the whitenings are batch-wide"
 
     def step_advantages(self, batch: RolloutBatch) -> Tensor:
         return self.step_advantages_and_returns(batch)[0]

@@ -64,6 +64,7 @@ class MatchTIR(StepEstimator):
     requires = ()  # token_rewards or step_rewards: checked when the turn rewards are read
     layouts = ("row-per-trajectory",)
     default_turns = "mask_runs"
+    inputs_note = "`token_rewards` on each turn's last token, or `step_rewards`; turns from the mask runs"
 
     @dataclass
     class Params:

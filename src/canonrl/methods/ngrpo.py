@@ -62,6 +62,7 @@ class NGRPO(SequenceEstimator):
     name = "ngrpo"
     description = "GRPO with k virtual max-reward samples in the group mean/std (loss: clip 0.16 low, 0.24 high)"
     paper = NGRPO_PAPER
+    simulator_alignment = "z"
 
     @dataclass
     class Params:
@@ -78,6 +79,10 @@ class NGRPO(SequenceEstimator):
             self.num_max = int(self.num_max)
             require_range("eps", self.eps, 0.0)
             require_choice("std", self.std, STD_CHOICES)
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 1.0
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params

@@ -34,6 +34,8 @@ class OPO(SequenceEstimator):
     name = "opo"
     description = "Length-weighted group baseline: r - sum(L r) / sum(L) over the group (L = response length)"
     paper = OPO_PAPER
+    simulator_alignment = "centred"
+    works_in = "library, lab, verl (as `canonrl_opo`), TRL"
 
     @dataclass
     class Params:

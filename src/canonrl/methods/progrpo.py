@@ -99,6 +99,8 @@ class ProGRPO(WrapsBase):
     paper = PROGRPO_PAPER
     requires = ("logprobs", "prompt_confidence")
     verified = False
+    simulator_alignment = "z"
+    works_in = "library, lab, verl: no, TRL: no"
 
     @dataclass
     class Params:

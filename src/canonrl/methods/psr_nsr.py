@@ -66,6 +66,10 @@ class PSRNSR(SequenceEstimator):
             require_range("eps", self.eps, 0.0)
             require_finite("correct_threshold", self.correct_threshold)
 
+    @property
+    def z_score_bound(self) -> float | None:
+        return 1.0 if self.params.mode == "grpo_n" else None
+
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params
         r = batch.rewards

@@ -73,6 +73,7 @@ class QAE(SequenceEstimator):
     description = "Best reading: (r - group K-quantile) / (group std + eps); K = 0.4, right-continuous quantile"
     paper = QAE_PAPER
     verified = False
+    simulator_alignment = "z"
 
     @dataclass
     class Params:
@@ -87,6 +88,10 @@ class QAE(SequenceEstimator):
             require_choice("quantile", self.quantile, QUANTILE_CHOICES)
             require_range("eps", self.eps, 0.0)
             require_choice("std", self.std, STD_CHOICES)
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 1.0
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params

@@ -46,6 +46,7 @@ class ReinforcePlusPlus(Estimator):
     description = "REINFORCE++: discounted returns, whitened over all response tokens of the batch"
     paper = REINFORCE_PP
     level = "token"
+    inputs_note = "optional `token_rewards`"
 
     @dataclass
     class Params:
@@ -53,6 +54,10 @@ class ReinforcePlusPlus(Estimator):
 
         def __post_init__(self) -> None:
             require_range("gamma", self.gamma, 0.0, 1.0)
+
+    @property
+    def batch_level_reason(self) -> str | None:
+        return "whitened over all tokens of the batch (no groups)"
 
     def compute(self, batch: RolloutBatch) -> Tensor:
         if batch.token_rewards is None and self.params.gamma == 1.0:

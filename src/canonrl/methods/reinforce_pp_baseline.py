@@ -38,6 +38,10 @@ class ReinforcePlusPlusBaseline(Estimator):
     class Params:
         singleton: str = singleton_param()
 
+    @property
+    def batch_level_reason(self) -> str | None:
+        return "group baseline, then whitened over all tokens of the batch"
+
     def compute(self, batch: RolloutBatch) -> Tensor:
         centered = batch.grouping.centered(batch.rewards)
         scores = finish(batch, centered, singleton=self.params.singleton, raw=batch.rewards)

@@ -39,6 +39,11 @@ class ReMax(SequenceEstimator):
     description = "Greedy baseline: r minus the reward of a greedy response to the same prompt (needs greedy_rewards)"
     paper = REMAX_PAPER
     requires = ("greedy_rewards",)
+    simulator_alignment = "centred"
+    works_in = (
+        "library, lab, verl: no (verl decodes greedy baselines only for its own `remax`, which `canonrl_remax` equals "
+        "within 1e-5), TRL: no"
+    )
 
     @dataclass
     class Params:

@@ -73,6 +73,7 @@ class RLEV(WrapsBase):
     description = "Human-value-weighted reward (1 + min(alpha v, 1)) r (v = metric), then a base estimator (RLOO)"
     paper = RLEV_PAPER
     requires = ("metric",)
+    works_in = "library, lab (the task's per-prompt values; the `lab` task has them), verl (with the patch), TRL: no"
 
     @dataclass
     class Params:

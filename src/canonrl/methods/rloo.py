@@ -32,6 +32,8 @@ class RLOO(SequenceEstimator):
     name = "rloo"
     description = "Leave-one-out baseline: r minus the mean reward of the other responses of the group"
     paper = RLOO_PAPER
+    simulator_alignment = "centred"
+    works_in = "library, lab, verl (as `canonrl_rloo`), TRL"
 
     @dataclass
     class Params:

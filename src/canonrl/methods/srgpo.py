@@ -66,6 +66,7 @@ class SRGPO(StepEstimator):
     description = "Episode group advantage + z-scored process rewards in random step groups (embodied agents)"
     paper = SEENAV
     requires = ("step_rewards",)
+    inputs_note = "`step_rewards` (+ `traj`, `step_index`)"
 
     @dataclass
     class Params:
@@ -83,8 +84,8 @@ class SRGPO(StepEstimator):
             require_range("eps", self.eps, 0.0)
 
     @property
-    def group_local(self) -> bool:
-        return self.params.scope != "batch"
+    def batch_level_reason(self) -> str | None:
+        return "random step groups drawn across the whole batch" if self.params.scope == "batch" else None
 
     def step_advantages(self, batch: RolloutBatch) -> Tensor:
         p, steps = self.params, batch.steps

@@ -43,6 +43,7 @@ class TRLOO(StepEstimator):
     description = "Turn-level leave-one-out: a turn's return minus the mean of the group's other returns at that turn"
     paper = DR_KERNEL
     requires = ("step_rewards",)
+    inputs_note = "`step_rewards` (+ `traj`, `step_index`)"
 
     @dataclass
     class Params:

@@ -69,6 +69,8 @@ class Unlikeliness(SequenceEstimator):
     paper = UNLIKELY_PAPER
     requires = ("logprobs",)
     verified = False
+    simulator_alignment = "z"
+    works_in = "library, lab, verl (with the patch), TRL"
 
     @dataclass
     class Params:
@@ -83,6 +85,10 @@ class Unlikeliness(SequenceEstimator):
             require_choice("ties", self.ties, TIES)
             require_range("eps", self.eps, 0.0)
             require_choice("std", self.std, STD_CHOICES)
+
+    @property
+    def z_score_bound(self) -> float | None:
+        return 1.0
 
     def reshaped_rewards(self, batch: RolloutBatch) -> Tensor:
         """[B] r * (1 - beta * rank / G) (r itself for rows that are not valid)."""

@@ -10,10 +10,11 @@ compared with a target built from the true advantage r - p, after the scale alig
 - ``fit``: target r - p, with A_hat multiplied by the least-squares scale c = <A_hat, r - p> / <A_hat, A_hat> over
   all simulated responses of that group size: the best any constant rescaling can do. Estimators whose scale is a
   batch statistic or a design choice (batch whitening, GPG's alpha, RLEV's value scale, W-REINFORCE, MAPO's mix);
-  also the default for an estimator this table does not know.
+  also the default for an estimator that declares nothing.
 
-``ALIGNMENT`` holds the table; ``fitted_scale`` is reported for every estimator, so a wrong entry shows (a
-``centred`` or ``z`` estimator should fit a scale near 1 at large G).
+Each estimator declares its alignment (``Estimator.simulator_alignment``, in its module); a run may override it per
+estimator (``align.<estimator>=...``). ``fitted_scale`` is reported for every estimator, so a wrong declaration
+shows (a ``centred`` or ``z`` estimator should fit a scale near 1 at large G).
 
 Measures, over all simulated responses unless said otherwise (err = aligned A_hat - target):
 
@@ -33,16 +34,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from canonrl.registry import SIMULATOR_ALIGNMENTS as ALIGNMENTS
+from canonrl.registry import estimator_class
 from canonrl.simulate.model import DIFFICULTY_BUCKETS, SimulatedBatch
 
-ALIGNMENTS = ("centred", "z", "fit")
-ALIGNMENT: dict[str, str] = {
-    **dict.fromkeys(("dr_grpo", "rloo", "canon", "opo", "remax"), "centred"),
-    **dict.fromkeys(
-        ("grpo", "dapo", "ngrpo", "qae", "hadw", "unlikely", "agrae", "aapo", "ktae", "adora", "capo", "progrpo", "ace"),
-        "z",
-    ),
-}
 P_BINS = 10
 #: inputs the simulator gives an estimator when it asks for them (``token_rewards`` is not modelled)
 SIMULATED_INPUTS = (
@@ -72,7 +67,9 @@ class Measures:
 
 
 def alignment_of(name: str, overrides: dict[str, str] | None = None) -> str:
-    alignment = (overrides or {}).get(name, ALIGNMENT.get(name, "fit"))
+    """The alignment ``name`` is measured after: the run's override, else the estimator's declared one."""
+    overrides = overrides or {}
+    alignment = overrides[name] if name in overrides else estimator_class(name).simulator_alignment
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment for {name!r} must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
     return alignment
