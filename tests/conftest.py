@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from canonrl.lab.lab_task import LabTask
-from canonrl.lab.task import Reward
+from canonrl.lab.tasks.base import Reward
+from canonrl.lab.tasks.lab import LabTask
 
 
 def full_mask(rows: int, tokens: int = 3) -> torch.Tensor:
@@ -21,7 +21,7 @@ def row_values(out: torch.Tensor) -> torch.Tensor:
 
 def tiny_lab_model():
     """A random 2-layer Llama with the lab tokenizer (seeded): (model, tokenizer), for tests that need a policy."""
-    from canonrl.lab.lab_task import build_tokenizer
+    from canonrl.lab.tasks.lab import build_tokenizer
     from canonrl.lab.warmstart import WarmstartConfig, build_model
 
     torch.manual_seed(0)
@@ -97,7 +97,6 @@ def use_test_tasks(monkeypatch, tasks: dict) -> None:
     """Make `task=<name>` build `tasks[name]()` for the names in `tasks`; every other name goes to the real registry."""
     import canonrl.lab.tasks
 
-    real = canonrl.lab.tasks.get_task
-    monkeypatch.setattr(
-        canonrl.lab.tasks, "get_task", lambda name, **options: tasks[name]() if name in tasks else real(name, **options)
-    )
+    monkeypatch.setattr(canonrl.lab.tasks, "_REGISTRY", dict(canonrl.lab.tasks._REGISTRY))
+    for name, factory in tasks.items():
+        canonrl.lab.tasks.register_task(name)(lambda factory=factory, **options: factory())

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not (LAB_TINY_DIR / "config.json").exists(), rea
 
 def test_lab_tiny_is_small_and_starts_with_mixed_rewards_and_varied_lengths():
     from canonrl.lab.evaluate import evaluate
-    from canonrl.lab.lab_task import LabTask
+    from canonrl.lab.tasks.lab import LabTask
 
     size = sum(path.stat().st_size for path in LAB_TINY_DIR.iterdir())
     assert size <= 20 * 1024 * 1024

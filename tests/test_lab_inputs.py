@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from canonrl.lab.config import load_config
-from canonrl.lab.lab_task import LabTask
 from canonrl.lab.policy import Policy, load_policy
-from canonrl.lab.task import Reward, reward_components
-from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, _seed
+from canonrl.lab.seeds import seed_of as _seed
+from canonrl.lab.tasks.base import Reward, reward_components
+from canonrl.lab.tasks.lab import LabTask
+from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer
 from canonrl.registry import _REGISTRY, SequenceEstimator, register
 from conftest import ParityTask, tiny_lab_model, train_until_interrupted, use_test_tasks
 
@@ -194,11 +195,12 @@ def verify_scores(policy, task, rollouts, problems) -> torch.Tensor:
 
 
 def test_an_estimator_without_extra_inputs_pays_nothing(policy_dir, tmp_path, monkeypatch):
-    from canonrl.lab import sampling
+    from canonrl.lab import inputs, rollout, sampling
 
     calls = []
     real = sampling.generate
-    monkeypatch.setattr(sampling, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    for module in (rollout, inputs):  # every module of the step that samples
+        monkeypatch.setattr(module, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
     trainer = make_trainer(policy_dir, tmp_path, Plain)
     assert trainer.reference is None and trainer.reward_names is None
     result = trainer.train_step(1)
@@ -212,7 +214,7 @@ def test_an_estimator_without_extra_inputs_pays_nothing(policy_dir, tmp_path, mo
 
 
 def test_an_input_the_lab_cannot_supply_is_an_error_up_front(policy_dir, tmp_path):
-    with pytest.raises(ValueError, match="needs token_rewards, which the lab trainer does not provide"):
+    with pytest.raises(ValueError, match=r"needs token_rewards \(\[B, T\], per-token rewards .*\), which the lab trainer does not provide"):
         make_trainer(policy_dir, tmp_path, NeedsTokenRewards)
 
 
@@ -362,7 +364,9 @@ def test_kl_penalty_reuses_the_ace_reference_logprobs(policy_dir, tmp_path):
         trainer = make_trainer(policy_dir, tmp_path / str(reuse), RefLogprobs, "kl_coef=0.5", "lr=0.05", "minibatches=2")
         if not reuse:
             update = trainer.update
-            trainer.update = lambda step, rollouts, advantages, ref_logprobs=None: update(step, rollouts, advantages)
+            trainer.update = lambda step, rollouts, advantages, ref_logprobs=None, loss_mask=None: update(
+                step, rollouts, advantages
+            )
         metrics = [trainer.train_step(step).metrics for step in (1, 2)]
         results.append((metrics, trainer.policy.model.state_dict()))
     (reused, weights_reused), (own, weights_own) = results
@@ -475,7 +479,8 @@ def test_lab_task_reward_components_are_correct_and_well_formed():
 
 
 def test_reward_components_of_every_task_family():
-    from canonrl.lab.gym_tasks import BoxedMathTask, ReasoningGymTask
+    from canonrl.lab.tasks.boxed import BoxedMathTask
+    from canonrl.lab.tasks.reasoning_gym import ReasoningGymTask
 
     for cls in (ReasoningGymTask, BoxedMathTask):
         assert cls.reward_components == ("correct", "formatted")

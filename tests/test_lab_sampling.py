@@ -12,9 +12,10 @@ import math
 import pytest
 import torch
 
-from canonrl.lab.lab_task import LabTask
+from canonrl.lab.forward import sequence_logprobs
 from canonrl.lab.policy import Policy
-from canonrl.lab.sampling import Rollouts, _top_p_filter, generate, positions_from_mask, sequence_logprobs
+from canonrl.lab.sampling import Rollouts, _top_p_filter, generate, positions_from_mask
+from canonrl.lab.tasks.lab import LabTask
 from conftest import tiny_lab_model
 
 PROMPTS = ["1+2?", "7+5-3+8?", "3-1+9-2+4?", "9?", "4+4-8+6?", "2+2+2?"]
@@ -281,8 +282,8 @@ def test_top_p_sampling_draws_only_from_the_nucleus(policy, prompts):
 def test_llama_decoder_matches_the_generic_decoder_on_lab_tiny(monkeypatch):
     """The fast Llama path (in-place cache, finished rows dropped) samples what the model's own forward samples."""
     from canonrl.lab import decoding, sampling
-    from canonrl.lab.lab_task import LabTask
     from canonrl.lab.policy import LAB_TINY_DIR, load_policy
+    from canonrl.lab.tasks.lab import LabTask
 
     if not (LAB_TINY_DIR / "config.json").exists():
         pytest.skip("lab-tiny is not built")
@@ -316,7 +317,7 @@ def test_llama_decoder_matches_the_generic_decoder_on_lab_tiny(monkeypatch):
 
 def test_shared_prompts_give_the_full_forwards_logprobs_and_gradients(policy):
     """Prompts run once per group (leaf KV cache, one backward through them) = every row's full forward."""
-    from canonrl.lab.sampling import SharedPrompts
+    from canonrl.lab.forward import SharedPrompts
 
     ids, mask = policy.encode_prompts(PROMPTS[:4])
     rollouts = generate(
@@ -365,8 +366,7 @@ def test_llama_decoder_handles_grouped_query_attention(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from canonrl.lab import decoding
-
-    from canonrl.lab.lab_task import build_tokenizer
+    from canonrl.lab.tasks.lab import build_tokenizer
 
     tokenizer = build_tokenizer()
     torch.manual_seed(1)

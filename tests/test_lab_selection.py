@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from canonrl.lab.config import ConfigError, TrainConfig, load_config
-from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, _seed
+from canonrl.lab.seeds import seed_of as _seed
+from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer
 from canonrl.losses import NGRPO_CLIP_HIGH, NGRPO_CLIP_LOW
+from canonrl.policy_losses import ClipRange, get_loss
 from canonrl.selection import d3s_keep
 from conftest import ParityTask, train_until_interrupted, use_test_tasks
 
@@ -73,14 +75,16 @@ def test_defaults_are_off():
     assert (config.policy_loss, config.policy_loss_params) == ("ppo_clip", {})
     assert (config.prompt_sampler, config.prompt_sampler_params, config.prompt_pool) == ("fresh", {}, 1024)
     assert config.d3s is None and config.d3s_schedule(1) is None
-    assert config.loss_params() == {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0}
+    assert config.clip_range() == ClipRange(0.2, 0.28, 3.0)
+    assert type(config.build_policy_loss()).__name__ == "PPOClip"
 
 
 def test_new_keys_from_overrides_and_yaml(tmp_path):
     config = load_config(None, ["policy_loss=kl_cov", "policy_loss_params.kl_cov_ratio=0.002", "prompt_sampler=vade",
                                 "prompt_sampler_params.epsilon=0.1", "prompt_pool=64", "d3s.n_init=8", "d3s.n_final=4",
                                 "d3s.k_init=1.0", "d3s.k_final=0.5", "steps=5"])  # fmt: skip
-    assert config.loss_params() == {"kl_cov_ratio": 0.002}  # KL-Cov has no clip
+    loss = config.build_policy_loss()
+    assert loss.params.kl_cov_ratio == 0.002 and not loss.clipped  # KL-Cov has no clip
     assert config.d3s == {"n_init": 8, "n_final": 4, "k_init": 1.0, "k_final": 0.5}
     assert [config.d3s_schedule(s) for s in (1, 3, 5)] == [(8, 1.0), (6, 0.75), (4, 0.5)]
     path = tmp_path / "run.yaml"
@@ -97,7 +101,7 @@ def test_new_keys_from_overrides_and_yaml(tmp_path):
 
 def test_ngrpo_clip_values_are_accepted():
     config = load_config(None, [f"clip_low={NGRPO_CLIP_LOW}", f"clip_high={NGRPO_CLIP_HIGH}", "dual_clip=null"])
-    assert config.loss_params() == {"clip_low": 0.16, "clip_high": 0.24, "dual_clip": None}
+    assert config.clip_range() == ClipRange(0.16, 0.24, None)
 
 
 @pytest.mark.parametrize(
@@ -167,37 +171,36 @@ def test_each_policy_loss_trains(policy_dir, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["clip_cov", "kl_cov", "ppo_clip"])
 def test_the_trainer_uses_policy_loss_on_its_micro_batch(policy_dir, tmp_path, monkeypatch, name):
-    """The token loss the update aggregates is `policy_loss(...)` on the micro-batch's tensors; Clip-Cov's
-    generator is seeded by (seed, step, micro-batch index)."""
-    import canonrl.lab.trainer as trainer_module
-    from canonrl.losses import policy_loss
+    """The token loss the update aggregates is the configured loss on the micro-batch's tensors; Clip-Cov's
+    generator is seeded by (seed, loss name, step, micro-batch index)."""
+    import canonrl.lab.update as update_module
 
     calls, aggregated = [], []
-    real_aggregate = trainer_module.aggregate_loss
-
-    def recording_loss(loss_name, logprobs, old_logprobs, advantages, mask, **params):
-        generator = params.get("generator")
-        saved = generator.get_state() if generator is not None else None
-        out = policy_loss(loss_name, logprobs, old_logprobs, advantages, mask, **params)
-        calls.append((loss_name, logprobs.detach().clone(), old_logprobs.clone(), advantages.clone(), mask.clone(),
-                      {k: v for k, v in params.items() if k != "generator"}, saved, out[0]))  # fmt: skip
-        return out
+    real_aggregate = update_module.aggregate_loss
 
     def recording_aggregate(values, *args, **kwargs):
         aggregated.append(values)
         return real_aggregate(values, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "policy_loss", recording_loss)
-    monkeypatch.setattr(trainer_module, "aggregate_loss", recording_aggregate)
+    monkeypatch.setattr(update_module, "aggregate_loss", recording_aggregate)
     overrides = {"clip_cov": CLIP_COV_WIDE, "kl_cov": ["policy_loss=kl_cov", "policy_loss_params.kl_cov_ratio=0.1"],
                  "ppo_clip": []}[name]  # fmt: skip
     config = tiny_config(policy_dir, *overrides, "micro_batch_size=5")
     trainer = Trainer(config, tmp_path)
+    loss = trainer.updater.loss
+    assert type(loss) is type(get_loss(name)) and trainer.updater.clip == config.clip_range()
+
+    def recording_loss(logprobs, old_logprobs, advantages, mask, *, clip, generator=None):
+        saved = generator.get_state() if generator is not None else None
+        out = type(loss).__call__(loss, logprobs, old_logprobs, advantages, mask, clip=clip, generator=generator)
+        calls.append((logprobs.detach().clone(), old_logprobs.clone(), advantages.clone(), mask.clone(), clip, saved,
+                      out[0]))  # fmt: skip
+        return out
+
+    trainer.updater.loss = _Recording(loss, recording_loss)
     trainer.train_step(1)
     assert len(calls) >= 2  # several micro-batches
-    for index, (loss_name, logprobs, old, advantages, mask, params, saved, used) in enumerate(calls):
-        assert loss_name == name
-        assert params == config.loss_params()
+    for index, (logprobs, old, advantages, mask, clip, saved, used) in enumerate(calls):
         extra = {}
         if name == "clip_cov":
             expected = torch.Generator().manual_seed(_seed(config.seed, "clip_cov", 1, index))
@@ -205,9 +208,22 @@ def test_the_trainer_uses_policy_loss_on_its_micro_batch(policy_dir, tmp_path, m
             extra["generator"] = expected
         else:
             assert saved is None
-        again, _ = policy_loss(name, logprobs, old, advantages, mask, **params, **extra)
+        again, _ = get_loss(name, **config.policy_loss_params)(logprobs, old, advantages, mask, clip=clip, **extra)
         assert torch.equal(again, used.detach())
         assert any(values is used for values in aggregated)  # the loss the trainer aggregates is this one
+
+
+class _Recording:
+    """A policy loss whose calls go through `record` (its other attributes are the wrapped loss's)."""
+
+    def __init__(self, loss, record):
+        self._loss, self._record = loss, record
+
+    def __getattr__(self, name):
+        return getattr(self._loss, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._record(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,7 +240,6 @@ def test_fresh_default_draws_what_the_task_draws(policy_dir, tmp_path):
         problems, ids = trainer.draw_problems(step)
         assert ids is None
         assert [p.prompt for p in problems] == [p.prompt for p in expected]
-        assert [p.prompt for p in trainer.problems(step)] == [p.prompt for p in expected]
     result = trainer.train_step(1)
     assert result.prompt_ids is None and result.loss_mask is None
     assert "prompt_success_estimate" not in result.metrics and "d3s_kept_rows" not in result.metrics
@@ -264,13 +279,13 @@ def test_d3s_loss_mask_drops_rows_and_tokens(policy_dir, tmp_path, monkeypatch):
     config = tiny_config(policy_dir, "d3s={n_init: 2, n_final: 2, k_init: 0.5, k_final: 0.5}", "steps=3")
     trainer = Trainer(config, tmp_path)
     seen = []
-    real = trainer._accumulate
+    real = trainer.updater.accumulate
 
-    def recording(step, mini, advantages, scale, totals, counted, *args, mask=None, micro=0):
-        seen.append((dict(totals), mask.clone()))
-        return real(step, mini, advantages, scale, totals, counted, *args, mask=mask, micro=micro)
+    def recording(step, micro, totals, sums):
+        seen.append(({"tokens": totals.tokens, "responses": totals.responses}, micro.mask.clone()))
+        return real(step, micro, totals, sums)
 
-    monkeypatch.setattr(trainer, "_accumulate", recording)
+    monkeypatch.setattr(trainer.updater, "accumulate", recording)
     result = trainer.train_step(1)
     metrics, loss_mask, mask = result.metrics, result.loss_mask, result.rollouts.response_mask
     assert loss_mask is not None and bool((loss_mask <= mask).all())

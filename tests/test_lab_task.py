@@ -8,8 +8,8 @@ import statistics
 
 import pytest
 
-from canonrl.lab.lab_task import MAX_TOTAL, VOCAB, LabTask, TraceStyle, build_tokenizer, chain_value, trace
-from canonrl.lab.task import Problem, Reward, Task
+from canonrl.lab.tasks.base import Problem, Reward, Task
+from canonrl.lab.tasks.lab import MAX_TOTAL, VOCAB, LabTask, TraceStyle, build_tokenizer, chain_value, trace
 
 SEEDS = [0, 1, 2, 12345]
 _STEP = re.compile(r"(\d+)([+-])(\d)=(\d+)")

@@ -13,11 +13,10 @@ import time
 
 import pytest
 
-from canonrl.lab.task import Problem, Reward
-from canonrl.lab.tasks import get_task, task_names
 from canonrl.lab import verification
+from canonrl.lab.tasks import get_task, task_names
+from canonrl.lab.tasks.base import Problem, Reward
 from canonrl.lab.verification import Verifier, VerifyResult, verify_all
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Fake tasks: the response says what the verifier does.
@@ -181,7 +180,7 @@ def test_bad_calls_raise_one_line_errors(verifier):
 
 
 def test_answer_and_boxed_extraction():
-    from canonrl.lab.gym_tasks import extract_answer_tag, last_boxed
+    from canonrl.lab.tasks.answers import extract_answer_tag, last_boxed
 
     assert extract_answer_tag("<answer>1</answer> then <answer> 42 </answer>") == "42"
     assert extract_answer_tag("<answer>unclosed") is None and extract_answer_tag("none") is None
@@ -238,7 +237,7 @@ def rg():
     ],
 )
 def test_rg_splits_never_share_a_question(rg, dataset, config):
-    from canonrl.lab.gym_tasks import ReasoningGymTask
+    from canonrl.lab.tasks.reasoning_gym import ReasoningGymTask
 
     task = ReasoningGymTask(dataset, config=config)
     train = [p for seed in range(3) for p in task.problems("train", 120, seed=seed)]
@@ -359,7 +358,7 @@ def test_boxed_gold_scores_one_and_wrong_scores_zero(boxed, verifier):
 
 
 def test_boxed_adversarial_inputs_return_within_the_bound(boxed, verifier):
-    from canonrl.lab.gym_tasks import BoxedMathTask
+    from canonrl.lab.tasks.boxed import BoxedMathTask
 
     problem = boxed.problems("train", 1, seed=3)[0]
     power_tower = r"\boxed{9^{9^{9^{9}}}}"
@@ -384,12 +383,87 @@ def test_boxed_adversarial_inputs_return_within_the_bound(boxed, verifier):
 
 
 def test_registry_names_and_errors():
-    assert task_names() == ["lab", "rg:<dataset>", "boxed[:<dataset>]"]
-    for bad in ("nope", "rgchain_sum", "boxed-gsm"):
+    assert task_names()[:4] == ["lab", "rg:<dataset>", "boxed[:<dataset>]", "jsonl:<path>"]
+    for bad in ("nope", "rgchain_sum", "boxed-gsm", "lab:extra", "Lab"):
         with pytest.raises(ValueError, match="unknown task") as error:
             get_task(bad)
         message = str(error.value)
         assert "\n" not in message and "'lab'" in message and "rg:" in message and "boxed[:" in message
+        assert "'jsonl:<path>'" in message and "e.g. rg:chain_sum" in message and "default gsm_symbolic" in message
+    for incomplete in ("rg", "rg:", "jsonl:", "boxed:"):
+        with pytest.raises(ValueError, match="needs its <") as error:
+            get_task(incomplete)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="task name string"):
+        get_task(None)
+
+
+class ThrowawayTask:
+    """A task registered by this test module under throwaway names (see the two tests below)."""
+
+    components = ()
+    cheap = True
+
+    def __init__(self, argument: str = "none", scale: int = 1):
+        self.name, self.argument, self.scale = f"throwaway:{argument}", argument, scale
+
+    def problems(self, split, count, seed):
+        return [Problem(f"{self.argument} {split} {seed} {i}", str(i * self.scale)) for i in range(count)]
+
+    def verify(self, response, problem):
+        return Reward(float(response == problem.answer))
+
+
+@pytest.fixture
+def throwaway(monkeypatch):
+    """Registers ThrowawayTask as 'throwaway-plain' and 'throwaway[:<argument>]'; unregistered afterwards."""
+    import canonrl.lab.tasks as registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_task("throwaway-plain")(ThrowawayTask)
+    registry.register_task("throwaway[:<argument>]", hint="a test's task")(ThrowawayTask)
+    return registry
+
+
+def test_a_registered_task_is_found_by_name(throwaway):
+    assert isinstance(get_task("throwaway-plain"), ThrowawayTask)
+    task = get_task("throwaway:abc", scale=3)
+    assert (task.argument, task.scale, task.name) == ("abc", 3, "throwaway:abc")
+    assert get_task("throwaway").argument == "none"  # an optional argument left out: the factory's default
+    assert task.problems("train", 2, seed=0)[1].answer == "3"
+    assert task_names()[:4] == ["lab", "rg:<dataset>", "boxed[:<dataset>]", "jsonl:<path>"]
+    assert task_names()[4:] == ["throwaway-plain", "throwaway[:<argument>]"]
+    with pytest.raises(ValueError, match="unknown task") as error:
+        get_task("nope")
+    assert "'throwaway[:<argument>]' (a test's task)" in str(error.value)
+
+
+def test_a_new_module_in_the_package_is_all_it_takes(throwaway, tmp_path, monkeypatch):
+    (tmp_path / "zz_throwaway.py").write_text(
+        "from canonrl.lab.tasks import register_task\n"
+        "@register_task('zz-throwaway:<argument>')\n"
+        "class ZZ:\n"
+        "    def __init__(self, argument):\n"
+        "        self.name = 'zz-throwaway:' + argument\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(throwaway, "__path__", [*throwaway.__path__, str(tmp_path)])
+    monkeypatch.setattr(throwaway, "_builtins_loaded", False)
+    monkeypatch.delitem(sys.modules, "canonrl.lab.tasks.zz_throwaway", raising=False)
+    try:
+        assert get_task("zz-throwaway:x").name == "zz-throwaway:x"
+        assert task_names()[4] == "zz-throwaway:<argument>"  # after the four shipped families
+    finally:
+        sys.modules.pop("canonrl.lab.tasks.zz_throwaway", None)
+
+
+def test_register_task_refuses_bad_patterns_and_name_clashes(throwaway):
+    for bad in ("", "a:b", "a:<b", "x[:y]", "1abc", "a b"):
+        with pytest.raises(ValueError, match="pattern"):
+            throwaway.register_task(bad)
+    with pytest.raises(ValueError, match="already registered"):
+        throwaway.register_task("lab")(ThrowawayTask)
+    throwaway.register_task("throwaway-plain")(ThrowawayTask)  # the same class again (a reloaded module): fine
 
 
 def test_registry_builds_each_family(rg):
@@ -400,22 +474,28 @@ def test_registry_builds_each_family(rg):
     assert task.name == "boxed:basic_arithmetic" and task.components == ("correct", "formatted")
     p = task.problems("train", 1, seed=0)[0]
     assert task.verify(f"\\boxed{{{p.answer}}}", p).score == 1.0
+    assert get_task("boxed").name == "boxed:gsm_symbolic"
 
 
 def test_lab_task_through_the_registry_is_cheap():
-    pytest.importorskip("canonrl.lab.lab_task")  # written separately; this test only checks the wiring
+    from canonrl.lab.tasks.lab import LabTask
+
     task = get_task("lab")
-    assert task.name == "lab" and getattr(task, "cheap", False)
+    assert isinstance(task, LabTask) and task.name == "lab" and getattr(task, "cheap", False)
     problems = task.problems("train", 3, seed=0)
     result = verify_all(task, [f"ans={p.answer}" for p in problems], problems)
     assert result.scores == [1.0] * 3 and verification._default is None
 
 
 def test_importing_the_registry_imports_no_optional_dependency():
+    # Importing the package imports no task module; building tasks of every family imports neither optional
+    # library either (they are imported when a reasoning-gym task is built or math-verify verifies).
     code = (
-        "import sys, canonrl.lab.tasks, canonrl.lab.gym_tasks, canonrl.lab.verification; "
-        "print(sorted(m for m in ('reasoning_gym', 'math_verify', 'canonrl.lab.lab_task') if m in sys.modules))"
+        "import sys, canonrl.lab.tasks, canonrl.lab.verification; "
+        "print(sorted(m for m in ('reasoning_gym', 'math_verify', 'canonrl.lab.tasks.lab') if m in sys.modules)); "
+        "from canonrl.lab.tasks import get_task, task_names; task_names(); get_task('lab'); "
+        "import canonrl.lab.tasks.boxed, canonrl.lab.tasks.jsonl, canonrl.lab.tasks.reasoning_gym; "
+        "print(sorted(m for m in ('reasoning_gym', 'math_verify') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
-    assert out.stdout.strip() == "[]"
-
+    assert out.stdout.split() == ["[]", "[]"]

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from canonrl.lab.config import ConfigError, TrainConfig, load_config
-from canonrl.lab.task import Reward
+from canonrl.lab.tasks.base import Reward
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer, TrainingError, train
 from conftest import ParityTask, train_until_interrupted, use_test_tasks
 
@@ -392,15 +392,13 @@ class FlakyTask(ParityTask):
 
 
 def test_a_raising_verifier_does_not_stop_the_run(policy_dir, tmp_path, monkeypatch):
-    import canonrl.lab.tasks
-
     built = []
 
-    def get_task(name, **options):
-        built.append(name)
+    def flaky():
+        built.append("flaky")
         return FlakyTask()
 
-    monkeypatch.setattr(canonrl.lab.tasks, "get_task", get_task)
+    use_test_tasks(monkeypatch, {"flaky": flaky})
     config = tiny_config(policy_dir, "steps=2", "task=flaky", "estimator=grpo")
     summary = Trainer(config, tmp_path / "flaky").train()
     assert built == ["flaky"]
@@ -533,7 +531,9 @@ def test_skipping_zero_advantage_rows_changes_no_weight(policy_dir, tmp_path, pa
     for skip in (True, False):
         trainer = Trainer(config, tmp_path / f"skip-{skip}")
         if not skip:
-            trainer._rows_to_train = lambda rollouts, advantages: torch.ones(advantages.shape[0], dtype=torch.bool)
+            trainer.updater.rows_to_train = lambda rollouts, advantages, loss_mask=None: torch.ones(
+                advantages.shape[0], dtype=torch.bool
+            )
         rollouts, verdict = trainer.rollout(1)
         advantages = torch.randn(rollouts.response_mask.shape, generator=torch.Generator().manual_seed(0))
         advantages[::2] = 0.0  # every other row carries nothing

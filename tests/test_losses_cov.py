@@ -14,9 +14,9 @@ from canonrl.losses import (
     clip_cov_loss,
     cov_ratio_from_percent,
     kl_cov_loss,
-    policy_loss,
     ppo_clip_loss,
 )
+from canonrl.policy_losses import ClipRange, get_loss, loss_names
 
 
 # aggregate_loss's own parity with verl's agg_loss over every mode is in test_losses.py
@@ -225,25 +225,51 @@ def test_other_errors():
         clip_cov_loss(logprobs, old, advantages, mask, 0.1, 5.0, 1.0)
     with pytest.raises(ValueError, match="ppo_kl_coef"):
         kl_cov_loss(logprobs, old, advantages, mask, 0.1, -1.0)
-    with pytest.raises(ValueError, match="policy_loss"):
-        policy_loss("cispo", logprobs, old, advantages, mask)
+    with pytest.raises(ValueError, match="unknown policy loss 'cispo'; choose from ppo_clip, clip_cov, kl_cov"):
+        get_loss("cispo")
+    with pytest.raises(TypeError, match="policy_loss 'kl_cov' has no parameter 'clip_cov_ratio'"):
+        get_loss("kl_cov", clip_cov_ratio=0.1)
+    with pytest.raises(ValueError, match=r"clip_cov_ratio must be in \(0, 1\]"):
+        get_loss("clip_cov", clip_cov_ratio=2.0)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        ClipRange(dual=0.5)
 
 
-def test_dispatch():
+def test_registered_losses_are_the_loss_functions():
     logprobs, old, advantages, mask = _batch(0)
     torch.testing.assert_close(
-        policy_loss("kl_cov", logprobs, old, advantages, mask, kl_cov_ratio=0.1)[0],
+        get_loss("kl_cov", kl_cov_ratio=0.1)(logprobs, old, advantages, mask, clip=ClipRange())[0],
         kl_cov_loss(logprobs, old, advantages, mask, 0.1)[0],
     )
     torch.testing.assert_close(
-        policy_loss("ppo_clip", logprobs, old, advantages, mask, clip_high=0.28)[0],
+        get_loss("ppo_clip")(logprobs, old, advantages, mask, clip=ClipRange(high=0.28))[0],
         ppo_clip_loss(logprobs, old, advantages, clip_high=0.28)[0],
     )
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    clip_cov = get_loss("clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.2)
     torch.testing.assert_close(
-        policy_loss("clip_cov", logprobs, old, advantages, mask, clip_cov_ratio=0.1, clip_cov_lb=0.2, generator=g1)[0],
+        clip_cov(logprobs, old, advantages, mask, clip=ClipRange(dual=None), generator=g1)[0],
         clip_cov_loss(logprobs, old, advantages, mask, 0.1, 0.2, generator=g2)[0],
     )
+
+
+def test_each_loss_declares_what_a_trainer_needs():
+    assert loss_names() == ["ppo_clip", "clip_cov", "kl_cov"]
+    logprobs, old, advantages, mask = _batch(0)
+    for name in loss_names():
+        loss = get_loss(name)
+        _, indicators = loss(logprobs, old, advantages, mask, clip=ClipRange(), generator=torch.Generator())
+        assert set(loss.metrics) <= set(indicators), name  # every declared metric is an indicator it returns
+    # a row with advantage 0 everywhere moves the gradient exactly when the loss says it needs every row
+    zero = torch.zeros_like(advantages)
+    for name in loss_names():
+        loss = get_loss(name, **({"kl_cov_ratio": 1.0} if name == "kl_cov" else {}))
+        current = (old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))).requires_grad_()
+        per_token, _ = loss(current, old, zero, mask, clip=ClipRange(), generator=torch.Generator())
+        (per_token * mask).sum().backward()
+        moves = bool(current.grad.abs().sum() > 0)
+        assert moves == (name == "kl_cov"), name
+        assert not moves or loss.needs_every_row
 
 
 # ---------------------------------------------------------------- NGRPO's asymmetric clip

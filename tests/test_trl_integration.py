@@ -215,7 +215,7 @@ def test_supported_range_and_version_check():
         ("nope", {}, "unknown estimator 'nope'"),
         ("canon", {"bogus": 1}, "unknown hyperparameter 'bogus'"),
         ("grpo", "{not json", "not valid JSON"),
-        ("canon", {"metric": "given"}, "needs 'metric', which GRPOTrainer cannot provide"),
+        ("canon", {"metric": "given"}, "needs metric \\(\\[B\\], a per-response number .*\\), which GRPOTrainer does not provide"),
     ],
 )
 def test_config_validation_is_one_line(tmp_path, estimator, params, match):

@@ -17,43 +17,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: The inputs of step-, turn- and critic-level estimators (``../shared/specs/steps.md`` §2); see :class:`RolloutBatch`.
-STEP_FIELDS = (
-    "turn_ids",
-    "traj",
-    "step_index",
-    "step_rewards",
-    "anchor",
-    "agent",
-    "step_values",
-    "step_labels",
-    "node",
-    "parent",
-    "prompt_values",
-    "values",
-    "bootstrap_values",
-)
+from canonrl.fields import FIELDS, PER_RESPONSE, PER_TOKEN
 
-#: Names of the per-rollout inputs a batch can carry (everything else passed to ``advantages`` is a hyperparameter).
-BATCH_FIELDS = (
-    "rewards",
-    "token_rewards",
-    "group",
-    "mask",
-    "entropy",
-    "logprobs",
-    "token_ids",
-    "metric",
-    "greedy_rewards",
-    "reference_rewards",
-    "ref_logprobs",
-    "prompt_confidence",
-    *STEP_FIELDS,
-)
-
-#: Optional inputs with one value per response token ([B, T]) and with one value per response ([B]).
-PER_TOKEN_FIELDS = ("token_rewards", "entropy", "logprobs", "token_ids", "ref_logprobs", "values")
-PER_RESPONSE_FIELDS = ("metric", "greedy_rewards", "reference_rewards", "prompt_confidence", "bootstrap_values")
+#: Every batch input, from the one table of :mod:`canonrl.fields` (everything else passed to ``advantages`` is a
+#: hyperparameter); the step-, turn- and critic-level ones (``../shared/specs/steps.md`` §2).
+BATCH_FIELDS = tuple(f.name for f in FIELDS)
+STEP_FIELDS = tuple(f.name for f in FIELDS if f.family == "step")
+#: Optional inputs with one value per response token ([B, T]), and finite numbers with one value per response ([B]).
+PER_TOKEN_FIELDS = tuple(f.name for f in FIELDS if f.shape == PER_TOKEN and f.family != "base" and f.name != "turn_ids")
+PER_RESPONSE_FIELDS = tuple(
+    f.name for f in FIELDS
+    if f.shape == PER_RESPONSE and f.family != "base" and f.dtype.startswith("float") and "NaN" not in f.dtype
+)  # fmt: skip
 
 _MAX_ROWS_IN_MESSAGE = 10
 

@@ -17,6 +17,8 @@ Pure tensor functions — the lab trainer uses them, and so can any trainer. Sha
   ``kl_cov_ratio``); the official PRIME-RL scripts pass a *percent* ``k_percent`` that the code divides by 100 —
   convert with `cov_ratio_from_percent` (k_percent 0.2 -> 0.002).
 
+A trainer picks one of them by name through the policy-loss registry, :mod:`canonrl.policy_losses`.
+
 NGRPO's asymmetric clipping (arXiv 2509.18851) needs no new loss: its official ``compute_policy_loss`` is
 ``max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))`` with no dual clip, i.e.
 ``ppo_clip_loss(..., clip_low=NGRPO_CLIP_LOW, clip_high=NGRPO_CLIP_HIGH, dual_clip=None)``. In that form only the
@@ -31,7 +33,6 @@ from torch import Tensor
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("low_var_kl", "k1", "k2")
-POLICY_LOSSES = ("ppo_clip", "clip_cov", "kl_cov")
 
 #: NGRPO's official script (``clip_ratio_low`` / ``clip_ratio_high``); use with ``dual_clip=None``.
 NGRPO_CLIP_LOW = 0.16
@@ -227,20 +228,3 @@ def kl_cov_loss(
         selected = selected.reshape(-1).index_fill(0, top, True).view_as(valid)
     loss = torch.where(selected, loss + ppo_kl_coef * log_ratio.abs(), loss)
     return loss, {"kl_cov_selected": selected.to(loss.dtype)}
-
-
-def policy_loss(
-    name: str, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, **params
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Dispatch by name (`POLICY_LOSSES`): ``ppo_clip`` (`ppo_clip_loss`; `mask` unused), ``clip_cov``, ``kl_cov``.
-
-    ``params`` are the chosen loss's keyword arguments (e.g. clip_low, clip_high, dual_clip, clip_cov_ratio,
-    generator, kl_cov_ratio, ppo_kl_coef); an argument the loss does not take raises TypeError.
-    """
-    if name == "ppo_clip":
-        return ppo_clip_loss(logprobs, old_logprobs, advantages, **params)
-    if name == "clip_cov":
-        return clip_cov_loss(logprobs, old_logprobs, advantages, mask, **params)
-    if name == "kl_cov":
-        return kl_cov_loss(logprobs, old_logprobs, advantages, mask, **params)
-    raise ValueError(f"policy_loss must be one of {', '.join(POLICY_LOSSES)}; got {name!r}")

@@ -26,6 +26,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import Tensor
 
+from canonrl.fields import Consumer
 from canonrl.registry import Estimator, estimator_class, get_estimator
 
 #: TRL releases this integration is tested with (it overrides private GRPOTrainer methods).
@@ -35,7 +36,17 @@ SUPPORTED_TRL = ">=1.16,<1.17"
 _REQUIRED_METHODS = ("_calculate_rewards", "_generate_and_score_completions", "_get_per_token_logps_and_entropies")
 
 #: Optional estimator inputs the trainer can provide (beyond rewards, group and mask).
-_PROVIDED_INPUTS = ("entropy", "logprobs", "token_ids", "ref_logprobs")
+#: what GRPOTrainer gives an estimator beyond rewards, group and mask, and how
+TRL = Consumer(
+    "GRPOTrainer",
+    {
+        "entropy": "the old-policy forward's per-token entropies",
+        "logprobs": "the old-policy forward's per-token log-probs",
+        "token_ids": "the completion ids",
+        "ref_logprobs": "the reference model's per-token log-probs (beta > 0)",
+    },
+    missing="use the estimator in the canonrl library or lab, or with verl",
+)
 
 #: Multimodal/forward extras TRL passes to ``_get_per_token_logps_and_entropies`` (copied from the output dict).
 _FORWARD_KEYS = (
@@ -80,13 +91,10 @@ def _build_estimator(name: str, params: dict[str, Any]) -> Estimator:
     except (TypeError, ValueError) as error:
         message = " ".join(str(error).split())
         raise ValueError(f"advantage_estimator={name!r}: {message}") from None
-    unsupported = [x for x in estimator.required_inputs() if x not in _PROVIDED_INPUTS]
-    if unsupported:
-        raise ValueError(
-            f"advantage_estimator={name!r} needs {unsupported[0]!r}, which GRPOTrainer cannot provide "
-            f"(it provides rewards, group, mask, {', '.join(_PROVIDED_INPUTS)})"
-        )
-    return estimator
+    try:
+        return TRL.check(estimator)
+    except ValueError as error:
+        raise ValueError(f"advantage_estimator={name!r}: {error}") from None
 
 
 @dataclass
@@ -98,7 +106,7 @@ class CanonGRPOConfig(trl.GRPOConfig):
     """
 
     advantage_estimator: str = field(
-        default="canon", metadata={"help": "canonrl estimator name (see `canonrl list`), e.g. canon, grpo, ktae."}
+        default="canon", metadata={"help": "canonrl estimator name (see `canonrl estimators`), e.g. canon, grpo, ktae."}
     )
     advantage_params: dict | str = field(
         default_factory=dict,

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console()
-lab_app = typer.Typer(help="Build the lab's shipped policy.", no_args_is_help=True)
+lab_app = typer.Typer(help="The lab's config keys, shipped policy and TRL benchmark.", no_args_is_help=True)
 
 
 @contextmanager
@@ -168,6 +168,14 @@ def eval_command(
     for budget, accuracy in result["budget_accuracy"].items():
         table.add_row(f"accuracy within {budget} tokens", _percent(accuracy))
     console.print(table)
+
+
+@lab_app.command("keys")
+def keys_command() -> None:
+    """Print every `canonrl train` config key with its default and help, as the markdown table of docs/lab.md."""
+    from canonrl.lab.config import key_table
+
+    typer.echo(key_table(), nl=False)
 
 
 @lab_app.command("warmstart")

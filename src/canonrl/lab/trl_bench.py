@@ -124,9 +124,9 @@ def run_trl_benchmark(
 
     from canonrl.lab import sampling
     from canonrl.lab.config import load_config
-    from canonrl.lab.lab_task import LabTask
     from canonrl.lab.policy import resolve_policy_dir
-    from canonrl.lab.task import Problem
+    from canonrl.lab.tasks.base import Problem
+    from canonrl.lab.tasks.lab import LabTask
     from canonrl.lab.trainer import Trainer
 
     for name, value in (("prompts", prompts), ("steps", steps), ("block", block)):

@@ -36,7 +36,7 @@ task, under `setup_timeout` rather than the per-sample timeout, so that imports 
 sympy) are not billed to the first sample.
 
 Responses are not truncated here: what matters is task-specific (the last ``\\boxed{}``, the last ``<answer>``
-tag), so tasks bound their own inputs (see `canonrl.lab.gym_tasks`).
+tag), so tasks bound their own inputs (see `canonrl.lab.tasks.answers`).
 
 Worst case for one call: about ``ceil(n / workers) * timeout`` seconds plus worker start-up; pass
 `total_timeout` to cap the whole call (samples not finished by then count as timeouts).
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as _wait_connections
 from typing import Any, Sequence
 
-from canonrl.lab.task import Problem, Reward
+from canonrl.lab.tasks.base import Problem, Reward
 
 __all__ = ["VerifyResult", "Verifier", "verify_all", "shutdown", "is_cheap"]
 

@@ -1,6 +1,6 @@
 """`canonrl lab warmstart`: build the `lab-tiny` policy from nothing, by supervised training on lab-task traces.
 
-A small Llama (built from a config, no download) learns the warm-start traces of `canonrl.lab.lab_task` —
+A small Llama (built from a config, no download) learns the warm-start traces of `canonrl.lab.tasks.lab` —
 slips, rethinking and all — so that, sampled at temperature 1, it solves part of the held-out problems and
 leaves RL a per-step error rate to drive down. The result is a plain Hugging Face directory (config, safetensors,
 tokenizer) plus `warmstart.json` recording the recipe and the held-out accuracy it reached.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from canonrl.lab.lab_task import LabTask, TraceStyle, build_tokenizer, trace
+from canonrl.lab.tasks.lab import LabTask, TraceStyle, build_tokenizer, trace
 
 
 @dataclass

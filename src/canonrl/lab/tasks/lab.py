@@ -31,7 +31,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from canonrl.lab.task import Problem, Reward, Split
+from canonrl.lab.tasks import register_task
+from canonrl.lab.tasks.base import Problem, Reward, Split
 
 VOCAB: tuple[str, ...] = (
     "<pad>", "<s>", "</s>", "<unk>",
@@ -68,6 +69,7 @@ def _stable_bucket(text: str, buckets: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % buckets
 
 
+@register_task("lab")
 class LabTask:
     """The lab task (see the module docstring). Verification is a regex and an integer compare."""
 

@@ -1,8 +1,7 @@
-"""Tasks from reasoning-gym generators: `ReasoningGymTask` (any dataset, ``<answer>`` tags) and `BoxedMathTask`
-(math word problems answered in ``\\boxed{}``, checked with math-verify).
+"""``rg:<dataset>``: `ReasoningGymTask`, any reasoning-gym dataset answered between ``<answer>`` tags, and
+`ReasoningGymProblems`, the problem drawing it shares with `canonrl.lab.tasks.boxed`.
 
-Both implement `canonrl.lab.task.Task`. reasoning-gym and math-verify are imported lazily (they are the optional
-``lab`` dependencies, and importing them costs seconds).
+reasoning-gym is imported lazily (it is an optional ``lab`` dependency, and importing it costs seconds).
 
 **Splits.** A question belongs to the held-out split when a hash of its text (whitespace collapsed) falls below
 `heldout_fraction` (`in_split`); every other question belongs to train. `problems(split, count, seed)` draws
@@ -18,36 +17,24 @@ generator has few distinct ones.
 **Rewards.** `ReasoningGymTask` extracts the text of the last ``<answer>…</answer>`` and scores it with the
 dataset's ``score_answer``. Many datasets give 0.01 for any wrong non-empty answer and some give partial credit,
 so by default (``binary=True``) the reward is 1 only for a full score; the dataset's own score is the ``raw``
-component. `BoxedMathTask` parses only the content of the last ``\\boxed{…}`` with math-verify, against the gold
-answer wrapped in ``$…$`` (a bare LaTeX gold string may not parse). Verifiers may raise (reasoning-gym's
-``prime_factorization`` does on junk): `canonrl.lab.verification` turns that into reward 0.
+component. Verifiers may raise (reasoning-gym's ``prime_factorization`` does on junk): `canonrl.lab.verification`
+turns that into reward 0.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import os
-import threading
 from typing import Any
 
-from canonrl.lab.task import SPLITS, Problem, Reward, Split
+from canonrl.lab.tasks import register_task
+from canonrl.lab.tasks.answers import ANSWER_INSTRUCTION, extract_answer_tag
+from canonrl.lab.tasks.base import Problem, Reward, Split, check_split, text_fraction
 
-__all__ = [
-    "CHUNK",
-    "ReasoningGymTask",
-    "BoxedMathTask",
-    "reasoning_gym_datasets",
-    "extract_answer_tag",
-    "last_boxed",
-]
+__all__ = ["CHUNK", "ReasoningGymTask", "ReasoningGymProblems", "reasoning_gym_datasets"]
 
 #: items per reasoning-gym dataset instance when drawing problems (fixed: some generators' items depend on
 #: the dataset size, so a fixed chunk keeps problems a pure function of (split, count, seed))
 CHUNK = 128
-
-ANSWER_INSTRUCTION = "Give your final answer between <answer> and </answer> tags, e.g. <answer>your answer</answer>."
-BOXED_INSTRUCTION = "Reason step by step, then put your final answer in \\boxed{}, e.g. \\boxed{42}."
 
 
 def reasoning_gym_datasets() -> list[str]:
@@ -58,66 +45,9 @@ def reasoning_gym_datasets() -> list[str]:
     return sorted(DATASETS)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Extraction. Both scan from the end with str.rfind, linear in the response length: a regex such as
-# `<answer>(.*?)</answer>` is quadratic on adversarial inputs like "<answer>" repeated 100k times.
-
-
-def extract_answer_tag(response: str, tag: str = "answer") -> str | None:
-    """The stripped text between the last ``</tag>`` and the ``<tag>`` before it; None when there is none."""
-    close = response.rfind(f"</{tag}>")
-    if close < 0:
-        return None
-    open_ = response.rfind(f"<{tag}>", 0, close)
-    if open_ < 0:
-        return None
-    return response[open_ + len(tag) + 2 : close].strip()
-
-
-def last_boxed(response: str) -> str | None:
-    """The content of the last ``\\boxed{…}`` (braces matched); None when there is none or it is unclosed.
-
-    An unclosed last box (a response cut at the token limit) does not fall back to an earlier one: the answer
-    the model was writing is the one that counts.
-    """
-    start = response.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = start + len("\\boxed")
-    while i < len(response) and response[i] == " ":
-        i += 1
-    if i >= len(response) or response[i] != "{":
-        return None
-    depth = 0
-    for j in range(i, len(response)):
-        c = response[j]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return response[i + 1 : j].strip()
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Problems from reasoning-gym, split by question hash
-
-
-def _question_fraction(question: str) -> float:
-    """A stable, uniform number in [0, 1) for a question (whitespace-insensitive)."""
-    digest = hashlib.blake2b(" ".join(question.split()).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
 def _chunk_seed(dataset: str, split: str, seed: int, chunk: int) -> int:
     digest = hashlib.blake2b(f"canonrl/{dataset}/{split}/{seed}/{chunk}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 def _dataset_config(dataset: str, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -141,15 +71,20 @@ def _dataset_config(dataset: str, config: dict[str, Any] | None) -> dict[str, An
     return config
 
 
-class _ReasoningGymProblems:
-    """Shared by both task families: problem drawing, the split rule, and a cached scorer instance."""
+class ReasoningGymProblems:
+    """Shared by the reasoning-gym task families: problem drawing, the split rule, and a cached scorer instance."""
 
     dataset: str
     config: dict[str, Any]
     heldout_fraction: float
     instruction: str
     #: modules the verification fork server imports once, so replacement workers start fast
-    worker_preload: tuple[str, ...] = ("canonrl.lab.gym_tasks", "reasoning_gym", "math_verify")
+    worker_preload: tuple[str, ...] = (
+        "canonrl.lab.tasks.reasoning_gym",
+        "canonrl.lab.tasks.boxed",
+        "reasoning_gym",
+        "math_verify",
+    )
 
     def _init_source(self, dataset: str, config: dict[str, Any] | None, heldout_fraction: float) -> None:
         if not 0.0 < heldout_fraction < 1.0:
@@ -186,11 +121,11 @@ class _ReasoningGymProblems:
 
     def in_split(self, question: str, split: Split) -> bool:
         """Whether `question` belongs to `split` (see the module docstring: a hash bucket)."""
-        heldout = _question_fraction(question) < self.heldout_fraction
+        heldout = text_fraction(question) < self.heldout_fraction
         return heldout if split == "heldout" else not heldout
 
     def problems(self, split: Split, count: int, seed: int) -> list[Problem]:
-        _check_split(split)
+        check_split(split)
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         share = self.heldout_fraction if split == "heldout" else 1.0 - self.heldout_fraction
@@ -222,7 +157,8 @@ class _ReasoningGymProblems:
         return Problem(prompt=prompt, answer="" if answer is None else str(answer), meta=meta)
 
 
-class ReasoningGymTask(_ReasoningGymProblems):
+@register_task("rg:<dataset>", hint="e.g. rg:chain_sum, rg:basic_arithmetic, rg:gsm_symbolic, rg:prime_factorization")
+class ReasoningGymTask(ReasoningGymProblems):
     """Any reasoning-gym dataset; the answer goes between ``<answer>`` tags and is scored by the dataset.
 
     Args:
@@ -278,101 +214,3 @@ class ReasoningGymTask(_ReasoningGymProblems):
 
     def __repr__(self) -> str:
         return f"ReasoningGymTask({self.dataset!r}, heldout_fraction={self.heldout_fraction}, binary={self.binary})"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# math-verify
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(answer: str, timeout: int | None):
-    from math_verify import parse
-
-    return parse(f"${answer}$", parsing_timeout=timeout)
-
-
-def _math_verify_timeout(seconds: int) -> int | None:
-    """math-verify's own timeouts use signal.alarm: usable only in a POSIX process's main thread (as in a
-    verification worker). Elsewhere they raise, so they are disabled and verification.py's deadline bounds it."""
-    if os.name == "posix" and threading.current_thread() is threading.main_thread():
-        return seconds
-    return None
-
-
-class BoxedMathTask(_ReasoningGymProblems):
-    """Math problems from a reasoning-gym generator, answered in ``\\boxed{}`` and checked with math-verify.
-
-    Args:
-        source: a reasoning-gym dataset with a single gold answer per item (default ``gsm_symbolic``, GSM8K-style
-            word problems with numeric answers; other numeric generators such as ``basic_arithmetic`` work too).
-        config, heldout_fraction, instruction: as for `ReasoningGymTask`.
-        max_boxed_chars: the last box's content is parsed only when at most this long; a longer one scores 0
-            unparsed (cutting a formula would change it, and parsing 20k characters takes seconds).
-        math_verify_timeout: seconds for each of math-verify's own parse and compare timeouts, used where they
-            work (a process's main thread, e.g. a verification worker): a slow comparison such as
-            ``9^{9^{9^{9}}}`` then scores 0 after ~1 s and the worker survives. Elsewhere they are off and
-            `canonrl.lab.verification`'s per-sample deadline bounds the call.
-
-    Components: ``correct`` (the reward), ``formatted`` (a closed ``\\boxed{}`` was found); multi-reward
-    estimators (GDPO) get both.
-    """
-
-    components = ("correct", "formatted")
-    #: rewards [B, 2] for multi-reward estimators: correct, and has an answer (a closed ``\\boxed{}``)
-    reward_components = ("correct", "formatted")
-    cheap = False
-
-    def __init__(
-        self,
-        source: str = "gsm_symbolic",
-        *,
-        config: dict[str, Any] | None = None,
-        heldout_fraction: float = 0.2,
-        max_boxed_chars: int = 300,
-        math_verify_timeout: int = 1,
-        instruction: str = BOXED_INSTRUCTION,
-    ) -> None:
-        if max_boxed_chars < 1:
-            raise ValueError(f"max_boxed_chars must be >= 1, got {max_boxed_chars}")
-        if int(math_verify_timeout) != math_verify_timeout or math_verify_timeout < 1:
-            raise ValueError(f"math_verify_timeout must be a whole number of seconds >= 1, got {math_verify_timeout}")
-        self._init_source(source, config, heldout_fraction)
-        self.name = f"boxed:{source}"
-        self.max_boxed_chars = max_boxed_chars
-        self.math_verify_timeout = int(math_verify_timeout)
-        self.instruction = instruction
-
-    def warm_up(self) -> None:
-        """Import math-verify and run one comparison (its first call is ~0.1 s slower than later ones)."""
-        from math_verify import parse, verify
-
-        timeout = _math_verify_timeout(self.math_verify_timeout)
-        verify(_parse_gold("1", timeout), parse("\\boxed{1}", parsing_timeout=timeout), timeout_seconds=timeout)
-
-    @property
-    def source(self) -> str:
-        return self.dataset
-
-    def _problem(self, entry: dict[str, Any], split: str) -> Problem:
-        if entry.get("answer") is None:
-            raise ValueError(f"source: {self.dataset!r} has no single gold answer per item; use 'rg:{self.dataset}'")
-        return super()._problem(entry, split)
-
-    def verify(self, response: str, problem: Problem) -> Reward:
-        content = last_boxed(response)
-        if content is None:
-            return Reward(0.0, {"correct": 0.0, "formatted": 0.0})
-        if not content or len(content) > self.max_boxed_chars:
-            return Reward(0.0, {"correct": 0.0, "formatted": 1.0})
-        from math_verify import parse, verify
-
-        timeout = _math_verify_timeout(self.math_verify_timeout)
-        gold = _parse_gold(problem.answer, timeout)
-        if not gold:  # a task bug, not a wrong answer: raise so that verification counts a failure
-            raise ValueError(f"answer: math-verify could not parse the gold answer {problem.answer!r}")
-        predicted = parse(f"\\boxed{{{content}}}", parsing_timeout=timeout)
-        correct = 1.0 if predicted and verify(gold, predicted, timeout_seconds=timeout) else 0.0
-        return Reward(correct, {"correct": correct, "formatted": 1.0})
-
-    def __repr__(self) -> str:
-        return f"BoxedMathTask({self.dataset!r}, heldout_fraction={self.heldout_fraction})"

@@ -1,0 +1,150 @@
+"""The batch inputs the lab gives an estimator beyond ``rewards``, ``group`` and ``mask``: what exists, what each
+costs, and how it is computed.
+
+The rollouts carry ``entropy``, ``logprobs`` and ``token_ids`` for free (`ROLLOUT_INPUTS`). The others come from a
+provider registered here with ``@provides(name)``, run only when the estimator's ``required_inputs()`` names
+them, after sampling and before the update, under the policy as it sampled (`extra_inputs`). `LAB_INPUTS` is what
+the lab provides; an estimator that needs anything else is refused when the trainer starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from canonrl.fields import Consumer
+from canonrl.lab.forward import reference_logprobs
+from canonrl.lab.rewards import RewardScorer
+from canonrl.lab.sampling import Rollouts, generate
+from canonrl.lab.seeds import seed_of
+from canonrl.lab.tasks.base import prompt_values
+
+#: per-token inputs every rollout carries: batch field -> Rollouts attribute
+ROLLOUT_INPUTS = {"entropy": "entropy", "logprobs": "logprobs", "token_ids": "response_ids"}
+
+
+@dataclass
+class StepContext:
+    """What a provider may read: the step's problems and rollouts, the models, the task and the config."""
+
+    step: int
+    problems: list
+    rollouts: Rollouts
+    policy: object
+    reference: object | None
+    task: object
+    config: object
+    scorer: RewardScorer
+
+    @property
+    def budget(self) -> dict:
+        return {"max_new_tokens": self.config.max_new_tokens, "eos_id": self.policy.eos_id, "pad_id": self.policy.pad_id}
+
+    @property
+    def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of the step's prompts, one row per problem."""
+        groups = self.rollouts.repeats
+        return self.rollouts.prompt_ids[::groups], self.rollouts.prompt_mask[::groups]
+
+
+Provider = Callable[[StepContext], tuple[torch.Tensor, dict]]
+_PROVIDERS: dict[str, Provider] = {}
+
+
+def provides(name: str) -> Callable[[Provider], Provider]:
+    """Register the provider of batch input `name`: ``provider(context) -> (value, metrics)``."""
+
+    def register(provider: Provider) -> Provider:
+        _PROVIDERS[name] = provider
+        return provider
+
+    return register
+
+
+@provides("greedy_rewards")
+def greedy_rewards(ctx: StepContext):
+    """[B] (ReMax): one greedy response per prompt from the current policy, verified, its reward repeated to the
+    prompt's G rows. Costs one decode of `prompts_per_step` rows."""
+    started = time.perf_counter()
+    ctx.policy.model.eval()
+    greedy = generate(ctx.policy.model, *ctx.prompts, greedy=True, **ctx.budget)
+    ctx.policy.model.train()
+    scores = ctx.scorer.scores(greedy, ctx.problems)
+    metrics = {"greedy_reward": scores.mean().item(), "greedy_tokens": int(greedy.lengths.sum().item()),
+               "greedy_seconds": time.perf_counter() - started}  # fmt: skip
+    return scores.repeat_interleave(ctx.rollouts.repeats), metrics
+
+
+@provides("reference_rewards")
+def reference_rewards(ctx: StepContext):
+    """[B] (AAPO): one response per rollout row sampled by the frozen reference (initial) policy at the sampling
+    temperature and top-p, from a generator seeded by (seed, "reference", step), verified. Costs a second rollout."""
+    started = time.perf_counter()
+    config, groups = ctx.config, ctx.rollouts.repeats
+    generator = torch.Generator().manual_seed(seed_of(config.seed, "reference", ctx.step))
+    sampled = generate(ctx.reference, *ctx.prompts, temperature=config.temperature, top_p=config.top_p,
+                       generator=generator, repeats=groups, **ctx.budget)  # fmt: skip
+    scores = ctx.scorer.scores(sampled, [p for p in ctx.problems for _ in range(groups)])
+    metrics = {"reference_reward": scores.mean().item(), "reference_tokens": int(sampled.lengths.sum().item()),
+               "reference_seconds": time.perf_counter() - started}  # fmt: skip
+    return scores, metrics
+
+
+@provides("ref_logprobs")
+def ref_logprobs(ctx: StepContext):
+    """[B, T] (ACE): the sampled responses' log-probs under the reference policy at the sampling temperature (the
+    KL penalty's forward). Costs one forward, no backward."""
+    started = time.perf_counter()
+    value = reference_logprobs(ctx.reference, ctx.rollouts, ctx.config.temperature, ctx.config.micro_batch_size)
+    return value, {"ref_logprobs_seconds": time.perf_counter() - started}
+
+
+@provides("prompt_confidence")
+def prompt_confidence(ctx: StepContext):
+    """[B] (ProGRPO): already on the rollouts (the sampler's prefill); free."""
+    confidence = ctx.rollouts.prompt_confidence
+    return confidence, {"prompt_confidence": confidence[:: ctx.rollouts.repeats].mean().item()}
+
+
+@provides("metric")
+def prompt_value(ctx: StepContext):
+    """[B] (RLEV): each prompt's value v from the task (`prompt_values`), repeated to its G rows; free."""
+    values = torch.tensor(prompt_values(ctx.task, ctx.problems), dtype=torch.float32)
+    return values.repeat_interleave(ctx.rollouts.repeats), {"prompt_value": values.mean().item()}
+
+
+#: what the lab gives an estimator beyond rewards, group and mask, and how
+LAB = Consumer(
+    "the lab trainer",
+    {
+        "entropy": "the sampler's, at each sampled token",
+        "logprobs": "the sampler's, at each sampled token",
+        "token_ids": "the sampled tokens",
+        **{name: (provider.__doc__ or "").split("\n")[0] for name, provider in _PROVIDERS.items()},
+    },
+    missing="use the estimator in the library on your own batches, or add a provider in canonrl.lab.inputs",
+)
+LAB_INPUTS = (*ROLLOUT_INPUTS, *_PROVIDERS)
+#: inputs that need the frozen reference policy
+NEEDS_REFERENCE = ("reference_rewards", "ref_logprobs")
+
+
+def extra_inputs(names: tuple[str, ...], ctx: StepContext) -> tuple[dict, dict]:
+    """(fields, metrics): the provided inputs among `names`, in registration order, with their cost metrics and
+    the verifier's failures and timeouts of their rollouts (`verify_failures`, `verify_timeouts`)."""
+    fields: dict = {}
+    metrics: dict = {"verify_failures": 0, "verify_timeouts": 0}
+    for name, provider in _PROVIDERS.items():
+        if name in names:
+            fields[name], cost = provider(ctx)
+            metrics.update(cost)
+    metrics.update(verify_failures=ctx.scorer.failures, verify_timeouts=ctx.scorer.timeouts)
+    return fields, metrics
+
+
+def rollout_inputs(names: tuple[str, ...], rollouts: Rollouts) -> dict:
+    """The per-token inputs among `names` that the rollouts carry."""
+    return {name: getattr(rollouts, attribute) for name, attribute in ROLLOUT_INPUTS.items() if name in names}
