@@ -364,8 +364,8 @@ def test_kl_penalty_reuses_the_ace_reference_logprobs(policy_dir, tmp_path):
         trainer = make_trainer(policy_dir, tmp_path / str(reuse), RefLogprobs, "kl_coef=0.5", "lr=0.05", "minibatches=2")
         if not reuse:
             update = trainer.update
-            trainer.update = lambda step, rollouts, advantages, ref_logprobs=None, loss_mask=None: update(
-                step, rollouts, advantages
+            trainer.update = lambda step, rollouts, advantages, ref_logprobs=None, loss_mask=None, update=update: (
+                update(step, rollouts, advantages)
             )
         metrics = [trainer.train_step(step).metrics for step in (1, 2)]
         results.append((metrics, trainer.policy.model.state_dict()))

@@ -18,7 +18,6 @@ from canonrl.losses import (
 )
 from canonrl.policy_losses import ClipRange, get_loss, loss_names
 
-
 # aggregate_loss's own parity with verl's agg_loss over every mode is in test_losses.py
 PARITY_MODES = ("token-mean", "seq-mean-token-sum-norm")
 

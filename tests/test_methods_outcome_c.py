@@ -301,11 +301,16 @@ def ace_batch():
     mask = mask_of([3, 2, 4, 1, 2], tokens=5)
     logprobs = torch.full((5, 5), float("nan"))
     ref = torch.full((5, 5), -7.0)
-    logprobs[0, :3] = torch.tensor([-0.1, -0.2, -0.3]); ref[0, :3] = torch.tensor([-0.4, -0.5, -0.6])  # c = 0.9
-    logprobs[1, :2] = torch.tensor([-1.0, -0.5]); ref[1, :2] = torch.tensor([-1.5, -0.5])  # c = 0.5
-    logprobs[2, :4] = torch.tensor([-2.0, -1.0, -1.0, -1.0]); ref[2, :4] = torch.tensor([-1.0, -1.0, -1.0, -1.0])  # -1
-    logprobs[3, :1] = -0.1; ref[3, :1] = -3.0
-    logprobs[4, :2] = -0.1; ref[4, :2] = -3.0
+    logprobs[0, :3] = torch.tensor([-0.1, -0.2, -0.3])
+    ref[0, :3] = torch.tensor([-0.4, -0.5, -0.6])  # c = 0.9
+    logprobs[1, :2] = torch.tensor([-1.0, -0.5])
+    ref[1, :2] = torch.tensor([-1.5, -0.5])  # c = 0.5
+    logprobs[2, :4] = torch.tensor([-2.0, -1.0, -1.0, -1.0])
+    ref[2, :4] = torch.tensor([-1.0, -1.0, -1.0, -1.0])  # -1
+    logprobs[3, :1] = -0.1
+    ref[3, :1] = -3.0
+    logprobs[4, :2] = -0.1
+    ref[4, :2] = -3.0
     return dict(rewards=torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]), group=[4, 4, 4, 2, 2], mask=mask,
                 logprobs=logprobs, ref_logprobs=ref)
 

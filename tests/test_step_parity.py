@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import canonrl
-from canonrl.reference import official_gigpo
-from canonrl.reference import official_hgpo
 import official_trloo
+from canonrl.reference import official_gigpo, official_hgpo
 
 SEEDS = range(6)
 

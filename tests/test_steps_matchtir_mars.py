@@ -11,7 +11,6 @@ import torch
 import canonrl
 import official_mars
 import official_matchtir
-from canonrl.batch import make_batch
 
 ATOL = 1e-5
 SEEDS = range(6)

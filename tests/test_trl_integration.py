@@ -8,10 +8,10 @@ import torch
 pytest.importorskip("trl")
 
 import datasets  # noqa: E402
-from conftest import tiny_lab_model  # noqa: E402
 
 import canonrl  # noqa: E402
 from canonrl.integrations.trl import SUPPORTED_TRL, CanonGRPOConfig, GRPOTrainer, check_trl_version  # noqa: E402
+from conftest import tiny_lab_model  # noqa: E402
 
 NUM_GENERATIONS = 4
 PROMPTS = ["3+4-2?", "7+5-3+8?", "9-4+1?", "2+2+2?"]

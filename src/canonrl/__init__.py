@@ -6,6 +6,7 @@
 """
 
 from canonrl.batch import RolloutBatch, make_batch
+from canonrl.methods.ktae import KeyTokens, key_token_scores
 from canonrl.registry import (
     Estimator,
     EstimatorInfo,
@@ -16,7 +17,6 @@ from canonrl.registry import (
     get_estimator,
     register,
 )
-from canonrl.methods.ktae import KeyTokens, key_token_scores
 from canonrl.selection import dynamic_sampling_keep
 from canonrl.shaping import overlong_penalty
 

@@ -212,13 +212,13 @@ def run_benchmark(
         total_tokens = int(mask.sum().item())
         # Each floor: the output write plus one masked row-sum of the per-token input an estimator must reduce.
         floor_reads = {
-            "mask": lambda: mask.sum(-1),
-            "entropy": lambda: (entropy * mask).sum(-1),
-            "token_ids": lambda: (batch["token_ids"] * mask).sum(-1),
-            "logprobs": lambda: (batch["logprobs"] * mask).sum(-1),
+            "mask": lambda mask=mask: mask.sum(-1),
+            "entropy": lambda entropy=entropy, mask=mask: (entropy * mask).sum(-1),
+            "token_ids": lambda batch=batch, mask=mask: (batch["token_ids"] * mask).sum(-1),
+            "logprobs": lambda batch=batch, mask=mask: (batch["logprobs"] * mask).sum(-1),
         }
         reads: dict[str, str | None] = {}
-        contenders: list[tuple[str, Callable[[], object]]] = [(FLOOR, lambda: scores[:, None] * mask)]
+        contenders: list[tuple[str, Callable[[], object]]] = [(FLOOR, lambda scores=scores, mask=mask: scores[:, None] * mask)]
         contenders += [(f"read {name}", fn) for name, fn in floor_reads.items()]
         for label, name, hyperparameters, reads_input in CASES:
             estimator = canonrl.get_estimator(name, **hyperparameters)

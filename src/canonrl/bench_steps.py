@@ -166,8 +166,8 @@ def run_step_benchmark(
     for prompts in sizes:
         ep = episodes(prompts, trajectories, max_steps)
         for layout, build, cases in (
-            ("row-per-step", lambda: row_per_step(ep, tokens_per_step, device), ROW_PER_STEP),
-            ("row-per-trajectory", lambda: row_per_trajectory(ep, tokens, device), ROW_PER_TRAJECTORY),
+            ("row-per-step", lambda ep=ep: row_per_step(ep, tokens_per_step, device), ROW_PER_STEP),
+            ("row-per-trajectory", lambda ep=ep: row_per_trajectory(ep, tokens, device), ROW_PER_TRAJECTORY),
         ):
             if progress:
                 progress(f"{layout}, {prompts} prompts")

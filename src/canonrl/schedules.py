@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 #: mu = 1 - batch accuracy: inter-group first (low accuracy), intra-group later. The paper's reported strategy.

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import describe_rows, encode_groups
-from canonrl.ops import ceil_fraction
 from canonrl.groups import Grouping
+from canonrl.ops import ceil_fraction
 
 
 def dynamic_sampling_keep(metric: Tensor, group: Any, *, keep_singletons: bool = True) -> Tensor:

@@ -5,7 +5,6 @@ Paper: "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (arXiv 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 #: DAPO's published settings: expected maximum 16,384 tokens plus a 4,096-token punishment buffer.

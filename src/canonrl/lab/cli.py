@@ -107,6 +107,10 @@ def train_command(
     _print_summary(summary, run_dir, plots)
 
 
+def _number(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isinf(value)) else f"{value:.2f}"
+
+
 def _print_summary(summary: dict, run_dir: Path, plots: list[Path]) -> None:
     initial, final = summary["initial"] or {}, summary["final"] or {}
     table = Table(title=f"{summary['label']} (seed {summary['seed']}) on {summary['task']}: {summary['steps']} steps in {summary['wall_time']:.0f} s")
@@ -118,8 +122,7 @@ def _print_summary(summary: dict, run_dir: Path, plots: list[Path]) -> None:
         table.add_row(name, _percent(a), _percent(b), change)
     for key, name in (("response_length", "response length (tokens)"), ("entropy", "entropy (nats/token)"), ("tokens_per_correct", "tokens per correct answer")):
         a, b = initial.get(key), final.get(key)
-        fmt = (lambda v: "-" if v is None or (isinstance(v, float) and math.isinf(v)) else f"{v:.2f}")
-        table.add_row(name, fmt(a), fmt(b), "")
+        table.add_row(name, _number(a), _number(b), "")
     console.print(table)
     console.print(f"run directory: {run_dir}\nmetrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
     console.print("plots: " + ", ".join(str(p) for p in plots), highlight=False)

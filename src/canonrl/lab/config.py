@@ -108,7 +108,7 @@ class TrainConfig:
     threads: int = param(0, "torch CPU threads (0: all cores)")
     tensorboard: bool = param(True, "write tensorboard logs")
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "minibatches",
                     "eval_problems", "eval_samples", "keep_checkpoints", "micro_batch_size", "prompt_pool")  # fmt: skip
         for name in positive:

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Left padding shifts nothing: the first real token is at position 0 in every row."""
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)

@@ -39,7 +39,7 @@ class SingleTurnRollout:
     prompt_confidence: bool = False
 
     @classmethod
-    def from_config(cls, config, task, *, prompt_confidence: bool = False) -> "SingleTurnRollout":
+    def from_config(cls, config, task, *, prompt_confidence: bool = False) -> SingleTurnRollout:
         return cls(task, config.group_size, config.max_new_tokens, config.temperature, config.top_p, config.seed,
                    config.verify_timeout, prompt_confidence)  # fmt: skip
 

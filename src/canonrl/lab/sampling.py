@@ -39,7 +39,7 @@ class Rollouts:
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(dim=1)
 
-    def select(self, rows: torch.Tensor) -> "Rollouts":
+    def select(self, rows: torch.Tensor) -> Rollouts:
         """These rows only, without the columns that are padding in all of them (cheaper forwards).
 
         The selected rows no longer come in groups of one prompt, so `repeats` is 1.

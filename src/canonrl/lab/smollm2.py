@@ -265,8 +265,9 @@ def _convert(gguf_path: Path, out: Path) -> None:
     missing = [f for f in REQUIRED_FILES if not (out / f).is_file()]
     if missing:
         raise RuntimeError(f"converting {name} produced no {', '.join(missing)}; check the transformers version (>=5)")
-    import transformers
     from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
 
     try:
         gguf_version = version("gguf")

@@ -54,9 +54,10 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as _wait_connections
-from typing import Any, Sequence
+from typing import Any
 
 from canonrl.lab.tasks.base import Problem, Reward
 

@@ -71,8 +71,10 @@ def _training_batch(task: LabTask, tokenizer, rng: random.Random, size: int, sty
     return ids, attention, labels
 
 
-def warmstart(out_dir: Path, config: WarmstartConfig = WarmstartConfig(), progress=None) -> dict:
-    """Train the lab-tiny policy and write it to `out_dir` atomically. Returns the recorded summary."""
+def warmstart(out_dir: Path, config: WarmstartConfig | None = None, progress=None) -> dict:
+    """Train the lab-tiny policy (recipe `config`, default `WarmstartConfig()`) and write it to `out_dir` atomically.
+    Returns the recorded summary."""
+    config = config or WarmstartConfig()
     from canonrl.lab.evaluate import evaluate
     from canonrl.lab.policy import Policy, save_policy_dir
 

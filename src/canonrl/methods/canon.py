@@ -46,8 +46,8 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import finish, require_choice, require_range, singleton_param
 from canonrl.groups import Grouping
+from canonrl.methods._common import finish, require_choice, require_range, singleton_param
 from canonrl.registry import Paper, SequenceEstimator, param, register
 from canonrl.schedules import ACCURACY_SCHEDULES, MU_SCHEDULES, batch_accuracy, scheduled_mu
 

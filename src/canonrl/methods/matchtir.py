@@ -39,7 +39,6 @@ discounted returns are a float64 scan (parity within 1e-5); a group key is a uid
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch

@@ -47,7 +47,14 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import finish, nonzero_or_one, require_choice, require_finite, require_range, singleton_param
+from canonrl.methods._common import (
+    finish,
+    nonzero_or_one,
+    require_choice,
+    require_finite,
+    require_range,
+    singleton_param,
+)
 from canonrl.methods.grpo import STD_CHOICES
 from canonrl.registry import Paper, SequenceEstimator, param, register
 

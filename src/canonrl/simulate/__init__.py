@@ -13,8 +13,8 @@ Depends on the estimator core only (matplotlib for the report's plots).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
