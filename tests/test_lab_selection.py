@@ -361,3 +361,13 @@ def test_resume_is_bit_exact(policy_dir, tmp_path, overrides):
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     initial = weights(policy_dir)
     assert any(not torch.equal(initial[k], weights_a[k]) for k in initial)
+
+
+def test_the_docs_key_table_is_the_config():
+    from canonrl.lab.config import key_table
+
+    docs = (Path(__file__).parent.parent / "docs" / "lab.md").read_text()
+    table = docs.split("<!-- config-keys:begin -->\n", 1)[1].split("<!-- config-keys:end -->", 1)[0]
+    assert table == key_table(), "docs/lab.md's key table is stale: paste the output of `canonrl lab keys` there"
+    for field in TrainConfig.__dataclass_fields__.values():
+        assert field.metadata.get("help"), f"config key {field.name} has no help"
