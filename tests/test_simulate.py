@@ -277,7 +277,8 @@ def test_bad_group_size_and_unknown_estimator_are_one_line_errors():
         (["model.difficulty=fixed:2"], "success probabilities must lie in"),
         (["model.colour=red"], "unknown model setting 'colour'"),
         (["grpo.epsilon=1"], "epsilon"),
-        (["justaword"], "settings are section.key=value"),
+        (["justaword"], "override 'justaword' is not key=value"),
+        (["lengthcorr=1"], "settings are section.key=value"),
     ],
 )
 def test_cli_bad_parameters_are_one_line_errors(args, message, tmp_path):
@@ -313,3 +314,14 @@ def test_cli_writes_the_report_folder(tmp_path):
     default = run_simulation(SimulationConfig(estimators=("canon",), group_sizes=(8,), responses=2048, seed=5))
     measured_075 = next(m for m in payload["measures"] if m["estimator"] == "canon" and m["group_size"] == 8)
     assert measured_075["rmse"] != pytest.approx(default.measures[0].rmse)
+
+
+def test_settings_parse_like_train_overrides():
+    """`canonrl simulate` reads key=value as `canonrl train` does (canonrl.overrides): YAML values, 1e-3 a number."""
+    from canonrl.cli import simulation_config
+    from canonrl.overrides import parse_override
+
+    config = simulation_config(["model.length_corr=-5e-1", "grpo.eps=1e-6", "align.grpo=z"], ["grpo"], "4", 64, 0)
+    assert config.model.length_corr == -0.5 and config.params == {"grpo": {"eps": 1e-6}} and config.align == {"grpo": "z"}
+    assert parse_override("estimator_params.mu=1e-3") == ("estimator_params", "mu", 1e-3)
+    assert parse_override("d3s={n_init: 8}") == ("d3s", "", {"n_init": 8})

@@ -27,9 +27,9 @@ def _format_default(value: object) -> str:
 @app.command("estimators")
 def list_estimators(
     details: bool = typer.Option(False, "--details", help="also list every hyperparameter with its help text"),
-    markdown: bool = typer.Option(False, "--markdown", help="print the README's estimator tables (markdown)"),
+    markdown: bool = typer.Option(False, "--markdown", help="print docs/estimators.md's tables (markdown)"),
     update: Path = typer.Option(
-        None, "--update", help="rewrite the estimator tables between the marker comments of this file (README.md)"
+        None, "--update", help="rewrite the estimator tables between this file's marker comments (docs/estimators.md)"
     ),
 ) -> None:
     """Print the registry: each estimator, its paper, the inputs it needs and its hyperparameters."""
@@ -64,9 +64,10 @@ def list_estimators(
     console.print(table)
 
 
-# The README's estimator tables, generated from the registry: one for the outcome-level estimators (one reward per
-# response, no critic), one for the step and critic estimators. Each sits between <!-- KEY:begin --> and
-# <!-- KEY:end --> in README.md; tests/test_readme_estimators.py fails when they are stale.
+# The estimator tables of docs/estimators.md, generated from the registry: one for the outcome-level estimators
+# (one reward per response, no critic), one for the step and critic estimators. Each sits between
+# <!-- KEY:begin --> and <!-- KEY:end --> in docs/estimators.md; tests/test_readme_estimators.py fails when they are
+# stale.
 _INPUTS = "inputs beyond rewards, group, mask"
 TABLE_COLUMNS = {
     "estimators": ("name", "level", "method", "paper", _INPUTS, "works in", "verified"),
@@ -92,7 +93,7 @@ def _table_row(info: EstimatorInfo) -> tuple[str, ...]:
 
 
 def estimator_tables() -> dict[str, str]:
-    """The README's estimator tables (marker key -> markdown table), from the registry."""
+    """The estimator tables of docs/estimators.md (marker key -> markdown table), from the registry."""
     import canonrl
 
     infos = canonrl.estimators()
@@ -111,7 +112,7 @@ def marked_estimator_tables() -> str:
 
 
 def with_estimator_tables(text: str) -> str:
-    """``text`` (a README) with the estimator tables between its marker comments regenerated."""
+    """``text`` (docs/estimators.md) with the estimator tables between its marker comments regenerated."""
     for key, table in estimator_tables().items():
         begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
         if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
@@ -244,9 +245,9 @@ def simulate(
 
 def simulation_config(overrides: list[str], estimators: list[str], group_sizes: str, responses: int, seed: int):
     """A `SimulationConfig` from the command line's pieces (one-line ValueErrors for bad ones)."""
-    import ast
     from dataclasses import fields, replace
 
+    from canonrl.overrides import parse_override
     from canonrl.simulate import ConditionModel, RolloutModel, SimulationConfig
 
     try:
@@ -255,15 +256,10 @@ def simulation_config(overrides: list[str], estimators: list[str], group_sizes: 
         raise ValueError(f"--group-sizes must be comma-separated integers, got {group_sizes!r}") from None
     sections: dict[str, dict] = {"model": {}, "conditions": {}, "align": {}}
     params: dict[str, dict] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        head, dot, name = key.partition(".")
-        if not sep or not dot or not name:
+    for item in overrides:  # the same key=value syntax as `canonrl train` (canonrl.overrides)
+        head, name, value = parse_override(item, "model.length_corr=-0.5")
+        if not name:
             raise ValueError(f"settings are section.key=value (e.g. model.length_corr=-0.5), got {item!r}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)  # a bare word is a string
         (sections[head] if head in sections else params.setdefault(head, {}))[name] = value
     for section, cls in (("model", RolloutModel), ("conditions", ConditionModel)):
         known = {f.name for f in fields(cls)}

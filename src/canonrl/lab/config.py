@@ -7,7 +7,6 @@ policy, a hyperparameter the estimator does not have — becomes a one-line `Con
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from canonrl.losses import KL_ESTIMATORS, LOSS_AGG_MODES
+from canonrl.overrides import OverrideError, parse_override, parse_yaml
 from canonrl.policy_losses import ClipRange, PolicyLoss, get_loss, loss_names
 from canonrl.registry import param
 
@@ -29,21 +29,6 @@ D3S_OPTIONS = ("cross_group", "drop_constant", "keep_singletons", "per_row")
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line."""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-3` as a string (a float needs a dot there); users mean a number."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _parse_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
 
 
 def _default_estimator_params() -> dict[str, Any]:
@@ -295,15 +280,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     """Apply ``key=value`` strings; values are parsed as YAML; ``estimator_params.mu=0.5`` sets one entry."""
     values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. estimator=grpo, estimator_params.mu=0.5)")
-        key, raw = item.split("=", 1)
-        key = key.strip().lstrip("+")
         try:
-            value = _parse_yaml(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
-        head, _, rest = key.partition(".")
+            head, rest, value = parse_override(item, "estimator=grpo, estimator_params.mu=0.5")
+        except OverrideError as error:
+            raise ConfigError(str(error)) from None
         if head not in FIELDS:
             raise _unknown_key(head)
         if rest:
@@ -323,7 +303,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> TrainCon
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = _parse_yaml(path.read_text()) or {}
+            loaded = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {_one_line(error)}") from None
         if not isinstance(loaded, dict):
