@@ -5,6 +5,7 @@ Everything runs with one torch thread and tiny sizes (a 2-layer, 32-wide Llama; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -341,6 +342,56 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(policy_dir, tmp_path, 
     summary_a = json.loads((tmp_path / "a" / "summary.json").read_text())
     summary_b = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary_a["final"]["accuracy"] == summary_b["final"]["accuracy"]
+
+
+def trainer_state(run_dir: Path) -> dict:
+    """The latest checkpoint's trainer state, read as plain values and tensors only."""
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run_dir / "checkpoints" / latest / "trainer_state.pt", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("estimator=hadw",), ("estimator=capo", "estimator_params.base=hadw", "estimator_params.switch_step=3")],
+    ids=["hadw", "capo-over-hadw"],
+)
+def test_a_stateful_estimator_resumes_bit_for_bit_from_its_state_dict(policy_dir, tmp_path, parity, overrides):
+    """HA-DW's anchor history travels in the checkpoint as a state dict (no pickled estimator), also as a base."""
+    config = tiny_config(policy_dir, "steps=4", parity, "checkpoint_every=2", "eval_every=0", *overrides)
+    Trainer(config, tmp_path / "a").train()
+    train_until_interrupted(config, tmp_path / "b", at_step=3)
+
+    # the checkpoint holds the estimator's name, hyperparameters and state dict, all readable with weights_only=True
+    state = trainer_state(tmp_path / "b")
+    assert state["step"] == 2 and state["estimator_name"] == config.estimator
+    assert state["estimator_params"] == dataclasses.asdict(config.build_estimator().params)
+    hadw = state["estimator"] if config.estimator == "hadw" else state["estimator"]["base"]
+    assert hadw["estimator"] == "hadw" and len(hadw["accuracies"]) == 2 and hadw["last_step"] == 2
+
+    resumed = Trainer(config, tmp_path / "b", resume=True)
+    assert resumed.step == 2 and resumed.estimator.state_dict() == state["estimator"]
+    resumed.train()
+
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        strip = lambda r: {k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS}  # noqa: E731
+        assert strip(x) == strip(y)
+    assert any(r["kind"] == "train" and r["advantage_abs"] > 0 for r in a)
+    weights_a, weights_b = weights(tmp_path / "a" / "policy"), weights(tmp_path / "b" / "policy")
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+    assert trainer_state(tmp_path / "a")["estimator"] == trainer_state(tmp_path / "b")["estimator"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_estimator_configuration(policy_dir, tmp_path, parity):
+    config = tiny_config(policy_dir, "steps=2", parity, "checkpoint_every=1", "eval_every=0", "estimator=hadw")
+    Trainer(config, tmp_path).train()
+    for overrides in (("estimator=hadw", "estimator_params.lambda_scale=1.5"), ("estimator=grpo",)):
+        other = tiny_config(policy_dir, "steps=3", parity, "checkpoint_every=1", "eval_every=0", *overrides)
+        with pytest.raises(ValueError) as info:
+            Trainer(other, tmp_path, resume=True)
+        assert "was written with estimator 'hadw'" in one_line(info.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------

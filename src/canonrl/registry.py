@@ -2,7 +2,8 @@
 
 An estimator is a class with a name, a one-line description, its paper, the batch inputs it needs beyond
 ``rewards``/``group``/``mask``, and a ``Params`` dataclass holding its hyperparameters with defaults. Instances are
-callable on a :class:`~canonrl.batch.RolloutBatch` and may keep state across calls (a step counter for schedules).
+callable on a :class:`~canonrl.batch.RolloutBatch` and may keep state across calls (a step counter for schedules),
+which :meth:`Estimator.state_dict` / :meth:`Estimator.load_state_dict` save and restore.
 """
 
 from __future__ import annotations
@@ -148,6 +149,38 @@ class Estimator(ABC):
     def required_inputs(self) -> tuple[str, ...]:
         """The optional batch inputs this configured instance reads."""
         return self.requires
+
+    # --- state across calls (checkpoints) ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What it carries from call to call, as plain Python values and tensors (``torch.load(...,
+        weights_only=True)`` reads it back): its name and the call counter ``step``; estimators with a history (and
+        wrappers, whose base may have one) add theirs. The hyperparameters are not part of it."""
+        return {"estimator": self.name, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` of an estimator of the same name (ValueError for another's, or one
+        with missing or unexpected keys)."""
+        self._check_state(state)
+        self.step = state["step"]
+
+    def _check_state(self, state: Any) -> None:
+        """Raise ValueError unless ``state`` is a state dict of this estimator with exactly its keys."""
+        if not isinstance(state, dict):
+            raise ValueError(f"estimator {self.name!r} state must be a dict, got {type(state).__name__}")
+        if state.get("estimator") != self.name:
+            raise ValueError(
+                f"cannot load a state of estimator {state.get('estimator')!r} into estimator {self.name!r}"
+            )
+        expected = set(self.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected, key=str)
+        if missing or unexpected:
+            parts = ([f"missing keys {missing}"] if missing else []) + (
+                [f"unexpected keys {unexpected}"] if unexpected else []
+            )
+            raise ValueError(f"estimator {self.name!r} state: {', '.join(parts)}")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"estimator {self.name!r} state: step must be an int, got {step!r}")
 
     # --- facts about this configured instance (read by the property tests, the simulator and the README) --------
     @property

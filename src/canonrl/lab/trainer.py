@@ -129,11 +129,21 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-NNNNNN/: the policy, the optimizer and the trainer's state (never half-written)."""
+        import dataclasses
+
         metrics_bytes = (self.run_dir / "metrics.jsonl").stat().st_size
 
         def write_state(directory: Path) -> None:
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-            state = {"step": self.step, "tokens": self.tokens, "estimator": self.estimator, "metrics_bytes": metrics_bytes}
+            # plain values and tensors only (the estimator's state_dict, not the object), read with weights_only=True
+            state = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "estimator_name": self.estimator.name,
+                "estimator_params": dataclasses.asdict(self.estimator.params),
+                "estimator": self.estimator.state_dict(),
+                "metrics_bytes": metrics_bytes,
+            }
             if self.prompt_sampler is not None:
                 state["prompt_sampler"] = self.prompt_sampler.state_dict()
             torch.save(state, directory / checkpoints.TRAINER_STATE)
@@ -143,9 +153,26 @@ class Trainer:
         )
 
     def _restore(self, checkpoint: Path) -> None:
+        import dataclasses
+        import pickle
+
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        state = torch.load(checkpoint / checkpoints.TRAINER_STATE, weights_only=False)
-        self.step, self.tokens, self.estimator = state["step"], state["tokens"], state["estimator"]
+        try:
+            state = torch.load(checkpoint / checkpoints.TRAINER_STATE, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(
+                f"{checkpoint / checkpoints.TRAINER_STATE} holds pickled objects (written by an older canonrl that "
+                "pickled the estimator); it cannot be resumed"
+            ) from None
+        params = dataclasses.asdict(self.estimator.params)
+        saved = (state.get("estimator_name"), state.get("estimator_params"))
+        if saved != (self.estimator.name, params):
+            raise ValueError(
+                f"{checkpoint} was written with estimator {saved[0]!r} {saved[1]!r}, but the config builds "
+                f"{self.estimator.name!r} {params!r}"
+            )
+        self.estimator.load_state_dict(state["estimator"])
+        self.step, self.tokens = state["step"], state["tokens"]
         if self.prompt_sampler is not None:
             if state.get("prompt_sampler") is None:
                 raise ValueError(f"{checkpoint} holds no prompt_sampler state; it was written by a 'fresh' run")

@@ -34,7 +34,8 @@ estimator, e.g. ``base="dr_grpo"``; the official code skips the weighting when `
 here it is always applied).
 
 State: ``anchor`` (the prior of the next step, None before the first batch), ``used_anchor`` (the C_t^- of the last
-call), ``accuracies`` (the recent batch accuracies), ``eta_t``; :meth:`reset` clears it, :meth:`state` returns it.
+call), ``accuracies`` (the recent batch accuracies), ``eta_t``; :meth:`reset` clears it, :meth:`state` returns it,
+:meth:`state_dict` / :meth:`load_state_dict` save and restore it (with the step and the base's state).
 Steps: calling again with the same ``step`` as the previous call first rolls the state back to before that step, so
 repeating a step is idempotent (the same batch gives the same advantages and state; a different batch replaces the
 step's observation). Any other step (or ``step=None``, which counts calls) is a new observation. A batch with no
@@ -74,6 +75,23 @@ def _mean(values: list[float]) -> float:
 def _pstd(values: list[float]) -> float:
     mean = _mean(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def _history(state: dict[str, Any], where: str) -> tuple:
+    """(anchor, used_anchor, accuracies, eta_t) of a state dict, checked to be numbers (or None) and a list."""
+    values = []
+    for key in ("anchor", "used_anchor", "eta_t"):
+        value = state[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"estimator 'hadw' {where}: {key} must be a number or None, got {value!r}")
+        values.append(None if value is None else float(value))
+    accuracies = state["accuracies"]
+    if not isinstance(accuracies, (list, tuple)) or not all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in accuracies
+    ):
+        raise ValueError(f"estimator 'hadw' {where}: accuracies must be a list of numbers, got {accuracies!r}")
+    anchor, used_anchor, eta_t = values
+    return anchor, used_anchor, [float(a) for a in accuracies], eta_t
 
 
 @register
@@ -138,6 +156,41 @@ class HADW(WrapsBase):
             "eta_t": self.eta_t,
             "step": self._last_step,
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step, the base's state and the anchor's history, including the snapshot that a repeat of the last
+        step rolls back to (plain floats, lists and None)."""
+        before = None
+        if self._before is not None:
+            anchor, used_anchor, accuracies, eta_t = self._before
+            before = {"anchor": anchor, "used_anchor": used_anchor, "accuracies": list(accuracies), "eta_t": eta_t}
+        return {
+            **super().state_dict(),
+            "anchor": self.anchor,
+            "used_anchor": self.used_anchor,
+            "accuracies": list(self.accuracies),
+            "eta_t": self.eta_t,
+            "last_step": self._last_step,
+            "before": before,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        history = _history(state, "state")
+        last_step = state["last_step"]
+        if last_step is not None and (isinstance(last_step, bool) or not isinstance(last_step, int)):
+            raise ValueError(f"estimator 'hadw' state: last_step must be an int or None, got {last_step!r}")
+        before = state["before"]
+        if before is not None:
+            if not isinstance(before, dict) or set(before) != {"anchor", "used_anchor", "accuracies", "eta_t"}:
+                raise ValueError(
+                    "estimator 'hadw' state: before must be None or a dict of anchor, used_anchor, accuracies and eta_t"
+                )
+            before = _history(before, "before")
+        super().load_state_dict(state)
+        self._restore(history)
+        self._last_step = last_step
+        self._before = before
 
     def _snapshot(self) -> tuple:
         return (self.anchor, self.used_anchor, list(self.accuracies), self.eta_t)

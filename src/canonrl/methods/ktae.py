@@ -266,6 +266,15 @@ class KTAE(Estimator):
     def required_inputs(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.requires + self.base.required_inputs()))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The step and the base estimator's state (a base may keep a history: hadw)."""
+        return {**super().state_dict(), "base": self.base.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
+        self.base.load_state_dict(state["base"])
+        super().load_state_dict(state)
+
     @property
     def batch_level_reason(self) -> str | None:
         return base_batch_level_reason(self.base)  # the key-token statistics are per group
