@@ -1,5 +1,5 @@
-"""The README's estimator tables are the registry's (``canonrl estimators --markdown``), and the template module of
-docs/adding-an-estimator.md registers and runs."""
+"""The estimator tables of docs/estimators.md are the registry's (``canonrl estimators --markdown``), and the
+template module of docs/adding-an-estimator.md registers and runs."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from canonrl import registry
 from canonrl.cli import app, estimator_tables, marked_estimator_tables, with_estimator_tables
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+TABLES = ROOT / "docs" / "estimators.md"
 GUIDE = ROOT / "docs" / "adding-an-estimator.md"
-REGENERATE = "canonrl estimators --update README.md"
+REGENERATE = "canonrl estimators --update docs/estimators.md"
 
 
-def test_the_readme_tables_are_the_registrys():
-    text = README.read_text()
-    assert with_estimator_tables(text) == text, f"README.md's estimator tables are stale: run `{REGENERATE}`"
+def test_the_docs_tables_are_the_registrys():
+    text = TABLES.read_text()
+    assert with_estimator_tables(text) == text, f"docs/estimators.md's estimator tables are stale: run `{REGENERATE}`"
 
 
 def test_every_registered_estimator_has_one_row():
@@ -91,7 +91,7 @@ def test_the_guides_template_registers_and_computes(template):
     dr_grpo = canonrl.advantages("dr_grpo", rewards=rewards, group=group, mask=mask)
     assert torch.equal(canonrl.advantages(template, rewards=rewards, group=group, mask=mask), dr_grpo)
 
-    # its declarations reach the registry, the README's table and the simulator
+    # its declarations reach the registry, the estimator table and the simulator
     info = next(i for i in canonrl.estimators() if i.name == template)
     assert info.outcome_level and info.group_local and info.simulator_alignment == "centred"
     assert f"| `{template}` |" in estimator_tables()["estimators"]
