@@ -102,6 +102,7 @@ def test_cheap_task_is_verified_inline_with_the_same_rules():
     with Verifier(workers=2) as v:
         _check_rules(_run(v, CheapScriptedTask(), RULES))
         assert v.processes() == []  # no worker was started
+    verification.shutdown()  # an earlier test may have started the module-level pool
     _check_rules(_run(None, CheapScriptedTask(), RULES))
     assert verification._default is None  # the module-level path did not build a pool either
 

@@ -109,9 +109,10 @@ def test_command_line_prints_the_table(tiny_policy, capsys):
 
 
 def test_generation_is_timed_inside_the_rollout_phase_inside_the_step(result):
-    from canonrl.lab import sampling
+    from canonrl.lab import rollout, sampling
 
     for name, row in result["contenders"].items():
         assert 0 < row["generation_seconds"] <= row["rollout_phase_seconds"] <= row["seconds"], name
     # our sampler is restored after the benchmark
     assert sampling.generate.__module__ == "canonrl.lab.sampling" and sampling.generate.__name__ == "generate"
+    assert rollout.generate is sampling.generate  # the timing wrapper was taken off again

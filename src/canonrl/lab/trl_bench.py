@@ -19,7 +19,7 @@ fixed for the whole run.
 
 Throughput. "rollout tokens/s" is generated completion tokens (EOS included, padding excluded, counted the same
 way on both sides) divided by the wall time of the whole step. "generation tokens/s" divides the same tokens by
-the sampling time alone: our `canonrl.lab.sampling.generate` call (wrapped for the duration of our steps), TRL's
+the sampling time alone: our rollout's `canonrl.lab.sampling.generate` call (wrapped for the duration of our steps), TRL's
 `_generate_single_turn` (padding, `model.generate`, EOS masking). The result dict also has
 "rollout_phase_tokens_per_second": prompts to scored completions, i.e. for us `Trainer.rollout` (encode, sample,
 decode, verify; from the step's own `rollout_tokens_per_second`), for TRL `_generate` plus `_calculate_rewards`
@@ -122,7 +122,7 @@ def run_trl_benchmark(
     except ImportError:
         raise RuntimeError("the TRL benchmark needs trl and datasets: pip install trl") from None
 
-    from canonrl.lab import sampling
+    from canonrl.lab import rollout
     from canonrl.lab.config import load_config
     from canonrl.lab.policy import resolve_policy_dir
     from canonrl.lab.tasks.base import Problem
@@ -140,7 +140,7 @@ def run_trl_benchmark(
         raise ValueError(f"threads must be >= 0, got {threads}")
 
     policy_dir = resolve_policy_dir(policy)
-    sample = sampling.generate
+    sample = rollout.generate  # what the trainer's single-turn rollout samples with
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = prompts * group_size
@@ -170,7 +170,7 @@ def run_trl_benchmark(
         ours_step = 0
 
         def timed_generate(*args, **kwargs):
-            # the trainer imports `generate` from canonrl.lab.sampling when it samples, so it finds this wrapper
+            # the trainer's rollout (canonrl.lab.rollout) samples with its module's `generate`, so it finds this wrapper
             started = time.perf_counter()
             try:
                 return sample(*args, **kwargs)
@@ -182,13 +182,13 @@ def run_trl_benchmark(
             for _ in range(count):
                 ours_step += 1
                 ours_generate_seconds[0] = 0.0
-                sampling.generate = timed_generate
+                rollout.generate = timed_generate
                 try:
                     started = time.perf_counter()
                     result = ours.train_step(ours_step)
                     elapsed = time.perf_counter() - started
                 finally:
-                    sampling.generate = sample
+                    rollout.generate = sample
                 if timed:
                     new_tokens = int(round(result.metrics["response_length"] * rows))
                     ours_seconds.append(elapsed)
