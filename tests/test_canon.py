@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import canonrl
-from canonrl.schedules import cosine_annealing_with_restarts
+from canonrl.methods._schedules import cosine_annealing_with_restarts
 from conftest import full_mask, per_response
 from official_canon import official_canon
 
@@ -123,16 +123,16 @@ def test_entropy_metric_is_the_masked_mean_token_entropy():
 
 def test_length_metric_counts_response_tokens():
     mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
-    got = canonrl.advantages("canon", rewards=REWARDS, group=GROUP, mask=mask, metric="length", mu=1.0)
+    got = canonrl.advantages("canon", rewards=REWARDS, group=GROUP, mask=mask, split_by="length", mu=1.0)
     assert torch.allclose(per_response(got), torch.tensor([0.5, -1.0, 0.5, 0.0]))
 
 
 def test_random_regrouping_is_seeded_balanced_and_changes_with_the_step():
     rewards = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0] * 4)
     group = torch.arange(4).repeat_interleave(8)
-    estimator = canonrl.get_estimator("canon", metric="random", mu=1.0, seed=3)
+    estimator = canonrl.get_estimator("canon", split_by="random", mu=1.0, seed=3)
     first = estimator(rewards=rewards, group=group, mask=full_mask(32), step=1)
-    again = canonrl.get_estimator("canon", metric="random", mu=1.0, seed=3)(
+    again = canonrl.get_estimator("canon", split_by="random", mu=1.0, seed=3)(
         rewards=rewards, group=group, mask=full_mask(32), step=1
     )
     later = estimator(rewards=rewards, group=group, mask=full_mask(32), step=2)
@@ -144,12 +144,12 @@ def test_random_regrouping_is_seeded_balanced_and_changes_with_the_step():
 
 def test_index_metric_splits_by_batch_order():
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    got = canon(rewards=rewards, metric="index", mu=1.0)
+    got = canon(rewards=rewards, split_by="index", mu=1.0)
     assert torch.allclose(got, torch.tensor([1.0, 1.0, -1.0, -1.0]))
 
 
 def test_cosine_schedules_match_the_official_constants():
-    mu = lambda schedule, step: canonrl.get_estimator("canon", mu=schedule, metric="length").mu_at(step)  # noqa: E731
+    mu = lambda schedule, step: canonrl.get_estimator("canon", mu=schedule, split_by="length").mu_at(step)  # noqa: E731
     inter_first = "cosine-first-inter-later-intra"
     assert mu(inter_first, 1) == pytest.approx(2 / 30)
     assert mu(inter_first, 29) == pytest.approx(1.0)
@@ -199,7 +199,17 @@ def test_bad_hyperparameters_are_one_line_errors():
         canonrl.get_estimator("canon", mu=1.5)
     with pytest.raises(ValueError, match="mu must be one of"):
         canonrl.get_estimator("canon", mu="cosine")
-    with pytest.raises(ValueError, match="metric must be one of"):
-        canonrl.get_estimator("canon", metric="perplexity")
+    with pytest.raises(ValueError, match="split_by must be one of"):
+        canonrl.get_estimator("canon", split_by="perplexity")
+
+
+def test_the_old_spelling_of_split_by_still_works():
+    with pytest.warns(DeprecationWarning, match="'metric' is now 'split_by'"):
+        old = canonrl.get_estimator("canon", metric="length")
+    assert old.params.split_by == "length"
+    with pytest.warns(DeprecationWarning):
+        via_api = canonrl.advantages("canon", rewards=REWARDS, group=GROUP, mask=full_mask(4), metric="length")
+    assert torch.equal(via_api, canonrl.advantages("canon", rewards=REWARDS, group=GROUP, mask=full_mask(4),
+                                                   split_by="length"))
     with pytest.raises(ValueError, match="needs 'entropy'"):
         canonrl.advantages("canon", rewards=REWARDS, group=GROUP, mask=full_mask(4))

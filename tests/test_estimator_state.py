@@ -48,6 +48,7 @@ def batch_fields(estimator: canonrl.Estimator, seed: int) -> dict[str, Any]:
         fields = synthetic_batch(3, 4, 6, "cpu", seed=seed)
         rows = len(fields["rewards"])
         fields["metric"] = torch.rand(rows, generator=generator)  # a per-response value (>= 0: RLEV's v)
+        fields["human_values"] = fields["metric"]
         if type(estimator).multi_reward:
             fields["rewards"] = fields["reward_components"]
     else:

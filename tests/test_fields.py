@@ -30,7 +30,7 @@ def test_every_estimator_reads_only_declared_fields():
 
 def test_a_consumer_builds_what_it_can_feed_and_names_what_it_cannot():
     consumer = Consumer("my trainer", {"entropy": "from the sampler"}, missing="compute it yourself")
-    assert consumer.estimator("canon", metric="entropy").name == "canon"
+    assert consumer.estimator("canon", split_by="entropy").name == "canon"
     with pytest.raises(ValueError) as info:
         consumer.estimator("ktae")
     message = str(info.value)

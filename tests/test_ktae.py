@@ -7,7 +7,7 @@ import torch
 
 import canonrl
 from canonrl.batch import make_batch
-from canonrl.fisher import fisher_two_sided, fisher_two_sided_upstream
+from canonrl.methods._fisher import fisher_two_sided, fisher_two_sided_upstream
 from canonrl.methods.ktae import key_token_scores
 
 PAD = 151643  # Qwen2.5's <|endoftext|>, hard-coded upstream

@@ -137,9 +137,9 @@ class Everything(Recording):
         )  # fmt: skip
 
 
-class NeedsMetric(Recording):
-    name = "_test_inputs_metric"
-    requires = ("metric",)
+class NeedsHumanValues(Recording):
+    name = "_test_inputs_human_values"
+    requires = ("human_values",)
 
 
 class NeedsTokenRewards(Recording):
@@ -147,7 +147,7 @@ class NeedsTokenRewards(Recording):
     requires = ("token_rewards",)
 
 
-ESTIMATORS = (Plain, Greedy, ReferenceRewards, RefLogprobs, Confidence, Multi, Everything, NeedsMetric, NeedsTokenRewards)
+ESTIMATORS = (Plain, Greedy, ReferenceRewards, RefLogprobs, Confidence, Multi, Everything, NeedsHumanValues, NeedsTokenRewards)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -219,32 +219,32 @@ def test_an_input_the_lab_cannot_supply_is_an_error_up_front(policy_dir, tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# metric: the task's per-prompt value (RLEV)
+# human_values: the task's per-prompt value (RLEV)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_metric_is_each_prompts_value_from_the_task(policy_dir, tmp_path):
-    trainer = make_trainer(policy_dir, tmp_path, NeedsMetric, "task=lab")
+def test_human_values_are_each_prompts_value_from_the_task(policy_dir, tmp_path):
+    trainer = make_trainer(policy_dir, tmp_path, NeedsHumanValues, "task=lab")
     result = trainer.train_step(1)
-    (batch,) = SEEN[NeedsMetric.name]
+    (batch,) = SEEN[NeedsHumanValues.name]
     problems = step_problems(trainer, 1)
     # by hand: points = operations, over an exam of ten 4-operation problems (the default 5 operands)
     expected = torch.tensor([len(p.meta["ops"]) / 40 for p in problems]).repeat_interleave(GROUP)
-    assert torch.equal(batch.metric, expected)
-    assert set(batch.metric.mul(40).round().tolist()) <= {2.0, 3.0, 4.0}
+    assert torch.equal(batch.human_values, expected)
+    assert set(batch.human_values.mul(40).round().tolist()) <= {2.0, 3.0, 4.0}
     assert result.metrics["prompt_value"] == pytest.approx(expected.mean().item())
 
 
-def test_a_task_without_values_cannot_feed_metric(policy_dir, tmp_path):
-    with pytest.raises(ValueError, match="needs metric, a per-prompt value, which task 'inputs' does not give"):
-        make_trainer(policy_dir, tmp_path, NeedsMetric)
+def test_a_task_without_values_cannot_feed_human_values(policy_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs human_values, a per-prompt value, which task 'inputs' does not give"):
+        make_trainer(policy_dir, tmp_path, NeedsHumanValues)
 
 
 def test_rlev_trains_in_the_lab_with_the_values(policy_dir, tmp_path):
     from canonrl.methods.rlev import value_weighted_rewards
     from canonrl.registry import get_estimator
 
-    trainer = make_trainer(policy_dir, tmp_path, NeedsMetric, "task=valued", "estimator=rlev", "lr=0.05")
+    trainer = make_trainer(policy_dir, tmp_path, NeedsHumanValues, "task=valued", "estimator=rlev", "lr=0.05")
     captured = []
     advantages = trainer.advantages
     trainer.advantages = lambda step, rollouts, rewards, **inputs: captured.append((rewards, inputs)) or advantages(
@@ -253,10 +253,10 @@ def test_rlev_trains_in_the_lab_with_the_values(policy_dir, tmp_path):
     result = trainer.train_step(1)
     rewards, inputs = captured[0]
     group = torch.arange(PROMPTS).repeat_interleave(GROUP)
-    scaled = value_weighted_rewards(rewards, inputs["metric"])
+    scaled = value_weighted_rewards(rewards, inputs["human_values"])
     expected = get_estimator("rloo")(rewards=scaled, group=group, mask=result.rollouts.response_mask)
     assert torch.allclose(result.advantages, expected)
-    assert inputs["metric"].unique().numel() > 1 and rewards.unique().numel() == 2  # values and rewards both vary
+    assert inputs["human_values"].unique().numel() > 1 and rewards.unique().numel() == 2  # values and rewards both vary
     assert moved(trainer, policy_dir)
 
 

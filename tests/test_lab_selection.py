@@ -16,9 +16,9 @@ import torch
 from canonrl.lab.config import ConfigError, TrainConfig, load_config
 from canonrl.lab.seeds import seed_of as _seed
 from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer
-from canonrl.losses import NGRPO_CLIP_HIGH, NGRPO_CLIP_LOW
-from canonrl.policy_losses import ClipRange, get_loss
-from canonrl.selection import d3s_keep
+from canonrl.training.losses import NGRPO_CLIP_HIGH, NGRPO_CLIP_LOW
+from canonrl.training.policy_losses import ClipRange, get_loss
+from canonrl.training.selection import d3s_keep
 from conftest import ParityTask, train_until_interrupted, use_test_tasks
 
 TINY = [

@@ -55,7 +55,7 @@ def one_line(error: BaseException) -> str:
 def test_defaults_validate():
     config = load_config()
     assert config == TrainConfig().validate()
-    assert config.estimator == "canon" and config.estimator_params == {"metric": "length", "mu": 1.0}
+    assert config.estimator == "canon" and config.estimator_params == {"split_by": "length", "mu": 1.0}
 
 
 def test_overrides_are_yaml_typed():
@@ -71,8 +71,8 @@ def test_overrides_are_yaml_typed():
 def test_nested_override_sets_one_estimator_param():
     config = load_config(None, ["estimator_params.mu=0.5"])
     assert config.estimator_params["mu"] == 0.5
-    # "sets one entry": canon's other configured parameter (metric=length) is kept, not reset to the registry's
-    assert config.estimator_params == {"metric": "length", "mu": 0.5}
+    # "sets one entry": canon's other configured parameter (split_by=length) is kept, not reset to the registry's
+    assert config.estimator_params == {"split_by": "length", "mu": 0.5}
 
 
 def test_nested_override_on_a_new_estimator_starts_from_its_own_defaults():
@@ -104,11 +104,11 @@ def test_estimator_grpo_resets_canons_default_params():
 
 def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"estimator": "canon", "estimator_params": {"metric": "entropy", "mu": 0.5},
+    path.write_text(yaml.safe_dump({"estimator": "canon", "estimator_params": {"split_by": "entropy", "mu": 0.5},
                                     "steps": 5, "loss_agg": "token-mean", "task_options": {"max_operands": 4}}))  # fmt: skip
     config = load_config(path, ["steps=9", "estimator_params.mu=0.25"])
     assert config.steps == 9 and config.loss_agg == "token-mean"
-    assert config.estimator_params == {"metric": "entropy", "mu": 0.25}
+    assert config.estimator_params == {"split_by": "entropy", "mu": 0.25}
     assert config.task_options == {"max_operands": 4}
 
 
@@ -224,7 +224,7 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 RUNS = {
     "grpo": ["estimator=grpo", "loss_agg=token-mean", "ppo_epochs=2", "minibatches=2"],
     "dr_grpo": ["estimator=dr_grpo", "loss_agg=seq-mean-token-sum-norm", "kl_coef=0.1"],
-    "canon": ["estimator=canon", "estimator_params.metric=entropy", "loss_agg=seq-mean-token-mean"],
+    "canon": ["estimator=canon", "estimator_params.split_by=entropy", "loss_agg=seq-mean-token-mean"],
     "ktae": ["estimator=ktae", "loss_agg=seq-mean-token-sum"],
 }
 
@@ -306,7 +306,7 @@ def test_resume_without_a_checkpoint_is_an_error(policy_dir, tmp_path):
 def test_resume_repeats_the_uninterrupted_run_bit_for_bit(policy_dir, tmp_path, parity):
     config = tiny_config(
         policy_dir, "steps=4", parity, "checkpoint_every=2", "eval_every=2", "estimator=canon",
-        "estimator_params.metric=entropy", "minibatches=2", "ppo_epochs=2",
+        "estimator_params.split_by=entropy", "minibatches=2", "ppo_epochs=2",
     )  # fmt: skip
     Trainer(config, tmp_path / "a").train()
 

@@ -1,4 +1,4 @@
-"""`canonrl.losses`: loss aggregation, PPO-clip and the KL penalty, by hand and against verl's own functions."""
+"""`canonrl.training.losses`: loss aggregation, PPO-clip and the KL penalty, by hand and against verl's own functions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from canonrl.losses import KL_ESTIMATORS, LOSS_AGG_MODES, aggregate_loss, kl_penalty, ppo_clip_loss
+from canonrl.training.losses import KL_ESTIMATORS, LOSS_AGG_MODES, aggregate_loss, kl_penalty, ppo_clip_loss
 
 # ----------------------------------------------------------------------------------------------------------------
 # aggregate_loss by hand

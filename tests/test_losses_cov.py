@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from canonrl.losses import (
+from canonrl.training.losses import (
     NGRPO_CLIP_HIGH,
     NGRPO_CLIP_LOW,
     aggregate_loss,
@@ -16,7 +16,7 @@ from canonrl.losses import (
     kl_cov_loss,
     ppo_clip_loss,
 )
-from canonrl.policy_losses import ClipRange, get_loss, loss_names
+from canonrl.training.policy_losses import ClipRange, get_loss, loss_names
 
 # aggregate_loss's own parity with verl's agg_loss over every mode is in test_losses.py
 PARITY_MODES = ("token-mean", "seq-mean-token-sum-norm")

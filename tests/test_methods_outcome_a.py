@@ -298,11 +298,11 @@ RLEV_V = torch.tensor([0.05, 0.05, 0.05, 0.2, 0.2, 0.2])
 
 def test_rlev_value_weighted_rewards_under_rloo_by_hand():
     # s = 1 + min(10 * 0.05, 1) = 1.5 and 1 + min(10 * 0.2, 1) = 2
-    got = seq("rlev", RLEV_R, RLEV_G, metric=RLEV_V)
+    got = seq("rlev", RLEV_R, RLEV_G, human_values=RLEV_V)
     assert got == approx([1.5, -0.75, -0.75, 1.0, 1.0, -2.0])
-    uncapped = seq("rlev", RLEV_R, RLEV_G, metric=RLEV_V, cap=None)  # s = 1.5 and 3
+    uncapped = seq("rlev", RLEV_R, RLEV_G, human_values=RLEV_V, cap=None)  # s = 1.5 and 3
     assert uncapped == approx([1.5, -0.75, -0.75, 1.5, 1.5, -3.0])
-    alpha1 = seq("rlev", RLEV_R, RLEV_G, metric=RLEV_V, alpha=1.0, base="dr_grpo")  # s = 1.05 and 1.2
+    alpha1 = seq("rlev", RLEV_R, RLEV_G, human_values=RLEV_V, alpha=1.0, base="dr_grpo")  # s = 1.05 and 1.2
     assert alpha1 == approx([1.05 * 2 / 3, -1.05 / 3, -1.05 / 3, 1.2 / 3, 1.2 / 3, -2.4 / 3])
     assert value_weighted_rewards(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.01, 0.5, 0.5])).tolist() == approx(
         [1.1, 2.0, 0.0]
@@ -310,9 +310,9 @@ def test_rlev_value_weighted_rewards_under_rloo_by_hand():
 
 
 def test_rlev_per_prompt_scale_cancels_under_grpo_but_not_under_batch_scale():
-    grpo = seq("rlev", RLEV_R, RLEV_G, metric=RLEV_V, base="grpo")
+    grpo = seq("rlev", RLEV_R, RLEV_G, human_values=RLEV_V, base="grpo")
     assert grpo == approx(seq("grpo", RLEV_R, RLEV_G), rel=1e-5)  # z-scores are scale-invariant (eps aside)
-    batch = seq("rlev", RLEV_R, RLEV_G, metric=RLEV_V, base="grpo", base_params={"scale": "batch"})
+    batch = seq("rlev", RLEV_R, RLEV_G, human_values=RLEV_V, base="grpo", base_params={"scale": "batch"})
     scaled = [1.5, 0, 0, 2, 2, 0]
     std = statistics.stdev(scaled)
     assert batch == approx([(1.5 - 0.5) / (std + 1e-6), -0.5 / (std + 1e-6), -0.5 / (std + 1e-6),
@@ -320,22 +320,28 @@ def test_rlev_per_prompt_scale_cancels_under_grpo_but_not_under_batch_scale():
 
 
 def test_rlev_inputs_and_hyperparameters():
-    with pytest.raises(ValueError, match="metric"):
+    with pytest.raises(ValueError, match="human_values"):
         adv("rlev", RLEV_R, RLEV_G)
     with pytest.raises(ValueError, match=r"rows \[1\]"):
-        adv("rlev", RLEV_R, RLEV_G, metric=torch.tensor([0.1, -0.1, 0.1, 0.2, 0.2, 0.2]))
+        adv("rlev", RLEV_R, RLEV_G, human_values=torch.tensor([0.1, -0.1, 0.1, 0.2, 0.2, 0.2]))
     mask = full_mask(6)
     mask[1] = 0  # a fully masked row's value is not checked
-    assert seq("rlev", RLEV_R, RLEV_G, mask=mask, metric=torch.tensor([0.1, -0.1, 0.1, 0.2, 0.2, 0.2]))[1] == 0.0
-    with pytest.raises(ValueError, match="metric"):  # CANON would read the value as its metric
-        canonrl.get_estimator("rlev", base="canon", base_params={"metric": "given"})
+    assert seq("rlev", RLEV_R, RLEV_G, mask=mask, human_values=torch.tensor([0.1, -0.1, 0.1, 0.2, 0.2, 0.2]))[1] == 0.0
+    # the value and CANON's metric are two inputs now: a base that splits by a given metric reads its own
+    assert canonrl.get_estimator("rlev", base="canon", base_params={"split_by": "given"}).required_inputs() == (
+        "human_values",
+        "metric",
+    )
+    with pytest.warns(DeprecationWarning, match="reads 'human_values' now; passing it as 'metric' is deprecated"):
+        old = seq("rlev", RLEV_R, RLEV_G, metric=RLEV_V)
+    assert old == seq("rlev", RLEV_R, RLEV_G, human_values=RLEV_V)
     with pytest.raises(ValueError, match="sequence-level"):
         canonrl.get_estimator("rlev", base="reinforce_pp")
     for bad in ({"alpha": -1.0}, {"cap": -0.5}, {"base": "rlev"}, {"base": "nope"}):
         with pytest.raises(ValueError, match=next(iter(bad)) if "base" not in bad else "rlev|nope"):
             canonrl.get_estimator("rlev", **bad)
-    assert canonrl.get_estimator("rlev", base="canon", base_params={"metric": "entropy"}).required_inputs() == (
-        "metric",
+    assert canonrl.get_estimator("rlev", base="canon", base_params={"split_by": "entropy"}).required_inputs() == (
+        "human_values",
         "entropy",
     )
 
@@ -464,7 +470,7 @@ def test_agrae_rejects_rewards_outside_the_unit_interval_and_bad_alpha():
 def test_registered_float32_and_zero_outside_the_mask(name):
     rewards = [1.0, 0.0, 1.0, 0.5, 0.0, 1.0]
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 0], [1, 0, 1]], dtype=torch.bool)
-    kw = {"metric": torch.full((6,), 0.05)} if name == "rlev" else {}
+    kw = {"human_values": torch.full((6,), 0.05)} if name == "rlev" else {}
     out = adv(name, rewards, ["a", "b", "a", "b", "a", "b"], mask=mask, **kw)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out[~mask] == 0).all()

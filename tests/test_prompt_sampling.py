@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from canonrl.prompt_sampling import UniformPromptSampler, VADEPromptSampler, make_prompt_sampler
+from canonrl.training.prompt_sampling import UniformPromptSampler, VADEPromptSampler, make_prompt_sampler
 
 
 def test_posterior_update_by_hand():

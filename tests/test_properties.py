@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import canonrl
-from canonrl.schedules import ACCURACY_SCHEDULES
+from canonrl.methods._schedules import ACCURACY_SCHEDULES
 
 EPS32 = float(np.finfo(np.float32).eps)
 #: Safety factor on the float32 error estimates (a few roundings per reduction, up to 40 rows).
@@ -52,19 +52,19 @@ def examples(n: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 _CANON_VARIANTS: list[dict[str, Any]] = [
-    *({"metric": metric, "mu": mu} for metric in ("entropy", "length", "given") for mu in (0.0, 0.5, 1.0)),
-    {"metric": "entropy", "mu": 0.25},
-    {"metric": "entropy", "mu": 1.0, "alpha": 0.5},
-    {"metric": "length", "mu": 0.7, "alpha": 0.5},
-    {"metric": "given", "mu": 0.3, "alpha": 0.25, "discounted_half": "low"},
-    {"metric": "given", "mu": 0.5, "singleton": "raw"},
-    {"metric": "length", "mu": 1.0, "normalizer": 3.0},
-    {"metric": "entropy", "mu": "cosine-first-inter-later-intra"},
-    {"metric": "given", "mu": "cosine-first-intra-later-inter"},
-    {"metric": "entropy", "mu": "first-inter-later-intra"},
-    {"metric": "length", "mu": "first-intra-later-inter"},
-    {"metric": "random", "mu": 0.6},
-    {"metric": "index", "mu": 1.0},
+    *({"split_by": split, "mu": mu} for split in ("entropy", "length", "given") for mu in (0.0, 0.5, 1.0)),
+    {"split_by": "entropy", "mu": 0.25},
+    {"split_by": "entropy", "mu": 1.0, "alpha": 0.5},
+    {"split_by": "length", "mu": 0.7, "alpha": 0.5},
+    {"split_by": "given", "mu": 0.3, "alpha": 0.25, "discounted_half": "low"},
+    {"split_by": "given", "mu": 0.5, "singleton": "raw"},
+    {"split_by": "length", "mu": 1.0, "normalizer": 3.0},
+    {"split_by": "entropy", "mu": "cosine-first-inter-later-intra"},
+    {"split_by": "given", "mu": "cosine-first-intra-later-inter"},
+    {"split_by": "entropy", "mu": "first-inter-later-intra"},
+    {"split_by": "length", "mu": "first-intra-later-inter"},
+    {"split_by": "random", "mu": 0.6},
+    {"split_by": "index", "mu": 1.0},
 ]
 
 KNOWN_VARIANTS: dict[str, list[dict[str, Any]]] = {
@@ -108,7 +108,7 @@ KNOWN_VARIANTS: dict[str, list[dict[str, Any]]] = {
     "ktae": [
         {"base": "dr_grpo"},
         {"base": "canon", "base_params": {"mu": 1.0}},  # reads entropy through its base
-        {"base": "canon", "base_params": {"metric": "length", "mu": 0.5}},
+        {"base": "canon", "base_params": {"split_by": "length", "mu": 0.5}},
         {"base": "grpo", "base_params": {"scale": "batch"}},
         {"form": "paper", "numerics": "upstream"},
         {"min_count": 2, "ignore_token_ids": (0, 3), "top": 0.5},
@@ -172,7 +172,7 @@ class Config:
     def canon_metric(self) -> str | None:
         """The metric CANON regroups by, if this configuration runs CANON (directly or as KTAE's base)."""
         core = self.sequence_core
-        return core.p["metric"] if core.name == "canon" else None
+        return core.p["split_by"] if core.name == "canon" else None
 
     @property
     def singleton_zero(self) -> bool:
@@ -431,10 +431,10 @@ def run(cfg: Config, b: Batch, *, step: int = STEP) -> torch.Tensor:
     if "entropy" in cfg.inputs:
         kwargs["entropy"] = torch.from_numpy(b.entropy.copy()).to(b.entropy_dtype)
     if "metric" in cfg.inputs:
-        kwargs.pop("metric", None)  # a metric tensor selects metric="given"
-        # RLEV's metric is a human value v >= 0
-        metric = np.abs(b.metric) if cfg.name == "rlev" else b.metric
-        kwargs["metric"] = torch.from_numpy(metric.copy()).to(b.metric_dtype)
+        kwargs.pop("metric", None)  # a metric tensor selects split_by="given"
+        kwargs["metric"] = torch.from_numpy(b.metric.copy()).to(b.metric_dtype)
+    if "human_values" in cfg.inputs:  # RLEV's human value v >= 0
+        kwargs["human_values"] = torch.from_numpy(np.abs(b.metric)).to(b.metric_dtype)
     if "token_ids" in cfg.inputs:
         kwargs["token_ids"] = torch.from_numpy(_filled(b.token_ids, b, 0, np.int64))
     if "logprobs" in cfg.inputs:
@@ -614,12 +614,12 @@ def test_every_registered_estimator_is_configured():
     assert set(NAMES) == {c.name for c in CONFIGS}
     canon = [c.p for c in CONFIGS if c.name == "canon"]
     if canon:
-        assert {"entropy", "length", "given"} <= {p["metric"] for p in canon}
+        assert {"entropy", "length", "given"} <= {p["split_by"] for p in canon}
         assert {0.0, 0.5, 1.0} <= {p["mu"] for p in canon if not isinstance(p["mu"], str)}
         assert any(p["alpha"] < 1 for p in canon)
     for cfg in CONFIGS:
         for field in cfg.inputs:
-            generated = ("entropy", "metric", "token_ids", "logprobs", "ref_logprobs", *ROW_ARRAYS)
+            generated = ("entropy", "metric", "human_values", "token_ids", "logprobs", "ref_logprobs", *ROW_ARRAYS)
             assert field in generated, f"{cfg.id} needs {field!r}: not generated"
         low, high = cfg.reward_range  # a restricted range gets the batches' rewards mapped into [0, 1]
         assert low <= 0.0 and high >= 1.0, f"{cfg.id} accepts rewards in {cfg.reward_range}, which misses [0, 1]"
@@ -710,7 +710,7 @@ def _any_permutation(c: Config) -> bool:
     # CANON ranks each group's responses by the metric and breaks ties by batch order (a stable sort, as the
     # official code). With tied metrics, permuting rows can legitimately move a response to the other half. So
     # for an arbitrary permutation CANON gets metrics without ties: mean entropies offset by 50 * (a permutation
-    # of 0..B-1) and a given metric of distinct values (``batches(distinct_metrics=True)``). metric="length" (ties
+    # of 0..B-1) and a given metric of distinct values (``batches(distinct_metrics=True)``). split_by="length" (ties
     # are the rule) and "index"/"random" (the split depends on batch order by definition) are left to the next
     # test, which only permutes rows across groups.
     return c.canon_metric not in ("length", "index", "random")
@@ -736,12 +736,12 @@ def _order_preserving_within_groups(b: Batch, perm: np.ndarray) -> np.ndarray:
 
 
 def _position_independent(c: Config) -> bool:
-    # metric="random" draws one random number per batch position, so moving or inserting rows reshuffles it.
+    # split_by="random" draws one random number per batch position, so moving or inserting rows reshuffles it.
     return c.canon_metric != "random"
 
 
 # Interleaving groups differently while keeping each group's internal order is an equivariance even with metric
-# ties (ties keep batch order within a group): it covers metric="length", tied entropies and metrics, and "index".
+# ties (ties keep batch order within a group): it covers split_by="length", tied entropies and metrics, and "index".
 _group_order_permutation = _position_independent
 
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from canonrl.selection import d3s_keep, d3s_sample_keep, d3s_schedule, d3s_token_keep
+from canonrl.training.selection import d3s_keep, d3s_sample_keep, d3s_schedule, d3s_token_keep
 
 
 def _rows(keep: torch.Tensor) -> list[int]:

@@ -102,10 +102,10 @@ def test_the_inputs_estimators_ask_for_are_simulated_with_the_right_shapes():
     for name in ("entropy", "logprobs", "token_ids", "ref_logprobs"):
         assert b.inputs[name].shape == (rows, width)
         assert torch.all(b.inputs[name][b.mask == 0] == 0)
-    for name in ("greedy_rewards", "reference_rewards", "prompt_confidence", "metric"):
+    for name in ("greedy_rewards", "reference_rewards", "prompt_confidence", "metric", "human_values"):
         assert b.inputs[name].shape == (rows,)
     # per-prompt inputs are constant within a prompt's group
-    for name in ("greedy_rewards", "prompt_confidence", "metric"):
+    for name in ("greedy_rewards", "prompt_confidence", "metric", "human_values"):
         per_group = b.inputs[name].view(-1, 4)
         assert torch.equal(per_group, per_group[:, :1].expand(-1, 4))
     assert b.inputs["reward_components"].shape == (rows, 2)

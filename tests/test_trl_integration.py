@@ -107,7 +107,7 @@ def _row_key(prompt_ids, completion_ids):
 
 @pytest.mark.parametrize(
     "estimator,params",
-    [("canon", {"metric": "entropy", "mu": 0.5}), ("ktae", {})],
+    [("canon", {"split_by": "entropy", "mu": 0.5}), ("ktae", {})],
     ids=["canon-entropy", "ktae"],
 )
 def test_grpo_trainer_uses_canonrl_advantages(tmp_path, estimator, params):
@@ -215,7 +215,7 @@ def test_supported_range_and_version_check():
         ("nope", {}, "unknown estimator 'nope'"),
         ("canon", {"bogus": 1}, "unknown hyperparameter 'bogus'"),
         ("grpo", "{not json", "not valid JSON"),
-        ("canon", {"metric": "given"}, "needs metric \\(\\[B\\], a per-response number .*\\), which GRPOTrainer does not provide"),
+        ("canon", {"split_by": "given"}, "needs metric \\(\\[B\\], a per-response number .*\\), which GRPOTrainer does not provide"),
     ],
 )
 def test_config_validation_is_one_line(tmp_path, estimator, params, match):

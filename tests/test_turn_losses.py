@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from canonrl.selection import pivot_keep
-from canonrl.turn_losses import epo_entropy_regularizer, epo_phase_weight, turn_log_ratio, turn_ppo_clip_loss
+from canonrl.training.selection import pivot_keep
+from canonrl.training.turn_losses import epo_entropy_regularizer, epo_phase_weight, turn_log_ratio, turn_ppo_clip_loss
 
 
 def test_turn_ratio_is_the_geometric_mean_of_the_turn_token_ratios():

@@ -51,7 +51,7 @@ def test_paper_settings(cfg):
     # verl's default trainer; the patch feeds it entropies (tests/test_verl_v1_trainer.py)
     assert cfg.trainer.use_v1 is True
     canon = cfg.algorithm.canon
-    assert canon.metric == "entropy"
+    assert canon.split_by == "entropy"
     assert canon.mu == "cosine-first-inter-later-intra"
     assert (canon.schedule_steps, canon.warmup_steps, canon.cycles) == (150, 30, 3)
     assert (canon.mu_high, canon.mu_low) == (1.0, 0.4)
@@ -108,7 +108,7 @@ def test_canonrl_accepts_algorithm_canon(cfg):
 
     hp = hyperparameters_from_config("canon", cfg.algorithm)
     assert hp == {
-        "metric": "entropy",
+        "split_by": "entropy",
         "mu": "cosine-first-inter-later-intra",
         "schedule_steps": 150,
         "warmup_steps": 30,

@@ -135,10 +135,10 @@ def test_canonrl_rloo_matches_verl_rloo():
 
 def test_canon_length_from_hydra_style_config():
     x = make_inputs(4)
-    config = OmegaConf.merge(algo(), OmegaConf.from_dotlist(["canon.mu=0.5", "canon.metric=length"]))
+    config = OmegaConf.merge(algo(), OmegaConf.from_dotlist(["canon.mu=0.5", "canon.split_by=length"]))
     ours = run(x, "canon", config=config)
     direct = canonrl.advantages(
-        "canon", rewards=x["rewards"], group=list(x["uid"]), mask=x["response_mask"], mu=0.5, metric="length"
+        "canon", rewards=x["rewards"], group=list(x["uid"]), mask=x["response_mask"], mu=0.5, split_by="length"
     )
     torch.testing.assert_close(ours, direct, atol=ATOL, rtol=ATOL)
     assert ours.abs().sum() > 0
@@ -147,17 +147,17 @@ def test_canon_length_from_hydra_style_config():
 
 def test_one_estimator_per_hyperparameters_keeps_its_step():
     x = make_inputs(5)
-    config = algo(canon={"metric": "length", "mu": 0.25})
+    config = algo(canon={"split_by": "length", "mu": 0.25})
     run(x, "canon", config=config)
     run(x, "canon", config=config)
-    est = cv._estimator("canon", {"metric": "length", "mu": 0.25})
+    est = cv._estimator("canon", {"split_by": "length", "mu": 0.25})
     assert est.step == 2
 
 
 def test_bad_hyperparameter_is_a_one_line_error():
     x = make_inputs(6)
     with pytest.raises(ValueError, match=r"unknown hyperparameter 'muu'.*valid: .*mu") as err:
-        run(x, "canon", config=algo(canon={"muu": 1.0, "metric": "length"}))
+        run(x, "canon", config=algo(canon={"muu": 1.0, "split_by": "length"}))
     assert "\n" not in str(err.value)
 
 
@@ -290,7 +290,7 @@ def test_missing_input_without_patch_says_how_to_get_it(estimator):
 def test_patched_canon_entropy_and_ktae_match_canonrl(patched):
     x = make_inputs(8)
     common = {"rewards": x["rewards"], "group": list(x["uid"]), "mask": x["response_mask"]}
-    canon = run(x, "canon", "entropys", "responses", config=algo(canon={"metric": "entropy"}))
+    canon = run(x, "canon", "entropys", "responses", config=algo(canon={"split_by": "entropy"}))
     direct = canonrl.advantages("canon", entropy=x["entropys"], **common)
     torch.testing.assert_close(canon, direct, atol=ATOL, rtol=ATOL)
     ktae = run(x, "ktae", "entropys", "responses", config=algo())
@@ -306,9 +306,9 @@ def test_patch_reads_global_steps_and_kept_entropies(patched):
     data = data_proto(x, "responses")
     data.batch[cv.KEPT_ENTROPY_KEY] = x["entropys"].clone()
     data.meta_info["global_steps"] = 7
-    config = algo(canon={"metric": "entropy", "mu": 0.75})
+    config = algo(canon={"split_by": "entropy", "mu": 0.75})
     out = ray_trainer.compute_advantage(data, adv_estimator="canon", config=config)
-    assert cv._estimator("canon", {"metric": "entropy", "mu": 0.75}).step == 7
+    assert cv._estimator("canon", {"split_by": "entropy", "mu": 0.75}).step == 7
     assert cv.KEPT_ENTROPY_KEY not in out.batch.keys()  # dropped after use, not shipped to the actor update
     direct = canonrl.advantages(
         "canon", rewards=x["rewards"], group=list(x["uid"]), mask=x["response_mask"], entropy=x["entropys"], mu=0.75

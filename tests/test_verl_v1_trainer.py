@@ -126,12 +126,12 @@ def direct(name: str, rows, *, step=None, **hyperparameters) -> torch.Tensor:
 
 def test_canon_by_entropy_gets_the_v1_trainers_entropies(transfer_queue, patched):
     meta, rows = put_rollouts(transfer_queue, seed=1)
-    got = v1_advantages(transfer_queue, "canon", meta, canon={"metric": "entropy", "mu": 0.75})
-    want = direct("canon", rows, metric="entropy", mu=0.75)
+    got = v1_advantages(transfer_queue, "canon", meta, canon={"split_by": "entropy", "mu": 0.75})
+    want = direct("canon", rows, split_by="entropy", mu=0.75)
     assert got.abs().sum() > 0
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     # the estimator really regrouped by those entropies: another metric gives other advantages
-    assert not torch.allclose(got, direct("canon", rows, metric="length", mu=0.75), atol=1e-3)
+    assert not torch.allclose(got, direct("canon", rows, split_by="length", mu=0.75), atol=1e-3)
 
 
 def test_ktae_gets_the_response_token_ids(transfer_queue, patched):
@@ -144,7 +144,7 @@ def test_ktae_gets_the_response_token_ids(transfer_queue, patched):
 
 def test_schedules_see_the_trainers_global_steps(transfer_queue, patched):
     meta, rows = put_rollouts(transfer_queue, seed=3)
-    schedule = {"metric": "entropy", "mu": "cosine-first-inter-later-intra"}
+    schedule = {"split_by": "entropy", "mu": "cosine-first-inter-later-intra"}
     got = v1_advantages(transfer_queue, "canon", meta, global_steps=40, canon=schedule)
     torch.testing.assert_close(got, direct("canon", rows, step=40, **schedule), atol=ATOL, rtol=0)
     assert not torch.allclose(got, direct("canon", rows, step=1, **schedule), atol=1e-4)
@@ -162,19 +162,19 @@ def test_matches_verls_builtins_through_the_v1_trainer(transfer_queue, patched, 
 def test_unpatched_v1_trainer_names_the_fix(transfer_queue):
     meta, _ = put_rollouts(transfer_queue, seed=5)
     with pytest.raises(ValueError, match="patch_compute_advantage"):
-        v1_advantages(transfer_queue, "canon", meta, canon={"metric": "entropy"})
+        v1_advantages(transfer_queue, "canon", meta, canon={"split_by": "entropy"})
 
 
 def test_missing_entropies_name_the_transfer_queue_field(transfer_queue, patched):
     meta, _ = put_rollouts(transfer_queue, seed=6, with_entropy=False)  # e.g. rollout_correction.bypass_mode=true
     with pytest.raises(ValueError, match="'entropy'.*bypass_mode"):
-        v1_advantages(transfer_queue, "canon", meta, canon={"metric": "entropy"})
+        v1_advantages(transfer_queue, "canon", meta, canon={"split_by": "entropy"})
 
 
 def test_reward_only_estimators_fetch_nothing_extra(transfer_queue, patched):
     meta, rows = put_rollouts(transfer_queue, seed=7, with_entropy=False)
-    got = v1_advantages(transfer_queue, "canon", meta, canon={"metric": "length", "mu": 0.5})
-    torch.testing.assert_close(got, direct("canon", rows, metric="length", mu=0.5), atol=ATOL, rtol=0)
+    got = v1_advantages(transfer_queue, "canon", meta, canon={"split_by": "length", "mu": 0.5})
+    torch.testing.assert_close(got, direct("canon", rows, split_by="length", mu=0.5), atol=ATOL, rtol=0)
 
 
 GDPO_KEYS = ["accuracy_reward", "format_reward"]

@@ -2,9 +2,10 @@
 
     import canonrl
     adv = canonrl.advantages("canon", rewards=r, group=uids, mask=response_mask,
-                             entropy=token_entropy, mu=1.0, metric="entropy")   # -> [B, T]
+                             entropy=token_entropy, mu=1.0, split_by="entropy")   # -> [B, T]
 """
 
+import canonrl.methods  # noqa: F401  (registers the built-in estimators: the registry itself never imports them)
 from canonrl.batch import RolloutBatch, make_batch
 from canonrl.methods.ktae import KeyTokens, key_token_scores
 from canonrl.registry import (
@@ -17,8 +18,8 @@ from canonrl.registry import (
     get_estimator,
     register,
 )
-from canonrl.selection import dynamic_sampling_keep
-from canonrl.shaping import overlong_penalty
+from canonrl.training.selection import dynamic_sampling_keep
+from canonrl.training.shaping import overlong_penalty
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it (tool.setuptools.dynamic)
 

@@ -173,6 +173,7 @@ class RolloutBatch:
         ref_logprobs: optional [B, T] per-token log-probs of the response under the frozen reference policy (ACE).
         prompt_confidence: optional [B] the policy's confidence in each row's prompt, exp(mean prompt-token log-prob)
             in (0, 1] (ProGRPO).
+        human_values: optional [B] the human value v of each row's prompt, >= 0 (RLEV).
 
     Step inputs (``../shared/specs/steps.md`` §2; per-step ones are checked when the step table reads them):
         turn_ids: [B, T] row-local step index of each token (−1 in no step), ``"mask_runs"`` (one step per run of
@@ -200,6 +201,7 @@ class RolloutBatch:
     reference_rewards: Tensor | None = None
     ref_logprobs: Tensor | None = None
     prompt_confidence: Tensor | None = None
+    human_values: Tensor | None = None
     turn_ids: Tensor | str | None = None
     traj: Any = None
     step_index: Tensor | None = None
@@ -325,6 +327,7 @@ def make_batch(
     reference_rewards: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     prompt_confidence: Tensor | None = None,
+    human_values: Tensor | None = None,
     **step_inputs: Any,
 ) -> RolloutBatch:
     """Validate raw inputs and build a :class:`RolloutBatch` (see its attributes for shapes)."""
@@ -385,6 +388,7 @@ def make_batch(
         "greedy_rewards": (greedy_rewards, "the greedy response's reward for each row's prompt"),
         "reference_rewards": (reference_rewards, "the reference policy's response reward for each row's prompt"),
         "prompt_confidence": (prompt_confidence, "one prompt confidence per row"),
+        "human_values": (human_values, "the human value v of each row's prompt"),
     }
     checked = {
         name: _check_per_response(name, _require_tensor(name, value), batch_size, device, meaning)

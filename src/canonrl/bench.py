@@ -26,10 +26,10 @@ CASES: tuple[tuple[str, str, dict, str | None], ...] = (
     ("reinforce_pp", "reinforce_pp", {}, "mask"),
     ("reinforce_pp_baseline", "reinforce_pp_baseline", {}, "mask"),
     ("dapo", "dapo", {}, "mask"),
-    ("canon (entropy, mu=1)", "canon", {"metric": "entropy", "mu": 1.0}, "entropy"),
-    ("canon (length, alpha=0.9)", "canon", {"metric": "length", "mu": 0.5, "alpha": 0.9}, "mask"),
-    ("canon (entropy, cosine schedule)", "canon", {"metric": "entropy", "mu": "cosine-first-inter-later-intra"}, "entropy"),
-    ("canon (entropy, accuracy schedule)", "canon", {"metric": "entropy", "mu": "first-inter-later-intra"}, "entropy"),
+    ("canon (entropy, mu=1)", "canon", {"split_by": "entropy", "mu": 1.0}, "entropy"),
+    ("canon (length, alpha=0.9)", "canon", {"split_by": "length", "mu": 0.5, "alpha": 0.9}, "mask"),
+    ("canon (entropy, cosine schedule)", "canon", {"split_by": "entropy", "mu": "cosine-first-inter-later-intra"}, "entropy"),
+    ("canon (entropy, accuracy schedule)", "canon", {"split_by": "entropy", "mu": "first-inter-later-intra"}, "entropy"),
     ("ktae (grpo base)", "ktae", {}, "token_ids"),
     ("ktae (upstream float32 numerics)", "ktae", {"numerics": "upstream"}, "token_ids"),
     ("gdpo (2 reward components)", "gdpo", {}, None),
@@ -101,7 +101,7 @@ def synthetic_batch(prompts: int, group_size: int, tokens: int, device: str, see
         "greedy_rewards": binary(),
         "reference_rewards": binary(),
         "prompt_confidence": torch.rand(prompts, generator=generator).clamp_min(0.01)[group].to(device),
-        "metric": torch.rand(prompts, generator=generator)[group].to(device),  # RLEV's per-prompt value
+        "human_values": torch.rand(prompts, generator=generator)[group].to(device),  # RLEV's per-prompt value
         "reward_components": torch.stack([rewards, binary()], dim=1),  # multi-reward estimators' [B, K] rewards
     }
 

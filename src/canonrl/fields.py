@@ -49,6 +49,7 @@ FIELDS: tuple[InputField, ...] = (
     InputField("greedy_rewards", PER_RESPONSE, "float", "reward of a greedy response to the row's prompt (ReMax)"),
     InputField("reference_rewards", PER_RESPONSE, "float", "reward of the reference policy's response (AAPO)"),
     InputField("prompt_confidence", PER_RESPONSE, "float in (0, 1]", "exp(mean prompt-token log-prob) (ProGRPO)"),
+    InputField("human_values", PER_RESPONSE, "float >= 0", "the human value v of the row's prompt (RLEV)"),
     # step-, turn- and critic-level inputs (../shared/specs/steps.md §2)
     InputField("turn_ids", PER_TOKEN, "int (-1: no step), or 'mask_runs' / 'row'", "the step of each token", "step"),
     InputField("traj", PER_RESPONSE, "int or hashable ids", "the trajectory of each row (row-per-step layouts)", "step"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -131,12 +132,22 @@ class Estimator(ABC):
     #: The README's text for its inputs beyond rewards, group and mask where ``requires`` does not say it all
     #: (alternatives, optional inputs, layout ids); None lists ``requires``.
     inputs_note: ClassVar[str | None] = None
+    #: Old spellings still accepted, with a DeprecationWarning: hyperparameter old name -> new name, and batch
+    #: input new name -> the old field it was passed as.
+    renamed_params: ClassVar[dict[str, str]] = {}
+    renamed_inputs: ClassVar[dict[str, str]] = {}
 
     @dataclass
     class Params:
         pass
 
     def __init__(self, **hyperparameters: Any) -> None:
+        for old, new in self.renamed_params.items():
+            if old in hyperparameters:
+                warnings.warn(
+                    f"estimator {self.name!r}: the hyperparameter {old!r} is now {new!r}", DeprecationWarning, stacklevel=3
+                )
+                hyperparameters.setdefault(new, hyperparameters.pop(old))
         known = {f.name for f in dataclasses.fields(self.Params)}
         unknown = sorted(set(hyperparameters) - known)
         if unknown:
@@ -240,6 +251,13 @@ class Estimator(ABC):
             batch = make_batch(**fields)
         elif fields:
             raise TypeError("pass either a RolloutBatch or batch fields, not both")
+        for new, old in self.renamed_inputs.items():
+            if getattr(batch, new) is None and getattr(batch, old) is not None:
+                warnings.warn(
+                    f"estimator {self.name!r} reads {new!r} now; passing it as {old!r} is deprecated",
+                    DeprecationWarning, stacklevel=4,
+                )  # fmt: skip
+                batch = dataclasses.replace(batch, **{new: getattr(batch, old), old: None})
         for name in self.required_inputs():
             if getattr(batch, name) is None:
                 raise ValueError(f"estimator {self.name!r} needs {name!r}, which was not given")
@@ -361,12 +379,7 @@ def register(cls: type[Estimator]) -> type[Estimator]:
     return cls
 
 
-def _load_builtins() -> None:
-    import canonrl.methods  # noqa: F401  (registers the built-in estimators)
-
-
 def estimator_class(name: str) -> type[Estimator]:
-    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -380,7 +393,6 @@ def get_estimator(name: str, **hyperparameters: Any) -> Estimator:
 
 def estimators() -> list[EstimatorInfo]:
     """Every registered estimator with its description, paper, inputs and hyperparameters, sorted by name."""
-    _load_builtins()
     return [_REGISTRY[name].info() for name in sorted(_REGISTRY)]
 
 
@@ -389,14 +401,14 @@ def advantages(name: str, *, step: int | None = None, **kwargs: Any) -> Tensor:
 
     Keyword arguments named like batch fields (``rewards``, ``group``, ``mask``, ``token_rewards``, ``entropy``,
     ``logprobs``, ``token_ids``, ``metric`` as a tensor) are the batch; the rest are the estimator's
-    hyperparameters. A per-response ``metric`` tensor also selects ``metric="given"`` for estimators that regroup
-    by a metric (CANON).
+    hyperparameters. A per-response ``metric`` tensor also selects ``split_by="given"`` for estimators that regroup
+    by a metric (CANON), unless ``split_by`` is given.
     """
     fields = {k: v for k, v in kwargs.items() if k in BATCH_FIELDS}
     hyperparameters = {k: v for k, v in kwargs.items() if k not in BATCH_FIELDS}
     cls = estimator_class(name)
-    if isinstance(fields.get("metric"), str):
+    if isinstance(fields.get("metric"), str):  # the old spelling of a hyperparameter (CANON's split_by)
         hyperparameters["metric"] = fields.pop("metric")
-    elif "metric" in fields and "metric" in {f.name for f in dataclasses.fields(cls.Params)}:
-        hyperparameters["metric"] = "given"
+    elif "metric" in fields and "split_by" in {f.name for f in dataclasses.fields(cls.Params)}:
+        hyperparameters.setdefault("split_by", "given")
     return cls(**hyperparameters)(step=step, **fields)

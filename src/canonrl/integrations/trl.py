@@ -1,7 +1,7 @@
 """canonrl advantages inside TRL's :class:`trl.GRPOTrainer`.
 
     from canonrl.integrations.trl import CanonGRPOConfig, GRPOTrainer
-    args = CanonGRPOConfig(output_dir="out", advantage_estimator="canon", advantage_params={"metric": "entropy"})
+    args = CanonGRPOConfig(output_dir="out", advantage_estimator="canon", advantage_params={"split_by": "entropy"})
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset)
 
 TRL 1.16 has no advantage hook, so the subclass overrides two private methods (the pattern the TRL maintainers

@@ -10,7 +10,7 @@ Three pieces, all importing verl lazily (``import canonrl`` never imports verl):
   everything in every process (driver and Ray workers alike).
 - The registered functions follow verl's contract ``fn(token_level_rewards, response_mask, index=None, config=None,
   **kwargs) -> (advantages, returns)``. Hyperparameters come from the ``algorithm`` config, under the canonrl name:
-  ``+algorithm.canon.mu=1.0 +algorithm.canon.metric=length``.
+  ``+algorithm.canon.mu=1.0 +algorithm.canon.split_by=length``.
 - :func:`patch_compute_advantage` wraps verl's dispatcher so that canonrl estimators also receive entropies
   (``entropys``), token ids (``responses``), log-probs (``old_log_probs``) and the global step, which verl's plain
   dispatcher never passes. :func:`unpatch_compute_advantage` undoes it.
@@ -43,6 +43,7 @@ BATCH_KEYS: dict[str, tuple[str, ...]] = {
     "token_ids": ("responses",),
     "logprobs": ("old_log_probs",),
     "metric": ("canonrl_metric",),
+    "human_values": ("canonrl_human_values",),
     "greedy_rewards": ("reward_baselines",),
     "ref_logprobs": ("ref_log_prob",),
 }
@@ -56,6 +57,7 @@ V1_FIELDS: dict[str, str] = {
     "entropy": "entropy",
     "token_ids": "responses",
     "metric": "canonrl_metric",
+    "human_values": "canonrl_human_values",
 }
 
 #: verl's own GDPO config keys, read for canonrl's multi-reward estimators too: the names of the reward components
@@ -71,6 +73,7 @@ _HOW_TO_GET = {
     "token_ids": "response token ids (batch key 'responses')",
     "logprobs": "old log-probs (batch key 'old_log_probs')",
     "metric": "a per-response metric (batch key 'canonrl_metric')",
+    "human_values": "each prompt's human value v on its rows (batch key 'canonrl_human_values')",
     "greedy_rewards": "the greedy response's reward per row (batch key 'reward_baselines', which verl fills only "
     "for its own adv_estimator=remax)",
     "ref_logprobs": "the reference policy's log-probs (batch key 'ref_log_prob'; verl computes them only with a "

@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from canonrl.losses import KL_ESTIMATORS, LOSS_AGG_MODES
 from canonrl.overrides import OverrideError, parse_override, parse_yaml
-from canonrl.policy_losses import ClipRange, PolicyLoss, get_loss, loss_names
 from canonrl.registry import param
+from canonrl.training.losses import KL_ESTIMATORS, LOSS_AGG_MODES
+from canonrl.training.policy_losses import ClipRange, PolicyLoss, get_loss, loss_names
 
 #: `prompt_sampler` values: "fresh" draws new problems from the task every step; the others pick from a fixed pool
 PROMPT_SAMPLERS = ("fresh", "uniform", "vade")
@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 def _default_estimator_params() -> dict[str, Any]:
-    return {"metric": "length", "mu": 1.0}
+    return {"split_by": "length", "mu": 1.0}
 
 
 def mapping(help: str, factory: Callable[[], dict] = dict) -> Any:
@@ -50,7 +50,7 @@ class TrainConfig:
     task_options: dict[str, Any] = mapping("keyword arguments of the task")
     policy: str = param("lab-tiny", "a preset (`lab-tiny`, `smollm2-135m-instruct`), a local Hugging Face model directory, or a model id in the local Hugging Face cache")
     estimator: str = param("canon", "any name from `canonrl estimators`")
-    estimator_params: dict[str, Any] = mapping("the estimator's hyperparameters (default for canon: metric length, mu 1.0)", _default_estimator_params)
+    estimator_params: dict[str, Any] = mapping("the estimator's hyperparameters (default for canon: split_by length, mu 1.0)", _default_estimator_params)
     label: str | None = param(None, "the name of this configuration in `canonrl compare` reports (default: the estimator)")
     seed: int = param(0, "every random draw of a run derives from it (and the step)")
     # ---- rollouts
@@ -70,7 +70,7 @@ class TrainConfig:
     clip_low: float = param(0.2, "PPO clip below 1 (losses that clip: ppo_clip, clip_cov)")
     clip_high: float = param(0.28, "PPO clip above 1 (DAPO's clip-higher)")
     dual_clip: float | None = param(3.0, "verl's dual clip c for A < 0 (null: off)")
-    policy_loss: str = param("ppo_clip", "a registered policy loss (`canonrl.policy_losses`): ppo_clip, clip_cov, kl_cov")
+    policy_loss: str = param("ppo_clip", "a registered policy loss (`canonrl.training.policy_losses`): ppo_clip, clip_cov, kl_cov")
     policy_loss_params: dict[str, Any] = mapping("the policy loss's own parameters, e.g. clip_cov_ratio, kl_cov_ratio")
     loss_agg: str = param("seq-mean-token-sum-norm", "verl's loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr.GRPO)")
     loss_scale_factor: float | None = param(None, "seq-mean-token-sum-norm's constant (null: max_new_tokens)")
@@ -139,7 +139,7 @@ class TrainConfig:
             raise ConfigError(_one_line(error)) from None
 
     def build_policy_loss(self) -> PolicyLoss:
-        """The configured policy loss (`canonrl.policy_losses`); unknown names and parameters are one-line errors."""
+        """The configured policy loss (`canonrl.training.policy_losses`); unknown names and parameters are one-line errors."""
         if self.policy_loss not in loss_names():
             raise ConfigError(f"unknown policy_loss {self.policy_loss!r}; choose from {', '.join(loss_names())}")
         params = {key: float(value) for key, value in self.policy_loss_params.items()}
@@ -168,7 +168,7 @@ class TrainConfig:
 
     def build_prompt_sampler(self, seed: int = 0):
         """The configured pool sampler (None for "fresh"); bad parameters become one-line ConfigErrors."""
-        from canonrl.prompt_sampling import make_prompt_sampler
+        from canonrl.training.prompt_sampling import make_prompt_sampler
 
         if self.prompt_sampler == "fresh":
             return None
@@ -184,7 +184,7 @@ class TrainConfig:
     def d3s_schedule(self, step: int) -> tuple[int, float] | None:
         """(N responses kept per group, K fraction of tokens kept) at `step` (progress (step-1)/(steps-1));
         None when D^3S is off. Checks the `d3s` mapping (one-line ConfigErrors)."""
-        from canonrl.selection import d3s_schedule
+        from canonrl.training.selection import d3s_schedule
 
         if self.d3s is None:
             return None

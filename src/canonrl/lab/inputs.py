@@ -109,8 +109,8 @@ def prompt_confidence(ctx: StepContext):
     return confidence, {"prompt_confidence": confidence[:: ctx.rollouts.repeats].mean().item()}
 
 
-@provides("metric")
-def prompt_value(ctx: StepContext):
+@provides("human_values")
+def human_values(ctx: StepContext):
     """[B] (RLEV): each prompt's value v from the task (`prompt_values`), repeated to its G rows; free."""
     values = torch.tensor(prompt_values(ctx.task, ctx.problems), dtype=torch.float32)
     return values.repeat_interleave(ctx.rollouts.repeats), {"prompt_value": values.mean().item()}

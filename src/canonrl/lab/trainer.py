@@ -7,9 +7,9 @@ step, and through the rewards the batch accuracy, for its schedules), then updat
 update needs no second forward pass.
 
 Options (all off by default, leaving that step exactly as described): `policy_loss` swaps PPO-clip for Clip-Cov
-or KL-Cov (`canonrl.losses.policy_loss`, computed per micro-batch); `prompt_sampler` picks the step's problems
-from a fixed pool with a uniform or VADE sampler (`canonrl.prompt_sampling`), updated after each step with the
-rows' correctness; `d3s` down-samples rows and tokens after the advantages (`canonrl.selection.d3s_keep`) and the
+or KL-Cov (`canonrl.training.losses.policy_loss`, computed per micro-batch); `prompt_sampler` picks the step's problems
+from a fixed pool with a uniform or VADE sampler (`canonrl.training.prompt_sampling`), updated after each step with the
+rows' correctness; `d3s` down-samples rows and tokens after the advantages (`canonrl.training.selection.d3s_keep`) and the
 update trains on that loss mask (`Trainer.loss_mask`).
 
 Estimator inputs beyond the rollouts' own (entropy, log-probs, token ids) are computed only when the estimator's
@@ -113,9 +113,9 @@ class Trainer:
     def _check_inputs(self) -> None:
         config = self.config
         LAB.check(self.estimator)
-        if "metric" in self.inputs and not callable(getattr(self.task, "value", None)):
+        if "human_values" in self.inputs and not callable(getattr(self.task, "value", None)):
             raise ValueError(
-                f"estimator {config.estimator!r} needs metric, a per-prompt value, which task {config.task!r} does "
+                f"estimator {config.estimator!r} needs human_values, a per-prompt value, which task {config.task!r} does "
                 f"not give (a task gives it with a `value(problem)` method; the built-in 'lab' task does)"
             )
 
@@ -216,9 +216,9 @@ class Trainer:
         return self.estimator(step=step, **fields)
 
     def loss_mask(self, step: int, rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
-        """D^3S's loss mask [B, T] (`canonrl.selection.d3s_keep` at the step's (N, K) from `d3s_schedule`) and its
+        """D^3S's loss mask [B, T] (`canonrl.training.selection.d3s_keep` at the step's (N, K) from `d3s_schedule`) and its
         metrics; (None, {}) when `d3s` is off. Rows it drops leave the loss entirely, denominators included."""
-        from canonrl.selection import d3s_keep
+        from canonrl.training.selection import d3s_keep
 
         config = self.config
         schedule = config.d3s_schedule(step)

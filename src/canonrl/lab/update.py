@@ -27,8 +27,8 @@ from canonrl.lab.decoding import LlamaDecoder
 from canonrl.lab.forward import SharedPrompts, sequence_logprobs
 from canonrl.lab.sampling import Rollouts
 from canonrl.lab.seeds import seed_of
-from canonrl.losses import aggregate_loss, kl_penalty
-from canonrl.policy_losses import PolicyLoss
+from canonrl.training.losses import aggregate_loss, kl_penalty
+from canonrl.training.policy_losses import PolicyLoss
 
 
 class TrainingError(RuntimeError):

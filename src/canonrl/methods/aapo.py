@@ -31,7 +31,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_choice, require_range, singleton_param
-from canonrl.methods.grpo import STD_CHOICES, group_normalised
+from canonrl.methods._normalise import STD_CHOICES, group_normalised
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 AAPO_PAPER = Paper("AAPO: Enhancing the Reasoning Capabilities of LLMs with Advantage Momentum", "2505.14264")

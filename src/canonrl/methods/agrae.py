@@ -42,7 +42,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_rows
 from canonrl.methods._common import require_choice, require_range, singleton_param
-from canonrl.methods.grpo import STD_CHOICES, group_normalised
+from canonrl.methods._normalise import STD_CHOICES, group_normalised
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 AGRAE_PAPER = Paper(

@@ -20,15 +20,16 @@ shaping does not vanish in all-correct groups: that is how CANON-Eff learns effi
 Paper: "Conditional Advantage Estimation for Reinforcement Learning in Large Reasoning Models", Chen et al.
 (arXiv 2509.23962).
 
-Inputs: rewards, group, mask; ``entropy`` [B, T] for ``metric="entropy"`` (masked mean over the response);
-``metric`` [B] for ``metric="given"``.
+Inputs: rewards, group, mask; ``entropy`` [B, T] for ``split_by="entropy"`` (masked mean over the response);
+``metric`` [B] for ``split_by="given"``. (``split_by`` was called ``metric`` before; that spelling still works, with
+a DeprecationWarning.)
 
 Conventions (the official verl-based code, ``biuboomc/CANON``, where the paper is silent):
 - the split ranks by the metric with a stable ascending sort, ties kept in batch order; positions >= n // 2 form
   G+, so an odd group puts the extra response in the high half (then mu = 0.5 is not exactly Dr.GRPO);
-- ``metric="random"`` regroups at random (the paper's control ablation), seeded by ``seed`` and the step;
-  ``metric="index"`` splits by batch order as the official ``dr_random`` does;
-- mu schedules (CANON-Dynamic): see :mod:`canonrl.schedules`; ``step`` is the trainer step, 1-based;
+- ``split_by="random"`` regroups at random (the paper's control ablation), seeded by ``seed`` and the step;
+  ``split_by="index"`` splits by batch order as the official ``dr_random`` does;
+- mu schedules (CANON-Dynamic): see :mod:`canonrl.methods._schedules`; ``step`` is the trainer step, 1-based;
 - the official code divides by the maximum response length when the loss is ``seq-mean-token-sum``; here that is
   ``normalizer`` (default 1) — canonrl leaves length normalisation to the loss aggregation;
 - the official entropy variant puts alpha on the low-entropy half (``discounted_half="low"``); its length variant
@@ -48,8 +49,8 @@ from torch import Tensor
 from canonrl.batch import RolloutBatch
 from canonrl.groups import Grouping
 from canonrl.methods._common import finish, require_choice, require_range, singleton_param
+from canonrl.methods._schedules import ACCURACY_SCHEDULES, MU_SCHEDULES, batch_accuracy, scheduled_mu
 from canonrl.registry import Paper, SequenceEstimator, param, register
-from canonrl.schedules import ACCURACY_SCHEDULES, MU_SCHEDULES, batch_accuracy, scheduled_mu
 
 CANON_PAPER = Paper("Conditional Advantage Estimation for Reinforcement Learning in Large Reasoning Models", "2509.23962")
 METRICS = ("entropy", "length", "given", "random", "index")
@@ -67,16 +68,17 @@ class CANON(SequenceEstimator):
     name = "canon"
     description = "Regroup each group into metric halves; mix inter-half (mu) and intra-half (1 - mu) advantages"
     paper = CANON_PAPER
-    #: with the default metric="entropy"; metric="given" needs ``metric``, "length"/"random"/"index" nothing more.
+    #: with the default split_by="entropy"; split_by="given" needs ``metric``, "length"/"random"/"index" nothing more.
     requires = ("entropy",)
     simulator_alignment = "centred"
     works_in = "library, lab, verl (by entropy: with the patch), TRL"
-    inputs_note = '`entropy` (metric="entropy") or `metric`'
+    renamed_params = {"metric": "split_by"}
+    inputs_note = '`entropy` (split_by="entropy") or `metric` (split_by="given")'
 
     @dataclass
     class Params:
         mu: float | str = param(1.0, "inter weight in [0, 1] (1 Inter, 0 Intra, 0.5 Dr.GRPO) or a schedule name")
-        metric: str = param("entropy", "regroup by 'entropy', 'length', a 'given' metric, 'random' or batch 'index'")
+        split_by: str = param("entropy", "regroup by 'entropy', 'length', a 'given' metric, 'random' or batch 'index'")
         alpha: float = param(1.0, "CANON-Eff weight on the discounted half (Eq. 9); 1 = plain CANON")
         discounted_half: str = param("high", "half alpha discounts: 'high' (paper Eq. 9) or 'low' (official entropy code)")
         mu_high: float = param(1.0, "cosine schedules: largest mu")
@@ -85,7 +87,7 @@ class CANON(SequenceEstimator):
         warmup_steps: int = param(30, "cosine schedules: linear warm-up steps")
         cycles: int = param(3, "cosine schedules: number of restarts within schedule_steps")
         normalizer: float = param(1.0, "divide advantages by this (official code: max response length)")
-        seed: int = param(0, "seed of metric='random'")
+        seed: int = param(0, "seed of split_by='random'")
         singleton: str = singleton_param()
 
         def __post_init__(self) -> None:
@@ -93,7 +95,7 @@ class CANON(SequenceEstimator):
                 require_choice("mu", self.mu, MU_SCHEDULES)
             else:
                 require_range("mu", float(self.mu), 0.0, 1.0)
-            require_choice("metric", self.metric, METRICS)
+            require_choice("split_by", self.split_by, METRICS)
             require_range("alpha", self.alpha, 0.0)
             require_choice("discounted_half", self.discounted_half, HALVES)
             require_range("mu_low", self.mu_low, 0.0, self.mu_high)
@@ -118,7 +120,7 @@ class CANON(SequenceEstimator):
         return isinstance(self.params.mu, str) and self.params.mu in ACCURACY_SCHEDULES
 
     def required_inputs(self) -> tuple[str, ...]:
-        return {"entropy": ("entropy",), "given": ("metric",)}.get(self.params.metric, ())
+        return {"entropy": ("entropy",), "given": ("metric",)}.get(self.params.split_by, ())
 
     def mu_at(self, step: int, accuracy: Tensor | float | None = None) -> Tensor | float:
         """mu at a trainer step (1-based); accuracy-based schedules also need the batch accuracy in [0, 1]."""
@@ -147,7 +149,7 @@ class CANON(SequenceEstimator):
 
     def metric_values(self, batch: RolloutBatch) -> Tensor:
         """[B] float32 value of the grouping metric per response."""
-        metric = self.params.metric
+        metric = self.params.split_by
         if metric == "entropy":
             return batch.masked_row_mean("entropy")
         if metric == "length":

@@ -1,10 +1,10 @@
 """DAPO's advantage: the GRPO z-score on the correctness reward plus the soft overlong punishment.
 
-Formula: r'_i = r_i + R_len(L_i) (see :func:`canonrl.shaping.overlong_penalty`); A_i = (r'_i - mean_g(r')) /
+Formula: r'_i = r_i + R_len(L_i) (see :func:`canonrl.training.shaping.overlong_penalty`); A_i = (r'_i - mean_g(r')) /
 (std_g(r') + eps). With ``filter_groups`` (dynamic sampling) a group whose correctness ``r`` is the same for every
 response gets exactly 0, as if it had been filtered out, even when the overlong term differs (verl filters on
 ``acc`` likewise). To drop such groups from the batch instead, use
-:func:`canonrl.selection.dynamic_sampling_keep`.
+:func:`canonrl.training.selection.dynamic_sampling_keep`.
 
 Paper: "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (arXiv 2503.14476).
 
@@ -21,9 +21,9 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_choice, require_range, singleton_param
-from canonrl.methods.grpo import STD_CHOICES, group_normalised
+from canonrl.methods._normalise import STD_CHOICES, group_normalised
 from canonrl.registry import Paper, SequenceEstimator, param, register
-from canonrl.shaping import DAPO_BUFFER_LENGTH, DAPO_MAX_LENGTH, overlong_penalty
+from canonrl.training.shaping import DAPO_BUFFER_LENGTH, DAPO_MAX_LENGTH, overlong_penalty
 
 DAPO_PAPER = Paper("DAPO: An Open-Source LLM Reinforcement Learning System at Scale", "2503.14476")
 

@@ -52,7 +52,7 @@ from torch import Tensor
 from canonrl.batch import RolloutBatch
 from canonrl.groups import Grouping
 from canonrl.methods._common import nonzero_or_one, require_choice, require_range, singleton_param
-from canonrl.methods.grpo import STD_CHOICES
+from canonrl.methods._normalise import STD_CHOICES
 from canonrl.ops import whiten_broadcast_scores
 from canonrl.registry import Paper, SequenceEstimator, param, register
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.methods._common import finish, require_choice, require_range, singleton_param
-from canonrl.methods.grpo import group_normalised
+from canonrl.methods._normalise import group_normalised
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 GPG_PAPER = Paper("GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning", "2504.02546")

@@ -21,38 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
-from canonrl.methods._common import finish, nonzero_or_one, require_choice, require_range, singleton_param
+from canonrl.methods._common import require_choice, require_range, singleton_param
+from canonrl.methods._normalise import SCALE_CHOICES, STD_CHOICES, group_normalised
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 DEEPSEEKMATH = Paper("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", "2402.03300")
-STD_CHOICES = ("unbiased", "population")
-SCALE_CHOICES = ("group", "batch", "none")
-
-
-def group_normalised(batch: RolloutBatch, rewards: Tensor, *, eps: float, std: str, scale: str, singleton: str) -> Tensor:
-    """[B] (r - group mean) / (scale + eps) with the singleton policy applied; shared by GRPO-style estimators."""
-    grouping = batch.grouping
-    centered = grouping.centered(rewards)
-    unbiased = std == "unbiased"
-    if scale == "group":
-        spread = grouping.gather(grouping.variance(rewards, unbiased=unbiased).sqrt())
-    elif scale == "batch":
-        valid = batch.valid
-        count = valid.sum()
-        mean = (rewards * valid).sum() / count.clamp_min(1)
-        deviation = (rewards - mean) * valid
-        spread = ((deviation * deviation).sum() / (count - int(unbiased)).clamp_min(1)).sqrt()
-    else:
-        return finish(batch, centered, singleton=singleton, raw=rewards)
-    denominator = nonzero_or_one(spread + eps)
-    singleton_scale = denominator if scale == "batch" else torch.as_tensor(1.0 + eps)
-    return finish(batch, centered / denominator, singleton=singleton, raw=rewards / singleton_scale)
-
-
 @register
 class GRPO(SequenceEstimator):
     name = "grpo"

@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_rows
-from canonrl.fisher import fisher_two_sided, fisher_two_sided_upstream
 from canonrl.methods._common import require_choice, require_range
+from canonrl.methods._fisher import fisher_two_sided, fisher_two_sided_upstream
 from canonrl.methods._wrapped import base_batch_level_reason
 from canonrl.registry import Estimator, Paper, SequenceEstimator, estimator_class, param, register
 

@@ -47,7 +47,7 @@ from canonrl.methods._common import (
     require_range,
     singleton_param,
 )
-from canonrl.methods.grpo import STD_CHOICES
+from canonrl.methods._normalise import STD_CHOICES
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 MAPO_PAPER = Paper("MAPO: Mixed Advantage Policy Optimization", "2509.18849")

@@ -55,7 +55,7 @@ from canonrl.methods._common import (
     require_range,
     singleton_param,
 )
-from canonrl.methods.grpo import STD_CHOICES
+from canonrl.methods._normalise import STD_CHOICES
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 NGRPO_PAPER = Paper("NGRPO: Negative-enhanced Group Relative Policy Optimization", "2509.18851")

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_choice, require_finite, require_range, singleton_param
-from canonrl.methods.grpo import group_normalised
+from canonrl.methods._normalise import group_normalised
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 NSR_PAPER = Paper("The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning", "2506.01347")

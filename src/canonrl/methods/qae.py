@@ -38,7 +38,7 @@ from torch import Tensor
 from canonrl.batch import RolloutBatch
 from canonrl.groups import Grouping
 from canonrl.methods._common import finish, nonzero_or_one, require_choice, require_range, singleton_param
-from canonrl.methods.grpo import STD_CHOICES
+from canonrl.methods._normalise import STD_CHOICES
 from canonrl.ops import ceil_fraction
 from canonrl.registry import Paper, SequenceEstimator, param, register
 

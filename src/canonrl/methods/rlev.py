@@ -9,15 +9,15 @@ Formula (paper): each prompt x carries a human value v(x) in [0, 1] (its points 
 Paper: "Every Question Has Its Own Value: Reinforcement Learning with Explicit Human Values" (arXiv 2510.20187).
 No official code was found.
 
-Inputs: rewards (correctness), group, mask, ``metric`` [B] = v, one value per response (the same for every response
-of a prompt; not enforced: each row is scaled by its own v), plus whatever ``base`` reads.
+Inputs: rewards (correctness), group, mask, ``human_values`` [B] = v, one value per response (the same for every
+response of a prompt; not enforced: each row is scaled by its own v), plus whatever ``base`` reads. (v was passed as
+``metric`` before; that spelling still works, with a DeprecationWarning.)
 
 Hyperparameters:
 - ``alpha`` (10, the paper's default; swept over 1/5/10/15/20).
 - ``cap`` (1.0): the bonus alpha v is capped at this (the paper's min(., 1)); ``None`` gives the uncapped 1 + alpha v,
   which the paper reports as worse.
 - ``base`` / ``base_params``: the sequence-level estimator run on r' and its hyperparameters (as KTAE's base).
-  A base that reads ``metric`` itself (CANON with ``metric="given"``) is refused: the field holds the value here.
   Token-level estimators (reinforce_pp, reinforce_pp_baseline) are not accepted as a base; scale the rewards with
   :func:`value_weighted_rewards` and call them directly.
 
@@ -70,9 +70,10 @@ def _carry_cached(source: RolloutBatch, target: RolloutBatch) -> RolloutBatch:
 @register
 class RLEV(WrapsBase):
     name = "rlev"
-    description = "Human-value-weighted reward (1 + min(alpha v, 1)) r (v = metric), then a base estimator (RLOO)"
+    description = "Human-value-weighted reward (1 + min(alpha v, 1)) r (v = human_values), then a base estimator (RLOO)"
     paper = RLEV_PAPER
-    requires = ("metric",)
+    requires = ("human_values",)
+    renamed_inputs = {"human_values": "metric"}
     works_in = "library, lab (the task's per-prompt values; the `lab` task has them), verl (with the patch), TRL: no"
 
     @dataclass
@@ -92,27 +93,17 @@ class RLEV(WrapsBase):
                     raise ValueError(f"cap must be finite (None for no cap), got {self.cap!r}")
             check_base(self.base, "rlev")
 
-    def __init__(self, **hyperparameters) -> None:
-        super().__init__(**hyperparameters)
-        if "metric" in self.base.required_inputs():
-            raise ValueError(
-                f"base {self.params.base!r} with {self.params.base_params!r} reads 'metric', which rlev uses for the "
-                "human value v; choose a base that does not"
-            )
-
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         p = self.params
-        value = batch.metric
+        value = batch.human_values
         negative = batch.valid & (value < 0)
         if negative.any():
-            raise ValueError(
-                f"metric (the human value v) must be >= 0, negative at rows {describe_rows(negative)}"
-            )
+            raise ValueError(f"human_values (the value v) must be >= 0, negative at rows {describe_rows(negative)}")
         rewards = value_weighted_rewards(batch.rewards, value, alpha=p.alpha, cap=p.cap)
         rewards = torch.where(batch.valid, rewards, 0.0)
         overflow = ~torch.isfinite(rewards)
         if overflow.any():
             raise ValueError(
-                f"the value-weighted reward overflows float32 at rows {describe_rows(overflow)} (metric too large)"
+                f"the value-weighted reward overflows float32 at rows {describe_rows(overflow)} (human_values too large)"
             )
         return self.base_advantages(_carry_cached(batch, replace(batch, rewards=rewards, token_rewards=None)))

@@ -36,7 +36,7 @@ from torch import Tensor
 from canonrl.batch import RolloutBatch
 from canonrl.groups import Grouping
 from canonrl.methods._common import require_choice, require_range, singleton_param
-from canonrl.methods.grpo import STD_CHOICES, group_normalised
+from canonrl.methods._normalise import STD_CHOICES, group_normalised
 from canonrl.registry import Paper, SequenceEstimator, param, register
 
 UNLIKELY_PAPER = Paper("Rewarding the Unlikely: Lifting GRPO Beyond Distribution Sharpening", "2506.02355")

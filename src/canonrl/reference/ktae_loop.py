@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 import torch
 from torch import Tensor
 
-from canonrl.fisher import fisher_two_sided, fisher_two_sided_upstream
+from canonrl.methods._fisher import fisher_two_sided, fisher_two_sided_upstream
 
 
 def _entropy(p: float) -> float:

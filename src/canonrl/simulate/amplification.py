@@ -21,7 +21,7 @@ whatever c2's gap and share (it is G / (G - 1): A_inter leaves the response out 
 scales both signals alike, so the ratio depends on how well the metric tracks the reward: the study sweeps the
 metric's noise and reports, for each level, the within-prompt Pearson correlation of the metric with the reward.
 
-At k = G / 2, A_inter is canonrl's ``canon`` estimator with ``mu=1`` and ``metric="given"`` (tested).
+At k = G / 2, A_inter is canonrl's ``canon`` estimator with ``mu=1`` and ``split_by="given"`` (tested).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ P_BINS = 10
 #: inputs the simulator gives an estimator when it asks for them (``token_rewards`` is not modelled)
 SIMULATED_INPUTS = (
     "entropy", "logprobs", "token_ids", "ref_logprobs", "greedy_rewards", "reference_rewards", "prompt_confidence",
-    "metric",
+    "metric", "human_values",
 )  # fmt: skip
 
 

@@ -183,6 +183,7 @@ def simulate_batch(model: RolloutModel, prompts: int, group_size: int, generator
         "reference_rewards": model.draw_rewards(p, generator).float(),
         "prompt_confidence": per_prompt(0.3, 0.9),
         "metric": per_prompt(0.0, 0.1),
+        "human_values": per_prompt(0.0, 0.1),
         "reward_components": torch.stack([correct, formatted], dim=1),
     }
     return SimulatedBatch(

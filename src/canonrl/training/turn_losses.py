@@ -2,7 +2,7 @@
 
 Pure tensor functions over [B, T] with a response mask and the step table's turns (``turn_ids`` [B, T], −1 outside
 every turn, as :mod:`canonrl.steps` reads them); aggregate the per-token losses with
-:func:`canonrl.losses.aggregate_loss`.
+:func:`canonrl.training.losses.aggregate_loss`.
 
 - `turn_ppo_clip_loss` (ST-PPO, "ST-PPO: Stabilized Off-Policy Proximal Policy Optimization for Multi-Turn Agents",
   arXiv 2511.20718): one importance ratio per turn instead of per token — the geometric mean of the turn's token
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import describe_rows
-from canonrl.losses import ppo_clip_loss
+from canonrl.training.losses import ppo_clip_loss
 
 EPO_PENALTIES = ("hinge", "official")
 
@@ -59,7 +59,7 @@ def turn_ppo_clip_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token loss [B, T] (0 off the mask) and indicators of :func:`canonrl.losses.ppo_clip_loss`, with every
+    """Per-token loss [B, T] (0 off the mask) and indicators of :func:`canonrl.training.losses.ppo_clip_loss`, with every
     token's ratio replaced by its turn's rho = exp(turn_log_ratio); no dual clip by default (not in the paper)."""
     turn_logprobs = old_logprobs + turn_log_ratio(logprobs, old_logprobs, mask, turn_ids)
     loss, indicators = ppo_clip_loss(turn_logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip)

@@ -2,7 +2,7 @@
 
 A policy loss turns the sampled tokens' log-probs under the current and the sampling policy and the advantages
 into a per-token loss [B, T] plus per-token float indicators (for metrics); the trainer aggregates it
-(`canonrl.losses.aggregate_loss`). The formulas are the pure functions of :mod:`canonrl.losses`; a class here adds
+(`canonrl.training.losses.aggregate_loss`). The formulas are the pure functions of :mod:`canonrl.training.losses`; a class here adds
 what a trainer needs to know about the loss:
 
 - ``Params``: its own hyperparameters (``param(default, help)``), checked in ``__post_init__``;
@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from canonrl.losses import clip_cov_loss, kl_cov_loss, ppo_clip_loss
 from canonrl.registry import param
+from canonrl.training.losses import clip_cov_loss, kl_cov_loss, ppo_clip_loss
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ Pure tensor functions — the lab trainer uses them, and so can any trainer. Sha
   ``kl_cov_ratio``); the official PRIME-RL scripts pass a *percent* ``k_percent`` that the code divides by 100 —
   convert with `cov_ratio_from_percent` (k_percent 0.2 -> 0.002).
 
-A trainer picks one of them by name through the policy-loss registry, :mod:`canonrl.policy_losses`.
+A trainer picks one of them by name through the policy-loss registry, :mod:`canonrl.training.policy_losses`.
 
 NGRPO's asymmetric clipping (arXiv 2509.18851) needs no new loss: its official ``compute_policy_loss`` is
 ``max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))`` with no dual clip, i.e.
