@@ -42,8 +42,15 @@ def test_a_consumer_builds_what_it_can_feed_and_names_what_it_cannot():
         Consumer("typo", {"entropies": "..."})
 
 
-def test_the_lab_and_trl_declare_what_they_provide():
+def test_every_consumer_declares_what_it_provides_and_how():
+    from canonrl.integrations.verl import BATCH_KEYS, VERL
     from canonrl.lab.inputs import LAB, LAB_INPUTS
+    from canonrl.simulate.measures import SIMULATOR
 
-    assert set(LAB.provides) == set(LAB_INPUTS) and not set(LAB.provides) & set(BASE)
-    assert all(LAB.provides.values()), "each provided input says how the lab gets it"
+    assert set(LAB.provides) == set(LAB_INPUTS) and set(VERL.provides) == set(BATCH_KEYS)
+    for consumer in (LAB, VERL, SIMULATOR):
+        assert not set(consumer.provides) & set(BASE) and all(consumer.provides.values()), consumer.name
+    with pytest.raises(ValueError, match="the simulator: estimator 'gae' needs values"):
+        SIMULATOR.estimator("gae")
+    with pytest.raises(ValueError, match="verl: estimator 'aapo' needs reference_rewards .*not in verl"):
+        VERL.estimator("aapo")

@@ -24,6 +24,8 @@ from contextvars import ContextVar
 from enum import Enum
 from typing import Any
 
+from canonrl.fields import Consumer
+
 __all__ = [
     "VERL_NAMES",
     "BATCH_KEYS",
@@ -81,6 +83,12 @@ _HOW_TO_GET = {
     "reference_rewards": "a reference-policy response's reward per row (verl does not generate one)",
     "prompt_confidence": "a per-prompt confidence (verl does not compute prompt log-probs)",
 }
+#: what verl's advantage step can give an estimator beyond rewards, group and mask (with the patch), and how
+VERL = Consumer(
+    "verl",
+    {field: _HOW_TO_GET[field] for field in BATCH_KEYS},
+    missing="the estimator works in the canonrl library and lab, not in verl (docs/estimators.md: where each works)",
+)
 
 _FUNCTIONS: dict[str, Any] = {}  # canonrl name -> the one function object registered with verl
 _ESTIMATORS: dict[tuple[str, str], Any] = {}  # (canonrl name, repr of hyperparameters) -> estimator instance
@@ -248,14 +256,10 @@ def compute(
             )
     if kwargs.get("greedy_rewards") is None and kwargs.get("reward_baselines") is not None:
         kwargs["greedy_rewards"] = kwargs["reward_baselines"]  # verl's own dispatcher passes this one unpatched
+    VERL.check(est)
     fields: dict[str, Any] = {}
     for field in est.required_inputs():
         value = kwargs.get(field)
-        if value is None and field not in BATCH_KEYS:
-            raise ValueError(
-                f"canonrl estimator {name!r} needs {_HOW_TO_GET.get(field, field)}: it works in the canonrl library "
-                f"and lab, not in verl (see the README's table of where each estimator works)"
-            )
         if value is None:
             raise ValueError(
                 f"canonrl estimator {name!r} needs {_HOW_TO_GET.get(field, field)}, which verl's compute_advantage "

@@ -34,15 +34,23 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from canonrl.fields import BASE, Consumer
 from canonrl.registry import SIMULATOR_ALIGNMENTS as ALIGNMENTS
 from canonrl.registry import estimator_class
 from canonrl.simulate.model import DIFFICULTY_BUCKETS, SimulatedBatch
 
 P_BINS = 10
-#: inputs the simulator gives an estimator when it asks for them (``token_rewards`` is not modelled)
-SIMULATED_INPUTS = (
-    "entropy", "logprobs", "token_ids", "ref_logprobs", "greedy_rewards", "reference_rewards", "prompt_confidence",
-    "metric", "human_values",
+#: the inputs the simulator gives an estimator when it asks for them (``token_rewards`` is not modelled)
+SIMULATOR = Consumer(
+    "the simulator",
+    {
+        "entropy": "per-token entropies whose response mean correlates with the reward (model.entropy_corr)",
+        "logprobs": "per-token log-probs", "token_ids": "random token ids", "ref_logprobs": "log-probs plus noise",
+        "greedy_rewards": "a draw at the prompt's success probability", "reference_rewards": "a draw at p",
+        "prompt_confidence": "a per-prompt draw in [0.3, 0.9]", "metric": "a per-prompt draw in [0, 0.1]",
+        "human_values": "a per-prompt draw in [0, 0.1]",
+    },
+    missing="it measures outcome-level estimators on simulated rollouts that lack this input",
 )  # fmt: skip
 
 
@@ -77,13 +85,8 @@ def alignment_of(name: str, overrides: dict[str, str] | None = None) -> str:
 
 def estimator_advantages(estimator, batch: SimulatedBatch, step: int = 1) -> Tensor:
     """[B] float64: the estimator's advantage of each simulated response (token-level: the mean over its tokens)."""
-    needed = [name for name in estimator.required_inputs() if name not in ("rewards", "group", "mask")]
-    missing = [name for name in needed if name not in SIMULATED_INPUTS]
-    if missing:
-        raise ValueError(
-            f"estimator {estimator.name!r} needs {', '.join(missing)}, which the simulator does not model "
-            f"(it gives {', '.join(SIMULATED_INPUTS)})"
-        )
+    SIMULATOR.check(estimator)
+    needed = [name for name in estimator.required_inputs() if name not in BASE]
     rewards = batch.inputs["reward_components"] if type(estimator).multi_reward else batch.rewards
     fields = {name: batch.inputs[name] for name in needed}
     advantages = estimator(rewards=rewards, group=batch.group, mask=batch.mask, step=step, **fields)
