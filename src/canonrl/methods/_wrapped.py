@@ -28,12 +28,11 @@ def check_base(name: str, wrapper: str | None = None) -> None:
         raise ValueError(f"base must be a sequence-level estimator, {name!r} is {base.level}-level")
 
 
-class WrapsBase(SequenceEstimator):
-    """A sequence-level estimator that modifies the advantages of a ``base`` estimator (``Params.base``).
-
-    It is as group-local as its base and accepts the rewards its base accepts; a subclass with a batch statistic
-    or a reward domain of its own extends :attr:`batch_level_reason` / :attr:`reward_range`.
-    """
+class HasBase:
+    """Mixin of the estimators that run a ``base`` estimator (``Params.base`` / ``base_params``) and reshape its
+    advantages: the base is built once, its inputs are read too, its state is checkpointed with this one's, and this
+    estimator is as group-local as its base and accepts the rewards its base accepts (a subclass with a batch
+    statistic or a reward domain of its own extends :attr:`batch_level_reason` / :attr:`reward_range`)."""
 
     wraps_base = True
 
@@ -60,6 +59,10 @@ class WrapsBase(SequenceEstimator):
     @property
     def reward_range(self) -> tuple[float, float]:
         return self.base.reward_range
+
+
+class WrapsBase(HasBase, SequenceEstimator):
+    """A sequence-level estimator that modifies the sequence-level advantages of a ``base`` estimator."""
 
     def base_advantages(self, batch: RolloutBatch) -> Tensor:
         """[B] float32 advantages of the base estimator at this estimator's step."""

@@ -52,7 +52,7 @@ from torch import Tensor
 from canonrl.batch import RolloutBatch, describe_rows
 from canonrl.methods._common import require_choice, require_range
 from canonrl.methods._fisher import fisher_two_sided, fisher_two_sided_upstream
-from canonrl.methods._wrapped import base_batch_level_reason
+from canonrl.methods._wrapped import HasBase
 from canonrl.registry import Estimator, Paper, SequenceEstimator, estimator_class, param, register
 
 KTAE_PAPER = Paper(
@@ -219,13 +219,12 @@ def _occurrences(batch: RolloutBatch, correct: Tensor) -> _Occurrences:
 
 
 @register
-class KTAE(Estimator):
+class KTAE(HasBase, Estimator):
     name = "ktae"
     description = "Token-level: base advantage + key-token score from Fisher's test, IG and frequencies per group"
     paper = KTAE_PAPER
     level = "token"
     requires = ("token_ids",)
-    wraps_base = True
     simulator_alignment = "z"
     works_in = "library, lab, verl (with the patch), TRL"
     inputs_note = "`token_ids` (+ the base's)"
@@ -258,30 +257,6 @@ class KTAE(Estimator):
             base = estimator_class(self.base)
             if not issubclass(base, SequenceEstimator):
                 raise ValueError(f"base must be a sequence-level estimator, {self.base!r} is {base.level}-level")
-
-    def __init__(self, **hyperparameters: Any) -> None:
-        super().__init__(**hyperparameters)
-        self.base = estimator_class(self.params.base)(**(self.params.base_params or {}))
-
-    def required_inputs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.requires + self.base.required_inputs()))
-
-    def state_dict(self) -> dict[str, Any]:
-        """The step and the base estimator's state (a base may keep a history: hadw)."""
-        return {**super().state_dict(), "base": self.base.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_state(state)
-        self.base.load_state_dict(state["base"])
-        super().load_state_dict(state)
-
-    @property
-    def batch_level_reason(self) -> str | None:
-        return base_batch_level_reason(self.base)  # the key-token statistics are per group
-
-    @property
-    def reward_range(self) -> tuple[float, float]:
-        return self.base.reward_range
 
     def compute(self, batch: RolloutBatch) -> Tensor:
         self.base.step = self.step
