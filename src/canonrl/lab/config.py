@@ -19,6 +19,8 @@ from canonrl.overrides import OverrideError, parse_override, parse_yaml
 from canonrl.registry import param
 from canonrl.training.losses import KL_ESTIMATORS, LOSS_AGG_MODES
 from canonrl.training.policy_losses import ClipRange, PolicyLoss, get_loss, loss_names
+from canonrl.training.prompt_sampling import make_prompt_sampler
+from canonrl.training.selection import d3s_schedule
 
 #: `prompt_sampler` values: "fresh" draws new problems from the task every step; the others pick from a fixed pool
 PROMPT_SAMPLERS = ("fresh", "uniform", "vade")
@@ -168,8 +170,6 @@ class TrainConfig:
 
     def build_prompt_sampler(self, seed: int = 0):
         """The configured pool sampler (None for "fresh"); bad parameters become one-line ConfigErrors."""
-        from canonrl.training.prompt_sampling import make_prompt_sampler
-
         if self.prompt_sampler == "fresh":
             return None
         try:
@@ -184,8 +184,6 @@ class TrainConfig:
     def d3s_schedule(self, step: int) -> tuple[int, float] | None:
         """(N responses kept per group, K fraction of tokens kept) at `step` (progress (step-1)/(steps-1));
         None when D^3S is off. Checks the `d3s` mapping (one-line ConfigErrors)."""
-        from canonrl.training.selection import d3s_schedule
-
         if self.d3s is None:
             return None
         unknown = sorted(set(self.d3s) - set(D3S_REQUIRED) - set(D3S_OPTIONS))

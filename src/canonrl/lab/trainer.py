@@ -36,14 +36,17 @@ import torch
 
 from canonrl.lab import checkpoints
 from canonrl.lab.config import TrainConfig, load_config, save_config
+from canonrl.lab.evaluate import evaluate
 from canonrl.lab.inputs import LAB, NEEDS_REFERENCE, StepContext, extra_inputs, rollout_inputs
 from canonrl.lab.policy import load_policy, save_policy_dir
+from canonrl.lab.report import read_run
 from canonrl.lab.rewards import RewardScorer, estimator_rewards
 from canonrl.lab.rollout import SingleTurnRollout
 from canonrl.lab.seeds import seed_of
 from canonrl.lab.tasks import get_task
 from canonrl.lab.tasks.base import reward_components
 from canonrl.lab.update import PolicyUpdate, TrainingError
+from canonrl.training.selection import d3s_keep
 
 WALL_CLOCK_KEYS = (
     "time", "step_seconds", "rollout_tokens_per_second", "greedy_seconds", "reference_seconds", "ref_logprobs_seconds",
@@ -218,8 +221,6 @@ class Trainer:
     def loss_mask(self, step: int, rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
         """D^3S's loss mask [B, T] (`canonrl.training.selection.d3s_keep` at the step's (N, K) from `d3s_schedule`) and its
         metrics; (None, {}) when `d3s` is off. Rows it drops leave the loss entirely, denominators included."""
-        from canonrl.training.selection import d3s_keep
-
         config = self.config
         schedule = config.d3s_schedule(step)
         if schedule is None:
@@ -310,8 +311,6 @@ class Trainer:
         return metrics
 
     def evaluate(self, step: int) -> dict:
-        from canonrl.lab.evaluate import evaluate
-
         config = self.config
         return evaluate(
             self.policy, self.task, problems=config.eval_problems, seed=config.eval_seed, samples=config.eval_samples,
@@ -387,8 +386,6 @@ class Trainer:
         return record
 
     def _write_summary(self, wall_time: float) -> dict:
-        from canonrl.lab.report import read_run
-
         run = read_run(self.run_dir)
         final_dir = save_policy_dir(self.policy.model, self.policy.tokenizer, self.run_dir / "policy")
         summary = {
