@@ -127,6 +127,8 @@ def test_ngrpo_clip_values_are_accepted():
         (["d3s={n_init: 2.5, n_final: 4, k_init: 1.0, k_final: 0.5}"], "n_init must be an int"),
         (["d3s={n_init: 8, n_final: 4, k_init: 1.0, k_final: 0.5, per_row: 1}"], "d3s.per_row must be true or false"),
         (["d3s=5"], "d3s must be a mapping"),
+        (["device=tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["device=cuda:99"], "device 'cuda:99': torch sees no such CUDA device"),
     ],
 )
 def test_bad_values_are_one_line_config_errors(overrides, fragment):
@@ -371,3 +373,13 @@ def test_the_docs_key_table_is_the_config():
     assert table == key_table(), "docs/lab.md's key table is stale: paste the output of `canonrl lab keys` there"
     for field in TrainConfig.__dataclass_fields__.values():
         assert field.metadata.get("help"), f"config key {field.name} has no help"
+
+
+def test_device_auto_is_the_cpu_here_and_the_policy_lives_there(policy_dir, tmp_path):
+    from canonrl.lab.policy import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected and resolve_device("cpu").type == "cpu"
+    trainer = Trainer(tiny_config(policy_dir, "device=cpu"), tmp_path)
+    ids, mask = trainer.policy.encode_prompts(["1+2"])
+    assert trainer.device.type == "cpu" and ids.device.type == "cpu" and trainer.groups().device.type == "cpu"

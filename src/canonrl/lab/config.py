@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from canonrl.lab.policy import resolve_device
 from canonrl.overrides import OverrideError, parse_override, parse_yaml
 from canonrl.registry import param
 from canonrl.training.losses import KL_ESTIMATORS, LOSS_AGG_MODES
@@ -92,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int = param(20, "steps between atomic checkpoints (0: none)")
     keep_checkpoints: int = param(2, "checkpoints kept")
     verify_timeout: float = param(2.0, "seconds a verifier may take per response; past it the reward is 0")
+    device: str = param("auto", "where the policy runs: auto (CUDA when torch sees one, else the CPU), cpu, cuda, cuda:N")
     threads: int = param(0, "torch CPU threads (0: all cores)")
     tensorboard: bool = param(True, "write tensorboard logs")
 
@@ -120,6 +122,10 @@ class TrainConfig:
             raise ConfigError(
                 f"minibatches ({self.minibatches}) must divide prompts_per_step x group_size ({self.prompts_per_step * self.group_size})"
             )
+        try:
+            resolve_device(self.device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self._validate_policy_loss()
         self._validate_prompt_sampler()
         self.d3s_schedule(1)

@@ -56,7 +56,7 @@ def evaluate(
     was_training = policy.model.training
     policy.model.eval()
     heldout = task.problems("heldout", problems, seed=seed)
-    generator = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
+    generator = torch.Generator(device=policy.device).manual_seed(seed if sample_seed is None else sample_seed)
     repeated = [p for p in heldout for _ in range(samples)]
     scores, lengths, entropies, finished = [], [], [], []
     for part in _sample_in_chunks(

@@ -71,7 +71,7 @@ class SharedPrompts:
         self.model = model
         self.temperature = temperature
         prompts, inverse = (rows // rollouts.repeats).unique(return_inverse=True)
-        self.slot = torch.full((rollouts.response_ids.shape[0],), -1, dtype=torch.long)
+        self.slot = torch.full((rollouts.response_ids.shape[0],), -1, dtype=torch.long, device=rows.device)
         self.slot[rows] = inverse
         first_rows = prompts * rollouts.repeats
         mask = rollouts.prompt_mask[first_rows]
@@ -90,7 +90,7 @@ class SharedPrompts:
         """Log-probs [n, T] of `mini`'s response tokens (`mini` = the rollouts' `select(rows)`), with grad."""
         from transformers import DynamicCache
 
-        slots = self.slot[rows]
+        slots = self.slot[rows].to(self.prompt_ids.device)
         # index_select, not advanced indexing: its backward (index_add) sums in a fixed order on CPU, which
         # advanced indexing's (index_put with accumulate) does not with several threads — resume stays bit-exact
         cache = DynamicCache()
@@ -103,7 +103,7 @@ class SharedPrompts:
         if width > 1:
             inputs = mini.response_ids[:, : width - 1]
             attention = torch.cat([prompt_mask, mini.response_mask[:, : width - 1].long()], dim=1)
-            positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(width - 1).unsqueeze(0)
+            positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(width - 1, device=prompt_mask.device)[None]
             out = self.model(
                 input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
             )

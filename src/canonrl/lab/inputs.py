@@ -84,7 +84,7 @@ def reference_rewards(ctx: StepContext):
     temperature and top-p, from a generator seeded by (seed, "reference", step), verified. Costs a second rollout."""
     started = time.perf_counter()
     config, groups = ctx.config, ctx.rollouts.repeats
-    generator = torch.Generator().manual_seed(seed_of(config.seed, "reference", ctx.step))
+    generator = torch.Generator(device=ctx.policy.device).manual_seed(seed_of(config.seed, "reference", ctx.step))
     sampled = generate(ctx.reference, *ctx.prompts, temperature=config.temperature, top_p=config.top_p,
                        generator=generator, repeats=groups, **ctx.budget)  # fmt: skip
     scores = ctx.scorer.scores(sampled, [p for p in ctx.problems for _ in range(groups)])
@@ -112,7 +112,7 @@ def prompt_confidence(ctx: StepContext):
 @provides("human_values")
 def human_values(ctx: StepContext):
     """[B] (RLEV): each prompt's value v from the task (`prompt_values`), repeated to its G rows; free."""
-    values = torch.tensor(prompt_values(ctx.task, ctx.problems), dtype=torch.float32)
+    values = torch.tensor(prompt_values(ctx.task, ctx.problems), dtype=torch.float32, device=ctx.policy.device)
     return values.repeat_interleave(ctx.rollouts.repeats), {"prompt_value": values.mean().item()}
 
 

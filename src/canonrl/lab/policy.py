@@ -88,6 +88,11 @@ class Policy:
     source: str
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: prompts are encoded onto it and rollouts sampled there."""
+        return next(self.model.parameters()).device
+
+    @property
     def eos_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
@@ -108,13 +113,13 @@ class Policy:
         return prompt
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and attention mask, [N, P] each."""
+        """Left-padded prompt ids and attention mask, [N, P] each, on the model's device."""
         texts = [self.prompt_text(p) for p in prompts]
         # a chat template writes its own BOS; don't add a second one
         encoded = self.tokenizer(
             texts, add_special_tokens=not self.uses_chat_template, padding=True, return_tensors="pt", padding_side="left"
         )
-        return encoded["input_ids"], encoded["attention_mask"]
+        return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
 
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         lengths = response_mask.sum(dim=1).long().tolist()
@@ -145,11 +150,28 @@ def save_policy_dir(model, tokenizer, target: Path, extra=None) -> Path:
     return target
 
 
-def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32) -> Policy:
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when torch sees a device, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a one-line
+    ValueError for a name torch does not know or a CUDA device it does not see."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {name!r}: torch sees no such CUDA device; use device=cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Policy:
+    """The policy's model (on `device`) and tokenizer, from a preset, a directory or the local Hugging Face cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = resolve_policy_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     model.config.use_cache = True
-    return Policy(model=model, tokenizer=tokenizer, source=name_or_path)
+    return Policy(model=model.to(device), tokenizer=tokenizer, source=name_or_path)

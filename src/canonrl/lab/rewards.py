@@ -24,6 +24,7 @@ class RewardScorer:
     policy: object
     task: object
     timeout: float
+    device: torch.device | str = "cpu"
     failures: int = 0
     timeouts: int = 0
 
@@ -36,16 +37,16 @@ class RewardScorer:
 
     def scores(self, rollouts: Rollouts, problems) -> torch.Tensor:
         """[B] float32 scores of `rollouts`."""
-        return torch.tensor(self(rollouts, problems).scores, dtype=torch.float32)
+        return torch.tensor(self(rollouts, problems).scores, dtype=torch.float32, device=self.device)
 
 
-def estimator_rewards(verdict: VerifyResult, names: tuple[str, ...] | None) -> torch.Tensor:
-    """The estimator's `rewards`: the scores [B] (`names` None), or for a multi-reward estimator the reward
-    components named by `names` [B, K] (the score alone, [B, 1], for a task without components)."""
-    scores = torch.tensor(verdict.scores, dtype=torch.float32)
+def estimator_rewards(verdict: VerifyResult, names: tuple[str, ...] | None, device="cpu") -> torch.Tensor:
+    """The estimator's `rewards` on `device`: the scores [B] (`names` None), or for a multi-reward estimator the
+    reward components named by `names` [B, K] (the score alone, [B, 1], for a task without components)."""
+    scores = torch.tensor(verdict.scores, dtype=torch.float32, device=device)
     if names is None:
         return scores
     if not names:
         return scores.unsqueeze(1)
     components = [verdict.components[name] for name in names]
-    return torch.tensor(components, dtype=torch.float32).T.contiguous()
+    return torch.tensor(components, dtype=torch.float32, device=device).T.contiguous()

@@ -45,7 +45,7 @@ class SingleTurnRollout:
 
     def __call__(self, policy, problems: list, step: int) -> tuple[Rollouts, VerifyResult]:
         prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])
-        generator = torch.Generator().manual_seed(seed_of(self.seed, "rollout", step))
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(seed_of(self.seed, "rollout", step))
         confidence = {"prompt_confidence": True} if self.prompt_confidence else {}
         policy.model.eval()
         rollouts = generate(

@@ -38,7 +38,7 @@ from canonrl.lab import checkpoints
 from canonrl.lab.config import TrainConfig, load_config, save_config
 from canonrl.lab.evaluate import evaluate
 from canonrl.lab.inputs import LAB, NEEDS_REFERENCE, StepContext, extra_inputs, rollout_inputs
-from canonrl.lab.policy import load_policy, save_policy_dir
+from canonrl.lab.policy import load_policy, resolve_device, save_policy_dir
 from canonrl.lab.report import read_run
 from canonrl.lab.rewards import RewardScorer, estimator_rewards
 from canonrl.lab.rollout import SingleTurnRollout
@@ -87,13 +87,14 @@ class Trainer:
         checkpoint = self.latest_checkpoint() if resume else None
         if resume and checkpoint is None:
             raise ValueError(f"nothing to resume: {self.run_dir} has no checkpoint")
-        self.policy = load_policy(str(checkpoint) if checkpoint else config.policy)
+        self.device = resolve_device(config.device)
+        self.policy = load_policy(str(checkpoint) if checkpoint else config.policy, device=self.device)
         self.policy.model.train()
         # The frozen reference policy (the initial weights, so a resumed run rebuilds it): for the KL penalty, AAPO's
         # reference rollouts and ACE's reference log-probs. Loaded only when one of them needs it.
         self.reference = None
         if config.kl_coef > 0 or any(name in self.inputs for name in NEEDS_REFERENCE):
-            self.reference = load_policy(config.policy).model.eval().requires_grad_(False)
+            self.reference = load_policy(config.policy, device=self.device).model.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self.policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -206,14 +207,18 @@ class Trainer:
     def extra_inputs(self, step: int, problems, rollouts) -> tuple[dict, dict]:
         """The batch inputs beyond the rollouts' own that the estimator reads, and their costs
         (`canonrl.lab.inputs.extra_inputs`)."""
-        scorer = RewardScorer(self.policy, self.task, self.config.verify_timeout)
+        scorer = RewardScorer(self.policy, self.task, self.config.verify_timeout, self.device)
         context = StepContext(step, problems, rollouts, self.policy, self.reference, self.task, self.config, scorer)
         return extra_inputs(self.inputs, context)
 
+    def groups(self) -> torch.Tensor:
+        """[B] the prompt of each row (rows come in groups of `group_size`), on the trainer's device."""
+        config = self.config
+        return torch.arange(config.prompts_per_step, device=self.device).repeat_interleave(config.group_size)
+
     def advantages(self, step: int, rollouts, rewards: torch.Tensor, **inputs) -> torch.Tensor:
         """The estimator's advantages; `inputs` are the extra batch fields (`extra_inputs`)."""
-        config = self.config
-        group = torch.arange(config.prompts_per_step).repeat_interleave(config.group_size)
+        group = self.groups()
         fields = {"rewards": rewards, "group": group, "mask": rollouts.response_mask, **inputs}
         fields.update(rollout_inputs(self.inputs, rollouts))
         return self.estimator(step=step, **fields)
@@ -226,7 +231,7 @@ class Trainer:
         if schedule is None:
             return None, {}
         num_keep, top_fraction = schedule
-        group = torch.arange(config.prompts_per_step).repeat_interleave(config.group_size)
+        group = self.groups()
         mask = rollouts.response_mask
         rows, tokens = d3s_keep(
             advantages, rollouts.entropy, mask, group, num_keep=num_keep, top_fraction=top_fraction,
@@ -254,9 +259,9 @@ class Trainer:
         problems, prompt_ids = self.draw_problems(step)
         rollouts, verdict = self.rollout(step, problems)
         rollout_seconds = time.perf_counter() - started
-        rewards = torch.tensor(verdict.scores, dtype=torch.float32)
+        rewards = torch.tensor(verdict.scores, dtype=torch.float32, device=self.device)
         inputs, extra_metrics = self.extra_inputs(step, problems, rollouts)
-        reward_input = estimator_rewards(verdict, self.reward_names)
+        reward_input = estimator_rewards(verdict, self.reward_names, self.device)
         advantages = self.advantages(step, rollouts, reward_input, **inputs)
         loss_mask, selection_metrics = self.loss_mask(step, rollouts, advantages)
         metrics = self.update(step, rollouts, advantages, inputs.get("ref_logprobs"), loss_mask)

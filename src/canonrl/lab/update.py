@@ -133,9 +133,10 @@ class PolicyUpdate:
             group["lr"] = self.lr_at(step)
         rows = rollouts.response_ids.shape[0]
         generator = torch.Generator().manual_seed(seed_of(config.seed, "minibatches", step))
-        response_lengths = rollouts.lengths  # micro-batches group rows of similar length (what the forward pays)
-        lengths = response_lengths if loss_mask is None else loss_mask.sum(dim=1)
-        trains = self.rows_to_train(rollouts, advantages, loss_mask)
+        # [B] bookkeeping on the CPU, whatever the device: row choices and token counts
+        response_lengths = rollouts.lengths.cpu()  # micro-batches group rows of similar length (what the forward pays)
+        lengths = response_lengths if loss_mask is None else loss_mask.sum(dim=1).cpu()
+        trains = self.rows_to_train(rollouts, advantages, loss_mask).cpu()
         stats = UpdateStats(self.loss.metrics)
         micro = 0
         for _ in range(config.ppo_epochs):
