@@ -383,3 +383,38 @@ def test_device_auto_is_the_cpu_here_and_the_policy_lives_there(policy_dir, tmp_
     trainer = Trainer(tiny_config(policy_dir, "device=cpu"), tmp_path)
     ids, mask = trainer.policy.encode_prompts(["1+2"])
     assert trainer.device.type == "cpu" and ids.device.type == "cpu" and trainer.groups().device.type == "cpu"
+
+
+def test_a_new_policy_loss_is_one_class(policy_dir, tmp_path, monkeypatch):
+    """Registering a PolicyLoss subclass is all it takes: the config checks its parameters, the update calls it and
+    reports its declared metric, and it trains."""
+    from dataclasses import dataclass
+
+    from canonrl.registry import param
+    from canonrl.training import policy_losses
+
+    monkeypatch.setattr(policy_losses, "_LOSSES", dict(policy_losses._LOSSES))
+
+    @policy_losses.register_loss
+    class ScaledReinforce(policy_losses.PolicyLoss):
+        name = "_test_scaled_reinforce"
+        description = "-scale * A * ratio, no clip"
+        clipped = False
+        metrics = ("positive",)
+
+        @dataclass
+        class Params:
+            scale: float = param(1.0, "loss scale")
+
+        def __call__(self, logprobs, old_logprobs, advantages, mask, *, clip, generator=None):
+            ratio = (logprobs - old_logprobs).exp()
+            return -self.params.scale * advantages * ratio, {"positive": (advantages > 0).float()}
+
+    with pytest.raises(ConfigError, match="has no parameter 'clip_cov_ratio'; it takes scale"):
+        load_config(None, ["policy_loss=_test_scaled_reinforce", "policy_loss_params.clip_cov_ratio=0.1"])
+    config = tiny_config(policy_dir, "policy_loss=_test_scaled_reinforce", "policy_loss_params.scale=0.5")
+    trainer = Trainer(config, tmp_path)
+    before = state(trainer)
+    metrics = trainer.train_step(1).metrics
+    assert 0 < metrics["positive"] < 1 and metrics["pg_clipfrac"] == 0
+    assert any(not torch.equal(before[k], v) for k, v in state(trainer).items())
