@@ -42,6 +42,7 @@ from canonrl.lab.policy import load_policy, resolve_device, save_policy_dir
 from canonrl.lab.report import read_run
 from canonrl.lab.rewards import RewardScorer, estimator_rewards
 from canonrl.lab.rollout import SingleTurnRollout
+from canonrl.lab.run_log import RunLog
 from canonrl.lab.seeds import seed_of
 from canonrl.lab.tasks import get_task
 from canonrl.lab.tasks.base import reward_components
@@ -324,35 +325,14 @@ class Trainer:
         )  # fmt: skip
 
     # ---------------------------------------------------------------- the run
-    def _log(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record, allow_nan=True) + "\n")
-        if self.writer is not None:
-            prefix = "eval" if record["kind"] == "eval" else "train"
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "kind"):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
-                elif isinstance(value, dict):
-                    for sub, v in value.items():
-                        self.writer.add_scalar(f"{prefix}/{key}/{sub}", v, record["step"])
-
     def train(self, on_step: Callable[[int, dict], None] | None = None) -> dict:
         """Run (or continue) to `config.steps`; returns the summary written to summary.json."""
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, self.run_dir / "config.yaml")
-        (self.run_dir / "metrics.jsonl").touch()
-        self.writer = None
-        if config.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
-        started = time.perf_counter()
-        elapsed_before = self._elapsed_before()
-        initial = None
-        try:
+        with RunLog(self.run_dir, tensorboard=config.tensorboard, resumed_at_step=self.step) as log:
             if self.step == 0:
-                initial = self._evaluate_and_log(0, started, elapsed_before)
+                initial = log.log("eval", 0, self.evaluate(0))
                 if on_step:
                     on_step(0, {"eval": initial})
                 if config.checkpoint_every:
@@ -361,34 +341,15 @@ class Trainer:
                 step = self.step + 1
                 result = self.train_step(step)
                 self.step = step
-                record = {"kind": "train", "step": step, "time": elapsed_before + time.perf_counter() - started, **result.metrics}
-                self._log(record)
+                record = log.log("train", step, result.metrics)
                 evaluation = None
                 if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                    evaluation = self._evaluate_and_log(step, started, elapsed_before)
+                    evaluation = log.log("eval", step, self.evaluate(step))
                 if on_step:
                     on_step(step, {"train": record, "eval": evaluation})
                 if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
                     self.save_checkpoint()
-        finally:
-            if self.writer is not None:
-                self.writer.close()
-        return self._write_summary(elapsed_before + time.perf_counter() - started)
-
-    def _elapsed_before(self) -> float:
-        last = 0.0
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    last = json.loads(line).get("time", last)
-        return last
-
-    def _evaluate_and_log(self, step: int, started: float, elapsed_before: float) -> dict:
-        result = self.evaluate(step)
-        record = {"kind": "eval", "step": step, "time": elapsed_before + time.perf_counter() - started, **result}
-        self._log(record)
-        return record
+        return self._write_summary(log.elapsed())
 
     def _write_summary(self, wall_time: float) -> dict:
         run = read_run(self.run_dir)
