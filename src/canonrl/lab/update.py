@@ -48,6 +48,17 @@ class MicroBatch:
 
 
 @dataclass
+class StepBatch:
+    """What the update of one step trains on."""
+
+    step: int
+    rollouts: Rollouts
+    advantages: torch.Tensor  # [B, T]
+    ref_logprobs: torch.Tensor | None = None  # [B, T] the step's reference log-probs, when it has them (ACE)
+    loss_mask: torch.Tensor | None = None  # [B, T] D^3S's loss mask; None: the response mask
+
+
+@dataclass
 class Totals:
     """The minibatch's denominators, which every micro-batch divides by."""
 
@@ -138,6 +149,7 @@ class PolicyUpdate:
         lengths = response_lengths if loss_mask is None else loss_mask.sum(dim=1).cpu()
         trains = self.rows_to_train(rollouts, advantages, loss_mask).cpu()
         stats = UpdateStats(self.loss.metrics)
+        batch = StepBatch(step, rollouts, advantages, ref_logprobs, loss_mask)
         micro = 0
         for _ in range(config.ppo_epochs):
             order = torch.randperm(rows, generator=generator) if config.minibatches > 1 else torch.arange(rows)
@@ -145,7 +157,7 @@ class PolicyUpdate:
                 totals = Totals(lengths[part].sum().clamp(min=1), (lengths[part] > 0).float().sum().clamp(min=1))
                 part = part[trains[part]]
                 part = part[response_lengths[part].argsort(stable=True)]
-                sums, micro = self.minibatch(step, rollouts, advantages, part, totals, micro, ref_logprobs, loss_mask)
+                sums, micro = self.minibatch(batch, part, totals, micro)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), config.grad_clip)
                 if not torch.isfinite(grad_norm):
                     raise TrainingError(f"non-finite gradient norm at step {step}")
@@ -156,9 +168,10 @@ class PolicyUpdate:
         metrics["trained_rows"] = float(trains.float().mean())
         return metrics
 
-    def minibatch(self, step, rollouts, advantages, part, totals, micro, ref_logprobs, loss_mask) -> tuple[LossSums, int]:
-        """Zero the gradients, then forward and backward the minibatch's rows `part` in micro-batches; returns their
-        sums and the next micro-batch index."""
+    def minibatch(self, batch: StepBatch, part: torch.Tensor, totals: Totals, micro: int) -> tuple[LossSums, int]:
+        """Zero the gradients, then forward and backward the minibatch's rows `part` in micro-batches (the first
+        with index `micro`); returns their sums and the next micro-batch index."""
+        rollouts, loss_mask, ref_logprobs = batch.rollouts, batch.loss_mask, batch.ref_logprobs
         self.optimizer.zero_grad(set_to_none=False)
         sums = LossSums()
         shared = None
@@ -167,13 +180,13 @@ class PolicyUpdate:
         for chunk in part.split(self.config.micro_batch_size) if part.numel() else ():
             mini = rollouts.select(chunk)
             width = mini.response_mask.shape[1]
-            batch = MicroBatch(
-                mini, advantages[chunk, :width],
+            micro_batch = MicroBatch(
+                mini, batch.advantages[chunk, :width],
                 mini.response_mask if loss_mask is None else loss_mask[chunk, :width], micro,
                 logprobs=shared.logprobs(chunk, mini) if shared else None,
                 ref_logprobs=ref_logprobs[chunk, :width] if self.kl and ref_logprobs is not None else None,
             )  # fmt: skip
-            self.accumulate(step, batch, totals, sums)
+            self.accumulate(batch.step, micro_batch, totals, sums)
             micro += 1
         if shared is not None:
             shared.backward()
