@@ -597,3 +597,19 @@ def test_skipping_zero_advantage_rows_changes_no_weight(policy_dir, tmp_path, pa
     assert skipped_metrics["pg_clipfrac"] == pytest.approx(full_metrics["pg_clipfrac"], abs=1e-6)
     for name in full:
         assert torch.allclose(skipped[name], full[name], atol=1e-6), name
+
+
+def test_the_trainer_builds_each_component_once(policy_dir, tmp_path, monkeypatch):
+    """The config checks its values; the trainer builds the estimator and the policy loss once each."""
+    from canonrl.lab import config as config_module
+
+    config = tiny_config(policy_dir)  # loaded and validated before counting
+    built = []
+    for factory in ("build_estimator", "build_policy_loss", "build_prompt_sampler"):
+        real = getattr(config_module.TrainConfig, factory)
+        monkeypatch.setattr(
+            config_module.TrainConfig, factory,
+            lambda self, *a, _real=real, _name=factory, **k: built.append(_name) or _real(self, *a, **k),
+        )  # fmt: skip
+    Trainer(config, tmp_path)
+    assert sorted(built) == ["build_estimator", "build_policy_loss", "build_prompt_sampler"]

@@ -98,6 +98,16 @@ class TrainConfig:
     tensorboard: bool = param(True, "write tensorboard logs")
 
     def validate(self) -> TrainConfig:
+        """`check_values`, then build the estimator, the policy loss and the prompt sampler once each to check their
+        parameters (a caller that builds them anyway can call `check_values` alone); returns self."""
+        self.check_values()
+        self.build_policy_loss()
+        self.build_prompt_sampler()
+        self.build_estimator()
+        return self
+
+    def check_values(self) -> None:
+        """Every rule on the values and between them, without building a component (one-line ConfigErrors)."""
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "minibatches",
                     "eval_problems", "eval_samples", "keep_checkpoints", "micro_batch_size", "prompt_pool")  # fmt: skip
         for name in positive:
@@ -126,18 +136,15 @@ class TrainConfig:
             resolve_device(self.device)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        self._validate_policy_loss()
-        self._validate_prompt_sampler()
+        self._check_policy_loss()
+        self._check_prompt_sampler()
         self.d3s_schedule(1)
-        self.build_estimator()
-        return self
 
-    def _validate_policy_loss(self) -> None:
+    def _check_policy_loss(self) -> None:
         for key, value in self.policy_loss_params.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"policy_loss_params.{key} must be a number, got {value!r}")
         self.clip_range()
-        self.build_policy_loss()
 
     def clip_range(self) -> ClipRange:
         """PPO's clip range from `clip_low`, `clip_high` and `dual_clip` (for the losses that clip)."""
@@ -158,7 +165,7 @@ class TrainConfig:
         except ValueError as error:
             raise ConfigError(f"policy_loss {self.policy_loss!r}: {_one_line(error)}") from None
 
-    def _validate_prompt_sampler(self) -> None:
+    def _check_prompt_sampler(self) -> None:
         if self.prompt_sampler not in PROMPT_SAMPLERS:
             raise ConfigError(
                 f"unknown prompt_sampler {self.prompt_sampler!r}; choose from {', '.join(PROMPT_SAMPLERS)}"
@@ -172,7 +179,6 @@ class TrainConfig:
                 f"prompts_per_step ({self.prompts_per_step}) must be <= prompt_pool ({self.prompt_pool}) with "
                 f"prompt_sampler {self.prompt_sampler!r}"
             )
-        self.build_prompt_sampler()
 
     def build_prompt_sampler(self, seed: int = 0):
         """The configured pool sampler (None for "fresh"); bad parameters become one-line ConfigErrors."""

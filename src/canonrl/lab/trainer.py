@@ -73,7 +73,8 @@ class Trainer:
     to `config.steps`."""
 
     def __init__(self, config: TrainConfig, run_dir: Path, *, resume: bool = False):
-        self.config = config.validate()
+        config.check_values()  # the components below are built once each, here, which checks their parameters
+        self.config = config
         self.run_dir = Path(run_dir)
         if config.threads:
             torch.set_num_threads(config.threads)
