@@ -52,19 +52,23 @@ class StepContext:
 
 Provider = Callable[[StepContext], tuple[torch.Tensor, dict]]
 _PROVIDERS: dict[str, Provider] = {}
+#: batch input -> how the lab gets it, in a few words (for errors and docs)
+_HOW: dict[str, str] = {"entropy": "the sampler's", "logprobs": "the sampler's", "token_ids": "the sampled tokens"}
 
 
-def provides(name: str) -> Callable[[Provider], Provider]:
-    """Register the provider of batch input `name`: ``provider(context) -> (value, metrics)``."""
+def provides(name: str, how: str) -> Callable[[Provider], Provider]:
+    """Register the provider of batch input `name` (`how`: a few words on how it is computed):
+    ``provider(context) -> (value, metrics)``."""
 
     def register(provider: Provider) -> Provider:
         _PROVIDERS[name] = provider
+        _HOW[name] = how
         return provider
 
     return register
 
 
-@provides("greedy_rewards")
+@provides("greedy_rewards", "one greedy decode per prompt, verified")
 def greedy_rewards(ctx: StepContext):
     """[B] (ReMax): one greedy response per prompt from the current policy, verified, its reward repeated to the
     prompt's G rows. Costs one decode of `prompts_per_step` rows."""
@@ -78,7 +82,7 @@ def greedy_rewards(ctx: StepContext):
     return scores.repeat_interleave(ctx.rollouts.repeats), metrics
 
 
-@provides("reference_rewards")
+@provides("reference_rewards", "one sample per row from the frozen initial policy, verified")
 def reference_rewards(ctx: StepContext):
     """[B] (AAPO): one response per rollout row sampled by the frozen reference (initial) policy at the sampling
     temperature and top-p, from a generator seeded by (seed, "reference", step), verified. Costs a second rollout."""
@@ -93,7 +97,7 @@ def reference_rewards(ctx: StepContext):
     return scores, metrics
 
 
-@provides("ref_logprobs")
+@provides("ref_logprobs", "a no-grad forward of the frozen initial policy")
 def ref_logprobs(ctx: StepContext):
     """[B, T] (ACE): the sampled responses' log-probs under the reference policy at the sampling temperature (the
     KL penalty's forward). Costs one forward, no backward."""
@@ -102,14 +106,14 @@ def ref_logprobs(ctx: StepContext):
     return value, {"ref_logprobs_seconds": time.perf_counter() - started}
 
 
-@provides("prompt_confidence")
+@provides("prompt_confidence", "read off the sampler's prefill")
 def prompt_confidence(ctx: StepContext):
     """[B] (ProGRPO): already on the rollouts (the sampler's prefill); free."""
     confidence = ctx.rollouts.prompt_confidence
     return confidence, {"prompt_confidence": confidence[:: ctx.rollouts.repeats].mean().item()}
 
 
-@provides("human_values")
+@provides("human_values", "the task's value(problem)")
 def human_values(ctx: StepContext):
     """[B] (RLEV): each prompt's value v from the task (`prompt_values`), repeated to its G rows; free."""
     values = torch.tensor(prompt_values(ctx.task, ctx.problems), dtype=torch.float32, device=ctx.policy.device)
@@ -119,12 +123,7 @@ def human_values(ctx: StepContext):
 #: what the lab gives an estimator beyond rewards, group and mask, and how
 LAB = Consumer(
     "the lab trainer",
-    {
-        "entropy": "the sampler's, at each sampled token",
-        "logprobs": "the sampler's, at each sampled token",
-        "token_ids": "the sampled tokens",
-        **{name: (provider.__doc__ or "").split("\n")[0] for name, provider in _PROVIDERS.items()},
-    },
+    dict(_HOW),
     missing="use the estimator in the library on your own batches, or add a provider in canonrl.lab.inputs",
 )
 LAB_INPUTS = (*ROLLOUT_INPUTS, *_PROVIDERS)
