@@ -1,24 +1,20 @@
-"""The lab trainer: on-policy RLVR with any registered estimator, PPO-clip updates, checkpoints and evaluation.
+"""The lab trainer: on-policy RLVR with any registered estimator, checkpoints and evaluation.
 
-One step: draw `prompts_per_step` training problems, sample `group_size` responses each (recording the sampling
-policy's log-probs and entropies), verify them, compute advantages with the configured estimator (which sees the
-step, and through the rewards the batch accuracy, for its schedules), then update with PPO-clip over
-`ppo_epochs` x `minibatches`. The sampling log-probs serve as the old log-probs, so an on-policy single-epoch
-update needs no second forward pass.
+`Trainer.train_step` is the pipeline of one step; each stage is a module of its own:
 
-Options (all off by default, leaving that step exactly as described): `policy_loss` swaps PPO-clip for Clip-Cov
-or KL-Cov (`canonrl.training.losses.policy_loss`, computed per micro-batch); `prompt_sampler` picks the step's problems
-from a fixed pool with a uniform or VADE sampler (`canonrl.training.prompt_sampling`), updated after each step with the
-rows' correctness; `d3s` down-samples rows and tokens after the advantages (`canonrl.training.selection.d3s_keep`) and the
-update trains on that loss mask (`Trainer.loss_mask`).
+    draw problems (the task, or a pool sampler: canonrl.training.prompt_sampling)
+    -> rollout (canonrl.lab.rollout: sample group_size responses per problem, verify them)
+    -> extra estimator inputs (canonrl.lab.inputs: only those the estimator names)
+    -> rewards (canonrl.lab.rewards) -> advantages (the configured estimator, which sees the step)
+    -> loss mask (D^3S, canonrl.training.selection; off by default)
+    -> update (canonrl.lab.update: the registered policy loss over ppo_epochs x minibatches)
+    -> metrics, logged by canonrl.lab.run_log; checkpoints by canonrl.lab.checkpoints.
 
-Estimator inputs beyond the rollouts' own (entropy, log-probs, token ids) are computed only when the estimator's
-`required_inputs()` names them (and the reward components only for a `multi_reward` estimator), after sampling and
-before the update: see `Trainer.extra_inputs`. Their cost is logged in the step's metrics.
+The sampling log-probs serve as the old log-probs, so an on-policy single-epoch update needs no second forward pass.
 
-Determinism: every random draw of step s comes from generators seeded by (seed, s), never from global RNG state,
-so a run resumed from its checkpoint at step s repeats the uninterrupted run exactly on CPU — the same metrics,
-bit for bit, apart from wall-clock fields (`time`, `step_seconds`, `*_per_second`).
+Determinism: every random draw of step s comes from generators seeded by (seed, purpose, s) (canonrl.lab.seeds),
+never from global RNG state, so a run resumed from its checkpoint at step s repeats the uninterrupted run exactly
+on CPU — the same metrics, bit for bit, apart from wall-clock fields (`time`, `step_seconds`, `*_per_second`).
 
 A run directory holds config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-NNNNNN/ (a Hugging Face model
 directory plus optimizer and trainer state), policy/ (the final model) and summary.json.
