@@ -174,6 +174,8 @@ class RolloutBatch:
         prompt_confidence: optional [B] the policy's confidence in each row's prompt, exp(mean prompt-token log-prob)
             in (0, 1] (ProGRPO).
         human_values: optional [B] the human value v of each row's prompt, >= 0 (RLEV).
+        token_scores: optional [B, T] a per-token statistic computed by a producer outside the estimator (OAR's
+            importance, IAPO's answer entropy, Q-RM's scores), read only at mask positions.
 
     Step inputs (``../shared/specs/steps.md`` §2; per-step ones are checked when the step table reads them):
         turn_ids: [B, T] row-local step index of each token (−1 in no step), ``"mask_runs"`` (one step per run of
@@ -202,6 +204,7 @@ class RolloutBatch:
     ref_logprobs: Tensor | None = None
     prompt_confidence: Tensor | None = None
     human_values: Tensor | None = None
+    token_scores: Tensor | None = None
     turn_ids: Tensor | str | None = None
     traj: Any = None
     step_index: Tensor | None = None
@@ -328,6 +331,7 @@ def make_batch(
     ref_logprobs: Tensor | None = None,
     prompt_confidence: Tensor | None = None,
     human_values: Tensor | None = None,
+    token_scores: Tensor | None = None,
     **step_inputs: Any,
 ) -> RolloutBatch:
     """Validate raw inputs and build a :class:`RolloutBatch` (see its attributes for shapes)."""
@@ -383,6 +387,7 @@ def make_batch(
         if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
             raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
     ref_logprobs = _check_float_per_token("ref_logprobs", ref_logprobs, mask)
+    token_scores = _check_float_per_token("token_scores", token_scores, mask)
     per_response = {
         "metric": (metric, "one value per response"),
         "greedy_rewards": (greedy_rewards, "the greedy response's reward for each row's prompt"),
@@ -414,6 +419,7 @@ def make_batch(
         token_ids=token_ids,
         reward_components=reward_components,
         ref_logprobs=ref_logprobs,
+        token_scores=token_scores,
         row_max=row_max,
         **checked,
         **step_fields,

@@ -45,6 +45,7 @@ FIELDS: tuple[InputField, ...] = (
     InputField("logprobs", PER_TOKEN, "float", "per-token log-prob of the sampled token"),
     InputField("token_ids", PER_TOKEN, "int", "the response's token ids"),
     InputField("ref_logprobs", PER_TOKEN, "float", "per-token log-probs under the frozen reference policy"),
+    InputField("token_scores", PER_TOKEN, "float", "a per-token statistic from a producer (importance, answer entropy)"),
     InputField("metric", PER_RESPONSE, "float", "a per-response number the estimator groups or weights by"),
     InputField("greedy_rewards", PER_RESPONSE, "float", "reward of a greedy response to the row's prompt (ReMax)"),
     InputField("reference_rewards", PER_RESPONSE, "float", "reward of the reference policy's response (AAPO)"),
