@@ -49,6 +49,8 @@ def batch_fields(estimator: canonrl.Estimator, seed: int) -> dict[str, Any]:
         rows = len(fields["rewards"])
         fields["metric"] = torch.rand(rows, generator=generator)  # a per-response value (>= 0: RLEV's v)
         fields["human_values"] = fields["metric"]
+        fields["step_labels"] = torch.randint(-1, 2, (rows,), generator=generator).float()  # one step per row
+        fields["step_values"] = torch.rand(rows, generator=generator)
         if type(estimator).multi_reward:
             fields["rewards"] = fields["reward_components"]
     else:
@@ -60,7 +62,17 @@ def batch_fields(estimator: canonrl.Estimator, seed: int) -> dict[str, Any]:
             fields["step_rewards"] = [s.tolist() for s in torch.split(ep["step_rewards"], ep["lengths"].tolist())]
             fields["anchor"] = [a.tolist() for a in torch.split(ep["anchor"], ep["lengths"].tolist())]
         rows = len(fields["rewards"])
+        steps = len(ep["traj"])  # per-step labels and potentials, in (trajectory, time) order
+        labels = torch.randint(-1, 2, (steps,), generator=generator).float()
+        potentials = torch.rand(steps, generator=generator)
+        if layout == "row-per-step":
+            fields["step_labels"], fields["step_values"] = labels, potentials
+        else:
+            split = ep["lengths"].tolist()
+            fields["step_labels"] = [x.tolist() for x in torch.split(labels, split)]
+            fields["step_values"] = [x.tolist() for x in torch.split(potentials, split)]
     fields["values"] = torch.randn(fields["mask"].shape, generator=generator)
+    fields["token_scores"] = torch.rand(fields["mask"].shape, generator=generator)
     fields["agent"] = torch.arange(rows) % 2
     keep = {*LAYOUT_FIELDS[layout], *estimator.required_inputs()}
     return {name: value for name, value in fields.items() if name in keep}

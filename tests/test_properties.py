@@ -113,6 +113,20 @@ KNOWN_VARIANTS: dict[str, list[dict[str, Any]]] = {
         {"form": "paper", "numerics": "upstream"},
         {"min_count": 2, "ignore_token_ids": (0, 3), "top": 0.5},
     ],
+    "hapo": [
+        {"redistribute": False},
+        {"h_hat": "upstream"},
+        {"beta": 0.5, "entropy_pivot": 0.5},
+        {"scale": False, "redistribute": False},
+        {"fallback_threshold": math.pi / 2, "eps": 0.0},  # irrational: 0/1 rewards never land on it
+    ],
+    "iapo": [{"normalisation": "upstream"}, {"mode": "last_token"}, {"horizon": 3, "w_c": 0.5, "w_s": 2.0}],
+    "oar": [
+        {"base": "dr_grpo"},
+        {"sum_to_length": False, "q": 0.8, "beta": 2.0},
+        {"base": "grpo", "base_params": {"scale": "batch"}},
+        {"base": "canon", "base_params": {"mu": 1.0}},  # reads entropy through its base
+    ],
 }
 
 
@@ -236,6 +250,7 @@ class Batch:
     token_ids: np.ndarray | None = None  # [B, T] int64 from a small vocabulary (tokens repeat)
     logprobs: np.ndarray | None = None  # [B, T] float32 <= 0
     ref_logprobs: np.ndarray | None = None  # [B, T] float32 <= 0 (a reference policy's)
+    token_scores: np.ndarray | None = None  # [B, T] float32 >= 0 (a producer's per-token statistic)
     greedy_rewards: np.ndarray | None = None  # [B] a greedy response's reward, per row
     reference_rewards: np.ndarray | None = None  # [B] a reference response's reward, per row
     prompt_confidence: np.ndarray | None = None  # [B] in (0, 1], one value per group
@@ -296,7 +311,10 @@ class Batch:
 
 
 #: Optional per-row arrays a Batch may carry, sliced by ``take``.
-ROW_ARRAYS = ("logprobs", "ref_logprobs", "greedy_rewards", "reference_rewards", "prompt_confidence", "second_reward")
+ROW_ARRAYS = (
+    *("logprobs", "ref_logprobs", "token_scores"),  # per token
+    *("greedy_rewards", "reference_rewards", "prompt_confidence", "second_reward"),  # per response
+)
 
 
 def random_row_inputs(rng: np.random.Generator, gid: list[int], mask: np.ndarray, fill) -> dict[str, np.ndarray]:
@@ -306,6 +324,7 @@ def random_row_inputs(rng: np.random.Generator, gid: list[int], mask: np.ndarray
     return {
         "logprobs": np.where(mask, -rng.exponential(1.0, (B, T)), fill).astype(np.float32),
         "ref_logprobs": np.where(mask, -rng.exponential(1.0, (B, T)), fill).astype(np.float32),
+        "token_scores": np.where(mask, rng.exponential(1.0, (B, T)), fill).astype(np.float32),
         "greedy_rewards": _f32(rng.integers(0, 2, B)),
         "reference_rewards": _f32(rng.integers(0, 2, B)),
         "prompt_confidence": _f32([confidence[g] for g in gid]),
@@ -441,6 +460,8 @@ def run(cfg: Config, b: Batch, *, step: int = STEP) -> torch.Tensor:
         kwargs["logprobs"] = torch.from_numpy(_filled(b.logprobs, b, -1.0, np.float32)).to(b.entropy_dtype)
     if "ref_logprobs" in cfg.inputs:
         kwargs["ref_logprobs"] = torch.from_numpy(_filled(b.ref_logprobs, b, -1.5, np.float32)).to(b.entropy_dtype)
+    if "token_scores" in cfg.inputs:
+        kwargs["token_scores"] = torch.from_numpy(_filled(b.token_scores, b, 1.0, np.float32)).to(b.entropy_dtype)
     for name, default in (("greedy_rewards", 0.0), ("reference_rewards", 0.0), ("prompt_confidence", 0.5)):
         if name in cfg.inputs:
             values = np.full(b.B, default) if getattr(b, name) is None else getattr(b, name)
@@ -503,6 +524,11 @@ def error_scale(cfg: Config, b: Batch) -> float:
     p, valid = cfg.p, b.valid
     if cfg.name == "ktae":  # base advantage + a key score in (-top, top) computed from counts
         return error_scale(cfg.sequence_core, b) + SLACK * EPS32 * p["top"]
+    if cfg.name == "hapo":
+        return _hapo_error_scale(cfg, b)
+    if cfg.name == "iapo":  # GRPO (unbiased std, eps) + two unit-normalised token terms computed in float64
+        core = make_config("grpo", {"eps": p["eps"], "std": "unbiased"})
+        return error_scale(core, b) + SLACK * EPS32 * (p["w_s"] + p["w_c"])
     r = effective_rewards(cfg, b)
     magnitude = float(np.abs(r[valid]).max()) if valid.any() else 0.0
     denominator = 1.0
@@ -554,9 +580,29 @@ def error_scale(cfg: Config, b: Batch) -> float:
     return SLACK * (EPS32 * magnitude + 1e-30) / max(denominator, 1e-30)
 
 
+def _hapo_error_scale(cfg: Config, b: Batch) -> float:
+    """HAPO: a z-score over a group's tokens (population std, rows weighted by length), or GRPO's (unbiased std)
+    in a fallback group, times a redistribution factor 1 + beta h^ with h^ in [-1, 1] from batch statistics."""
+    p, valid = cfg.p, b.valid
+    r = effective_rewards(cfg, b)
+    magnitude = float(np.abs(r[valid]).max()) if valid.any() else 0.0
+    denominator, bound = 1.0, 2.0 * magnitude
+    if p["scale"]:
+        stds = [std + p["eps"] for _, std in _group_stats(r, b, 1)]
+        for rows, _ in _group_stats(r, b, 1):
+            weights = b.lengths[rows].astype(np.float64)
+            mean = (weights * r[rows]).sum() / weights.sum()
+            stds.append(math.sqrt((weights * (r[rows] - mean) ** 2).sum() / weights.sum()) + p["eps"])
+        denominator, bound = min(stds, default=1.0), max(p["fallback_threshold"], math.sqrt(max(b.B, 1)))
+    factor = max(1.0, abs(1.0 - p["beta"])) if p["redistribute"] else 1.0
+    return SLACK * EPS32 * (magnitude * factor / max(denominator, 1e-30) + p["beta"] * bound)
+
+
 def _wrapper_amplification(cfg: Config, b: Batch) -> float:
     """How much a wrapper can multiply its base's rounding error."""
     p = cfg.p
+    if cfg.name == "oar":  # weights up to 1 + beta, or up to the row's length once they sum to it
+        return max(1.0 + p["beta"], float(b.T) if p["sum_to_length"] else 0.0)
     if cfg.name == "hadw":
         return p["lambda_scale"] * math.exp(p["max_magnitude"])
     if cfg.name == "ace":
@@ -775,7 +821,8 @@ def is_group_local(cfg: Config) -> bool:
 
 
 def _locality_witnesses() -> tuple[Batch, tuple[Batch, ...]]:
-    """Two groups of three, and two changes of group 2's rewards (its accuracy moves, so does the batch's)."""
+    """Two groups of three, two changes of group 2's rewards (its accuracy moves, so does the batch's) and one of
+    its entropies and token scores."""
     base = Batch(
         rewards=_f32([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]),
         gid=[1, 1, 1, 2, 2, 2],
@@ -784,7 +831,13 @@ def _locality_witnesses() -> tuple[Batch, tuple[Batch, ...]]:
         metric=np.arange(6, dtype=np.float32),
         token_ids=np.arange(18).reshape(6, 3) % 5,
     )
-    return base, (base.with_rewards([1.0, 0.0, 0.0, 1.0, 1.0, 0.25]), base.with_rewards([1.0, 0.0, 0.0, 1, 1, 1]))
+    # A third change moves group 2's per-token inputs only (HAPO's entropy statistics are batch-wide).
+    per_token = dataclasses.replace(
+        base, entropy=base.entropy * np.repeat([1.0, 0.1], 3)[:, None].astype(np.float32),
+        token_scores=np.concatenate([np.ones((3, 3)), np.arange(1.0, 10.0).reshape(3, 3)]).astype(np.float32),
+    )  # fmt: skip
+    changed = (base.with_rewards([1.0, 0.0, 0.0, 1.0, 1.0, 0.25]), base.with_rewards([1.0, 0.0, 0.0, 1, 1, 1]))
+    return base, (*changed, per_token)
 
 
 class TestGroupIndependence:
@@ -904,8 +957,10 @@ def _shift_invariant(c: Config) -> bool:
         return True
     if c.name == "gpg":
         return c.p["alpha"] != "verl"  # verl's alpha counts non-zero rewards
-    if c.name in ("capo", "ace"):
+    if c.name in ("capo", "ace", "oar"):
         return _shift_invariant(c.sequence_core)
+    if c.name == "hapo":  # token-level z-score (or GRPO's in a fallback group); h^ reads no reward
+        return True
     if c.name == "hadw":  # the anchor is the batch accuracy, which shifts along
         return c.p["init_anchor"] is None and c.p["anchor"] != "official" and _shift_invariant(c.sequence_core)
     return c.name == "canon" and c.p["alpha"] == 1.0 and not c.accuracy_mu
@@ -927,7 +982,7 @@ def _scale_equivariant(c: Config) -> bool:
         return True
     if c.name == "gpg":
         return not c.p["scale_std"]
-    if c.name in ("rlev", "capo"):
+    if c.name in ("rlev", "capo", "oar"):
         return _scale_equivariant(c.sequence_core)
     if c.name == "grpo":
         return c.p["scale"] == "none"
@@ -1028,7 +1083,9 @@ def _constant_groups_zero(c: Config) -> bool:
         return c.p["batch_norm"] != "token" and c.singleton_zero
     if c.name == "psr_nsr":
         return c.p["mode"] == "grpo_n"
-    if c.name in ("hadw", "adora", "capo", "ace") or (c.name == "progrpo" and c.p["skip_all_correct"]):
+    if c.name == "hapo":  # a constant group has token-level std 0, and h^ multiplies its zeros
+        return True
+    if c.name in ("hadw", "adora", "capo", "ace", "oar") or (c.name == "progrpo" and c.p["skip_all_correct"]):
         # the base's zeros are multiplied (or kept); a base singleton policy is not visible to this test
         return _constant_groups_zero(c.sequence_core) and "singleton" not in (c.p["base_params"] or {})
     if c.name == "canon":

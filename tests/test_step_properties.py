@@ -33,6 +33,8 @@ VARIANTS = {
     "matchtir": [{}, {"gamma": 0.5, "eps": 1e-3}],
     "mars": [{}, {"advantage_norm": "mean_std", "whiten_advantages": False},
              {"advantage_norm": "none", "whiten_rewards": True}],
+    "fspo": [{}, {"base": "rloo"}],
+    "spae": [{}, {"base": "rloo", "xi": 0.5, "threshold": 0.4, "saturation_scale": 0.0}],
 }
 #: Batch-level configurations (besides those in VARIANTS) whose declaration the witness test checks.
 BATCH_LEVEL_VARIANTS = {
@@ -59,7 +61,8 @@ def test_variants_name_registered_step_estimators():
 
 @st.composite
 def trajectories(draw):
-    """A list of trajectories (group, steps), each step (reward, anchor, episode reward, mask tokens, agent role)."""
+    """A list of trajectories (group, steps), each step (reward, anchor, episode reward, mask tokens, agent role,
+    verifier label, potential)."""
     out = []
     for g in range(draw(st.integers(1, 3))):
         for _ in range(draw(st.integers(1, 4))):
@@ -67,7 +70,8 @@ def trajectories(draw):
             role = draw(st.sampled_from(["attacker", "defender"]))
             steps = [
                 (draw(st.sampled_from([0.0, 1.0, -1.0, 0.25])), draw(st.integers(0, 2)), outcome,
-                 draw(st.sampled_from([WIDTH, WIDTH, 1, 0])), role)
+                 draw(st.sampled_from([WIDTH, WIDTH, 1, 0])), role, draw(st.sampled_from([-1, 0, 1])),
+                 draw(st.sampled_from([0.0, 0.5, 0.95, -0.25])))
                 for _ in range(draw(st.integers(1, 4)))
             ]
             out.append((g, steps))
@@ -89,6 +93,8 @@ def row_per_step(trajs, order=None, relabel=lambda kind, x: x):
         step_rewards=torch.tensor([r[3] for r in rows]),
         anchor=[relabel("anchor", r[4]) for r in rows],
         agent=[relabel("agent", r[7]) for r in rows],
+        step_labels=torch.tensor([r[8] for r in rows]),
+        step_values=torch.tensor([r[9] for r in rows]),
         mask=mask,
     )
 
@@ -110,6 +116,8 @@ def row_per_trajectory(trajs):
         step_rewards=[[step[0] for step in steps] for _, steps in trajs],
         anchor=[[step[1] for step in steps] for _, steps in trajs],
         agent=[steps[0][4] for _, steps in trajs],
+        step_labels=[[step[5] for step in steps] for _, steps in trajs],
+        step_values=[[step[6] for step in steps] for _, steps in trajs],
     )
 
 
@@ -154,10 +162,10 @@ def test_groups_are_independent(name, trajs):
 def test_declared_locality_matches_a_witness():
     """A step estimator declared batch-level must let other groups move a group's advantages (each declaration with
     a reason is needed); one declared group-local is checked on random batches below."""
-    trajs = [(0, [(1.0, 0, 1.0, WIDTH, "attacker"), (0.0, 1, 1.0, WIDTH, "defender")]),
-             (0, [(0.0, 0, 0.0, WIDTH, "defender"), (1.0, 2, 0.0, WIDTH, "attacker")]),
-             (1, [(0.25, 0, 1.0, WIDTH, "attacker"), (1.0, 1, 1.0, WIDTH, "defender")]),
-             (1, [(0.0, 0, 0.0, WIDTH, "defender"), (-1.0, 1, 0.0, WIDTH, "attacker")])]  # fmt: skip
+    trajs = [(0, [(1.0, 0, 1.0, WIDTH, "attacker", 1, 0.5), (0.0, 1, 1.0, WIDTH, "defender", -1, 0.95)]),
+             (0, [(0.0, 0, 0.0, WIDTH, "defender", 0, 0.0), (1.0, 2, 0.0, WIDTH, "attacker", 1, -0.25)]),
+             (1, [(0.25, 0, 1.0, WIDTH, "attacker", -1, 0.5), (1.0, 1, 1.0, WIDTH, "defender", 1, 0.0)]),
+             (1, [(0.0, 0, 0.0, WIDTH, "defender", 0, 0.95), (-1.0, 1, 0.0, WIDTH, "attacker", 1, 0.5)])]  # fmt: skip
     scaled = [(g, [(5.0 * r + 1.0, *rest) for r, *rest in steps]) if g else (g, steps) for g, steps in trajs]
     first = torch.tensor(row_per_step(trajs)["group"]) == 0
     alone = row_per_step(trajs[:2])  # group 0 without group 1
@@ -186,7 +194,8 @@ def test_duplicated_steps_count_once_and_padding_rows_take_no_part(name, trajs, 
     copies = data.draw(st.lists(st.integers(0, n - 1), max_size=4))
     extended = {k: (v + [v[i] for i in copies] if isinstance(v, list) else torch.cat([v, v[copies]])) for k, v in base.items()}
     # a padding row whose ids and rewards would change every statistic if it counted
-    for key, value in dict(rewards=9.0, group=0, traj=0, step_index=-1, step_rewards=5.0, anchor=0, agent="attacker").items():
+    for key, value in dict(rewards=9.0, group=0, traj=0, step_index=-1, step_rewards=5.0, anchor=0, agent="attacker",
+                       step_labels=1, step_values=5.0).items():
         extended[key] = extended[key] + [value] if isinstance(extended[key], list) else torch.cat(
             [extended[key], torch.tensor([value], dtype=extended[key].dtype)]
         )

@@ -125,7 +125,7 @@ def test_empty_batch_returns_an_empty_result():
             name: torch.zeros(
                 (0, 5) if name in PER_TOKEN_FIELDS else (0,), dtype=torch.long if name == "token_ids" else torch.float32
             )
-            for name in info.requires
+            for name in canonrl.get_estimator(info.name).required_inputs()  # at its defaults
         }
         out = canonrl.advantages(info.name, rewards=torch.zeros(0), group=[], mask=torch.zeros(0, 5), **extra)
         assert out.shape == (0, 5) and out.dtype == torch.float32

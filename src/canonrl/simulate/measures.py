@@ -48,7 +48,7 @@ SIMULATOR = Consumer(
         "logprobs": "per-token log-probs", "token_ids": "random token ids", "ref_logprobs": "log-probs plus noise",
         "greedy_rewards": "a draw at the prompt's success probability", "reference_rewards": "a draw at p",
         "prompt_confidence": "a per-prompt draw in [0.3, 0.9]", "metric": "a per-prompt draw in [0, 0.1]",
-        "human_values": "a per-prompt draw in [0, 0.1]",
+        "human_values": "a per-prompt draw in [0, 0.1]", "token_scores": "uniform per-token draws in [0, 1)",
     },
     missing="it measures outcome-level estimators on simulated rollouts that lack this input",
 )  # fmt: skip

@@ -179,6 +179,7 @@ def simulate_batch(model: RolloutModel, prompts: int, group_size: int, generator
         "logprobs": logprobs * mask,
         "token_ids": torch.randint(0, model.vocab, (rows, width), generator=generator) * mask.long(),
         "ref_logprobs": (logprobs + 0.1 * torch.randn(rows, width, generator=generator)) * mask,
+        "token_scores": torch.rand(rows, width, generator=generator) * mask,  # an importance with no signal
         "greedy_rewards": model.draw_rewards(p_prompt, generator).float().repeat_interleave(group_size),
         "reference_rewards": model.draw_rewards(p, generator).float(),
         "prompt_confidence": per_prompt(0.3, 0.9),
