@@ -42,8 +42,10 @@ def layout_of(estimator: canonrl.Estimator) -> str:
 
 def batch_fields(estimator: canonrl.Estimator, seed: int) -> dict[str, Any]:
     """A small batch of the estimator's layout with the inputs it reads; different seeds give different batches."""
-    layout = layout_of(estimator)
     generator = torch.Generator().manual_seed(1000 + seed)
+    if "node" in estimator.required_inputs():
+        return tree_fields(estimator, generator)
+    layout = layout_of(estimator)
     if layout == "row-per-response":
         fields = synthetic_batch(3, 4, 6, "cpu", seed=seed)
         rows = len(fields["rewards"])
@@ -76,6 +78,21 @@ def batch_fields(estimator: canonrl.Estimator, seed: int) -> dict[str, Any]:
     fields["agent"] = torch.arange(rows) % 2
     keep = {*LAYOUT_FIELDS[layout], *estimator.required_inputs()}
     return {name: value for name, value in fields.items() if name in keep}
+
+
+def tree_fields(estimator: canonrl.Estimator, generator: torch.Generator) -> dict[str, Any]:
+    """The tree R -> {a, b}, a -> {a1, a2}, b -> {b1} with random leaf rewards: one row per edge (SPO-tree) or one row
+    per response holding its root-to-leaf path as one-token segments (ROSE)."""
+    leaf = {name: float(torch.rand(1, generator=generator)) for name in ("a1", "a2", "b1")}
+    if estimator.name == "spo_tree":
+        nodes, parents = ["a", "b", "a1", "a2", "b1"], ["R", "R", "a", "a", "b"]
+        rewards = [leaf.get(n, 0.0) for n in nodes]
+        return dict(rewards=torch.tensor(rewards), group=[0] * 5, mask=torch.ones(5, 2), node=nodes, parent=parents)
+    turn_ids = torch.tensor([[0, 1]] * 3)
+    return dict(
+        rewards=torch.tensor([leaf["a1"], leaf["a2"], leaf["b1"]]), group=[0] * 3, mask=torch.ones(3, 2),
+        turn_ids=turn_ids, node=[["a", "a1"], ["a", "a2"], ["b", "b1"]], parent=[["R", "a"], ["R", "a"], ["R", "b"]],
+    )  # fmt: skip
 
 
 def configurations() -> list[tuple[str, dict[str, Any]]]:

@@ -4,7 +4,9 @@ duplicated steps counted once, and the same numbers from the row-per-step and th
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,10 @@ from conftest import row_values
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 EXAMPLES_FACTOR = float(os.environ.get("CANONRL_PROPERTY_EXAMPLES", "1"))
 
-STEP_ESTIMATORS = [info.name for info in canonrl.estimators() if info.level == "step"]
+#: Tree estimators (they read `node`/`parent`) need tree-shaped batches, which this file's trajectory generator does
+#: not draw; their relabelling, permutation and constant-value properties are in tests/test_spo_tree_rose.py.
+TREE_ESTIMATORS = [info.name for info in canonrl.estimators() if info.level == "step" and "node" in info.requires]
+STEP_ESTIMATORS = [info.name for info in canonrl.estimators() if info.level == "step" and info.name not in TREE_ESTIMATORS]
 #: The configurations each property runs, where the defaults alone are not enough (hyperparameters that change which
 #: statistics are taken); an estimator not listed runs at its defaults. Group independence is checked where the
 #: configured estimator declares itself group-local (``Estimator.batch_level_reason`` None).
@@ -35,6 +40,7 @@ VARIANTS = {
              {"advantage_norm": "none", "whiten_rewards": True}],
     "fspo": [{}, {"base": "rloo"}],
     "spae": [{}, {"base": "rloo", "xi": 0.5, "threshold": 0.4, "saturation_scale": 0.0}],
+    "spo_chain": [{}, {"prob_mask": False, "first_segment": "from_zero"}],
 }
 #: Batch-level configurations (besides those in VARIANTS) whose declaration the witness test checks.
 BATCH_LEVEL_VARIANTS = {
@@ -45,6 +51,18 @@ BATCH_LEVEL_VARIANTS = {
 #: returns plus a 0 for a row with columns after its last turn, which the row-per-trajectory batches here have.
 LAYOUT_DEPENDENT = {"mars": lambda params: params.get("advantage_norm", "mean") != "none"}
 WIDTH = 3
+HIGH_PROBABILITY_COLUMN = WIDTH - 1  # a step's token sampled with probability 0.95 (the others 0.5): SPO's mask
+
+
+def logprobs_like(mask, period):
+    """log 0.95 at each step's HIGH_PROBABILITY_COLUMN (columns counted modulo ``period``), log 0.5 elsewhere."""
+    columns = torch.arange(mask.shape[1]) % period
+    return torch.where(columns == HIGH_PROBABILITY_COLUMN, math.log(0.95), math.log(0.5)).expand_as(mask).clone()
+
+
+def prompt_value(steps):
+    """A trajectory's prompt value, from its own steps (NaN = absent when its first step reward is 0)."""
+    return math.nan if steps[0][0] == 0.0 else steps[0][2] - 0.25
 
 
 def examples(n: int) -> int:
@@ -95,6 +113,8 @@ def row_per_step(trajs, order=None, relabel=lambda kind, x: x):
         agent=[relabel("agent", r[7]) for r in rows],
         step_labels=torch.tensor([r[8] for r in rows]),
         step_values=torch.tensor([r[9] for r in rows]),
+        prompt_values=torch.tensor([prompt_value(trajs[r[1]][1]) for r in rows]),
+        logprobs=logprobs_like(mask, WIDTH),
         mask=mask,
     )
 
@@ -118,6 +138,8 @@ def row_per_trajectory(trajs):
         agent=[steps[0][4] for _, steps in trajs],
         step_labels=[[step[5] for step in steps] for _, steps in trajs],
         step_values=[[step[6] for step in steps] for _, steps in trajs],
+        prompt_values=torch.tensor([prompt_value(steps) for _, steps in trajs]),
+        logprobs=logprobs_like(mask, WIDTH + 1),
     )
 
 
@@ -195,11 +217,12 @@ def test_duplicated_steps_count_once_and_padding_rows_take_no_part(name, trajs, 
     extended = {k: (v + [v[i] for i in copies] if isinstance(v, list) else torch.cat([v, v[copies]])) for k, v in base.items()}
     # a padding row whose ids and rewards would change every statistic if it counted
     for key, value in dict(rewards=9.0, group=0, traj=0, step_index=-1, step_rewards=5.0, anchor=0, agent="attacker",
-                       step_labels=1, step_values=5.0).items():
+                       step_labels=1, step_values=5.0, prompt_values=7.0).items():
         extended[key] = extended[key] + [value] if isinstance(extended[key], list) else torch.cat(
             [extended[key], torch.tensor([value], dtype=extended[key].dtype)]
         )
     extended["mask"] = torch.cat([extended["mask"], torch.ones(1, WIDTH)])
+    extended["logprobs"] = torch.cat([extended["logprobs"], logprobs_like(torch.ones(1, WIDTH), WIDTH)])
     for params in variants(name):
         expected = run(name, params, base)
         out = run(name, params, extended)
@@ -222,3 +245,8 @@ def test_both_layouts_give_the_same_step_advantages(name, trajs):
         first_tokens = dialogue[:, starts]  # each step's first token (0 where the step has no mask token)
         flat = torch.cat([first_tokens[t, : len(s)] for t, (_, s) in enumerate(trajs)])
         assert torch.allclose(flat, steps, atol=1e-5), params
+
+
+def test_tree_estimators_have_their_property_tests():
+    source = (Path(__file__).parent / "test_spo_tree_rose.py").read_text()
+    assert TREE_ESTIMATORS and all(f'"{name}"' in source for name in TREE_ESTIMATORS)
