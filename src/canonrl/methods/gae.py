@@ -33,6 +33,7 @@ Differences from verl: a blocked float32 scan over each row's packed policy toke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,24 @@ def gae(
     return torch.where(policy, advantages.gather(1, slot), 0.0)
 
 
+def critic_outputs(
+    batch: RolloutBatch, kernel: Callable[[Tensor, Tensor, Tensor, float], Tensor], *, lam: float, lam_critic: float,
+    whiten: bool, masked_rewards: str,
+) -> tuple[Tensor, Tensor]:
+    """(advantages, value targets) of a GAE-style ``kernel(rewards, values, policy, lam)``: the critic's values and the
+    policy tokens' rewards checked, the kernel at ``lam`` (and at ``lam_critic`` for the targets when it differs),
+    returns = A(lam_critic) + V, advantages whitened over the mask when asked; both 0 off the policy tokens."""
+    policy = batch.mask > 0
+    values = checked_values(batch, policy)
+    rewards = policy_rewards(batch, policy, masked_rewards)
+    advantages = kernel(rewards, values, policy, lam)
+    critic = advantages if lam_critic == lam else kernel(rewards, values, policy, lam_critic)
+    returns = torch.where(policy, critic + values, 0.0)
+    if whiten:
+        advantages = masked_whiten(advantages, batch.mask)
+    return torch.where(policy, advantages, 0.0), returns
+
+
 @register
 class GAE(CriticEstimator):
     name = "gae"
@@ -144,16 +163,10 @@ class GAE(CriticEstimator):
 
     def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         p = self.params
-        policy = batch.mask > 0
-        values = checked_values(batch, policy)
-        rewards = policy_rewards(batch, policy, p.masked_rewards)
-        advantages = gae(rewards, values, policy, p.gamma, p.lam, batch.bootstrap_values)
+
+        def kernel(rewards: Tensor, values: Tensor, policy: Tensor, lam: float) -> Tensor:
+            return gae(rewards, values, policy, p.gamma, lam, batch.bootstrap_values)
+
         lam_critic = p.lam if p.lam_critic is None else p.lam_critic
-        if lam_critic == p.lam:
-            critic = advantages
-        else:
-            critic = gae(rewards, values, policy, p.gamma, lam_critic, batch.bootstrap_values)
-        returns = torch.where(policy, critic + values, 0.0)
-        if p.whiten:
-            advantages = masked_whiten(advantages, batch.mask)
-        return torch.where(policy, advantages, 0.0), returns
+        return critic_outputs(batch, kernel, lam=p.lam, lam_critic=lam_critic, whiten=p.whiten,
+                              masked_rewards=p.masked_rewards)  # fmt: skip

@@ -39,8 +39,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_rows
 from canonrl.methods._common import require_choice, require_range
-from canonrl.methods.gae import MASKED_REWARDS, checked_values, policy_rewards
-from canonrl.ops import masked_whiten
+from canonrl.methods.gae import MASKED_REWARDS, critic_outputs
 from canonrl.registry import CriticEstimator, Paper, param, register
 
 SAE_PAPER = Paper("Segmental Advantage Estimation: Enhancing PPO for Long-Context LLM Training", "2601.07320")
@@ -146,16 +145,10 @@ class SAE(CriticEstimator):
 
     def compute_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         p = self.params
-        policy = batch.mask > 0
-        values = checked_values(batch, policy)
-        rewards = policy_rewards(batch, policy, p.masked_rewards)
-        starts = segment_starts(batch, policy, p.segments, p.prob_threshold)
-        advantages = segmental_gae(rewards, values, policy, starts, p.gamma, p.lam, batch.bootstrap_values)
-        if p.lam_critic == p.lam:
-            critic = advantages
-        else:
-            critic = segmental_gae(rewards, values, policy, starts, p.gamma, p.lam_critic, batch.bootstrap_values)
-        returns = torch.where(policy, critic + values, 0.0)
-        if p.whiten:
-            advantages = masked_whiten(advantages, batch.mask)
-        return torch.where(policy, advantages, 0.0), returns
+        starts = segment_starts(batch, batch.mask > 0, p.segments, p.prob_threshold)
+
+        def kernel(rewards: Tensor, values: Tensor, policy: Tensor, lam: float) -> Tensor:
+            return segmental_gae(rewards, values, policy, starts, p.gamma, lam, batch.bootstrap_values)
+
+        return critic_outputs(batch, kernel, lam=p.lam, lam_critic=p.lam_critic, whiten=p.whiten,
+                              masked_rewards=p.masked_rewards)  # fmt: skip
