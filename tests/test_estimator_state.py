@@ -82,8 +82,13 @@ def batch_fields(estimator: canonrl.Estimator, seed: int) -> dict[str, Any]:
 
 def tree_fields(estimator: canonrl.Estimator, generator: torch.Generator) -> dict[str, Any]:
     """The tree R -> {a, b}, a -> {a1, a2}, b -> {b1} with random leaf rewards: one row per edge (SPO-tree) or one row
-    per response holding its root-to-leaf path as one-token segments (ROSE)."""
+    per response holding its root-to-leaf path as one-token segments (ROSE, ARPO); Tree-OPO: one completion per row
+    from the prefixes R, a, b (a and b children of R)."""
     leaf = {name: float(torch.rand(1, generator=generator)) for name in ("a1", "a2", "b1")}
+    if estimator.name == "tree_opo":
+        rewards = [leaf["a1"], leaf["a2"], leaf["b1"], 0.5]
+        return dict(rewards=torch.tensor(rewards), group=[0] * 4, mask=torch.ones(4, 2), node=["a", "a", "b", "R"],
+                    parent=["R", "R", "R", None])  # fmt: skip
     if estimator.name == "spo_tree":
         nodes, parents = ["a", "b", "a1", "a2", "b1"], ["R", "R", "a", "a", "b"]
         rewards = [leaf.get(n, 0.0) for n in nodes]

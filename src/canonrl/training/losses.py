@@ -17,6 +17,10 @@ Pure tensor functions — the lab trainer uses them, and so can any trainer. Sha
   ``kl_cov_ratio``); the official PRIME-RL scripts pass a *percent* ``k_percent`` that the code divides by 100 —
   convert with `cov_ratio_from_percent` (k_percent 0.2 -> 0.002).
 
+- `cdpo_loss`: cDPO's token-weighted DPO loss ("Critical Tokens Matter", arXiv 2411.19943), an *offline
+  preference* loss on chosen/rejected pairs, not an RLVR policy-gradient loss; `cdpo_rejected_weights` turns the
+  contrastive-estimation probabilities into its rejected-side token weights.
+
 A trainer picks one of them by name through the policy-loss registry, :mod:`canonrl.training.policy_losses`.
 
 NGRPO's asymmetric clipping (arXiv 2509.18851) needs no new loss: its official ``compute_policy_loss`` is
@@ -228,3 +232,85 @@ def kl_cov_loss(
         selected = selected.reshape(-1).index_fill(0, top, True).view_as(valid)
     loss = torch.where(selected, loss + ppo_kl_coef * log_ratio.abs(), loss)
     return loss, {"kl_cov_selected": selected.to(loss.dtype)}
+
+
+def cdpo_rejected_weights(scores: Tensor, mask: Tensor) -> Tensor:
+    """cDPO's rejected-side token weights [B, T]: ``w_t = 1 - s_t``, and 1 on each row's last mask token.
+
+    `scores` [B, T] are the contrastive-estimation probabilities ``s_t = softmax((1 + b) z_pos - b z_neg)(y_t)``
+    (b = 1 in the official code) of the rejected response's tokens, e.g. canonrl's ``token_scores`` field. Tokens
+    the contrastive model finds unlikely (the critical error tokens) get weight about 1. Off-mask positions get 0.
+    """
+    if scores.dim() != 2 or mask.shape != scores.shape:
+        raise ValueError(
+            f"scores and mask must have the same shape [B, T], got {list(scores.shape)}, {list(mask.shape)}"
+        )
+    valid = mask != 0
+    positions = torch.arange(scores.shape[1], device=scores.device)
+    last = torch.where(valid, positions, -1).amax(-1, keepdim=True)
+    weights = torch.where(positions == last, torch.ones_like(scores), 1.0 - scores)
+    return torch.where(valid, weights, torch.zeros_like(weights))
+
+
+def cdpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    rejected_weights: Tensor,
+    chosen_weights: Tensor | None = None,
+    beta: float = 0.1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """cDPO's token-weighted DPO loss (scalar, mean over pairs) and per-pair statistics.
+
+    Paper: "Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning Capability"
+    (arXiv 2411.19943); formula as in the official ``src/train/train_cdpo.py``::
+
+        D_w = sum_t m^w_t w^w_t (log pi(y^w_t) - log pi_ref(y^w_t))     D_l = the same over the rejected tokens
+        L   = mean over pairs of -log sigmoid(beta (D_w - D_l))
+
+    Shapes: the chosen tensors are [B, Tw], the rejected ones [B, Tl] (per-token log-probs of the sampled tokens,
+    masks over the response tokens). `rejected_weights` [B, Tl] usually come from `cdpo_rejected_weights`;
+    `chosen_weights` None means 1 (the official ``only_neg=True``, the default). With all weights 1 this is plain
+    DPO. The reference log-probs and the weights are constants: no gradient reaches them. beta = 0.1 in the paper.
+
+    Statistics (detached, [B]): ``loss`` (per pair), ``chosen_rewards`` = beta D_w, ``rejected_rewards`` = beta D_l,
+    ``margins`` (their difference) and ``accuracy`` (1 where the margin is > 0).
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0; got {beta}")
+    sides = {
+        "chosen": (policy_chosen_logps, ref_chosen_logps, chosen_mask, chosen_weights),
+        "rejected": (policy_rejected_logps, ref_rejected_logps, rejected_mask, rejected_weights),
+    }
+    deltas = {}
+    for side, (policy, ref, mask, weights) in sides.items():
+        if policy.dim() != 2:
+            raise ValueError(f"policy_{side}_logps must have shape [B, T], got {list(policy.shape)}")
+        for arg, value in ((f"ref_{side}_logps", ref), (f"{side}_mask", mask), (f"{side}_weights", weights)):
+            if value is not None and value.shape != policy.shape:
+                raise ValueError(
+                    f"{arg} must have the shape of policy_{side}_logps {list(policy.shape)}, got {list(value.shape)}"
+                )
+        token_weights = mask.to(policy.dtype)
+        if weights is not None:
+            token_weights = token_weights * weights.detach().to(policy.dtype)
+        deltas[side] = ((policy - ref.detach().to(policy.dtype)) * token_weights).sum(-1)
+    if policy_chosen_logps.shape[0] != policy_rejected_logps.shape[0]:
+        raise ValueError(
+            f"chosen and rejected must have the same number of pairs, got {policy_chosen_logps.shape[0]} and "
+            f"{policy_rejected_logps.shape[0]}"
+        )
+    chosen, rejected = beta * deltas["chosen"], beta * deltas["rejected"]
+    per_pair = -torch.nn.functional.logsigmoid(chosen - rejected)
+    margins = (chosen - rejected).detach()
+    stats = {
+        "loss": per_pair.detach(),
+        "chosen_rewards": chosen.detach(),
+        "rejected_rewards": rejected.detach(),
+        "margins": margins,
+        "accuracy": (margins > 0).to(margins.dtype),
+    }
+    return per_pair.mean(), stats
