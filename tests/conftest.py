@@ -100,3 +100,18 @@ def use_test_tasks(monkeypatch, tasks: dict) -> None:
     monkeypatch.setattr(canonrl.lab.tasks, "_REGISTRY", dict(canonrl.lab.tasks._REGISTRY))
     for name, factory in tasks.items():
         canonrl.lab.tasks.register_task(name)(lambda factory=factory, **options: factory())
+
+
+def segment_rows(nodes, parents, rewards, group=None):
+    """A row-per-trajectory tree batch: row b has len(nodes[b]) segments of one token each (turn ids 0, 1, ...),
+    padded with mask-0 tokens; ``node``/``parent`` per segment as per-row lists."""
+    width = max(len(row) for row in nodes)
+    turn_ids = torch.tensor([list(range(len(row))) + [-1] * (width - len(row)) for row in nodes])
+    return dict(
+        rewards=torch.tensor(rewards),
+        group=group or [0] * len(nodes),
+        node=nodes,
+        parent=parents,
+        turn_ids=turn_ids,
+        mask=(turn_ids >= 0).float(),
+    )

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import canonrl
+from conftest import segment_rows
 
 #: Unequal branching, used by both estimators:
 #:
@@ -117,20 +118,6 @@ def test_spo_tree_errors():
 # --- ROSE: one row per response, one token per segment ----------------------------------------------------------
 
 
-def responses(nodes, parents, rewards, group=None):
-    """Row b has len(nodes[b]) segments of one token each (turn ids 0, 1, ...), padded with mask-0 tokens."""
-    width = max(len(row) for row in nodes)
-    turn_ids = torch.tensor([list(range(len(row))) + [-1] * (width - len(row)) for row in nodes])
-    return dict(
-        rewards=torch.tensor(rewards),
-        group=group or [0] * len(nodes),
-        node=nodes,
-        parent=parents,
-        turn_ids=turn_ids,
-        mask=(turn_ids >= 0).float(),
-    )
-
-
 def rose(**fields):
     return canonrl.advantages("rose", **fields)
 
@@ -152,15 +139,15 @@ def test_rose_shared_prefix_by_hand():
 
     V(P) = 1/2, V(R) = 2/3. The root given as an id or as None (the group's mean) is the same."""
     expected = torch.tensor([[0.5 - 2 / 3, 0.5], [0.5 - 2 / 3, -0.5], [1 / 3, 0.0]])
-    named = responses([["P", "e0"], ["P", "e1"], ["e2"]], [["R", "P"], ["R", "P"], ["R"]], [1.0, 0.0, 1.0])
-    none = responses([["P", "e0"], ["P", "e1"], ["e2"]], [[None, "P"], [None, "P"], [None]], [1.0, 0.0, 1.0])
+    named = segment_rows([["P", "e0"], ["P", "e1"], ["e2"]], [["R", "P"], ["R", "P"], ["R"]], [1.0, 0.0, 1.0])
+    none = segment_rows([["P", "e0"], ["P", "e1"], ["e2"]], [[None, "P"], [None, "P"], [None]], [1.0, 0.0, 1.0])
     assert rose(**named) == pytest.approx(expected, abs=1e-6)
     assert torch.equal(rose(**none), rose(**named))
 
 
 def test_rose_unequal_branching_is_a_mean_over_leaves():
     """V(R) = 2/5 (leaves), not SPO-tree's 4/9; V(a) = 1/3, V(b) = 1."""
-    out = rose(**responses(*UNEQUAL_RESPONSES))
+    out = rose(**segment_rows(*UNEQUAL_RESPONSES))
     expected = [[1 / 3 - 2 / 5, 2 / 3], [1 / 3 - 2 / 5, -1 / 3], [1 / 3 - 2 / 5, -1 / 3], [3 / 5, 0.0], [-2 / 5, 0.0]]
     assert out == pytest.approx(torch.tensor(expected), abs=1e-6)
 
@@ -168,33 +155,33 @@ def test_rose_unequal_branching_is_a_mean_over_leaves():
 def test_rose_without_branching_is_group_centring_and_single_response_gives_zero():
     """Two prompts, no branch points: A = r - mean of the group. A lone response (group 1) gets 0, and so does a
     chain R -> x -> y -> end."""
-    fields = responses([["u"], ["v"], ["w"], ["s"]], [[None]] * 4, [1.0, 0.0, 0.0, 0.5], group=[0, 0, 0, 1])
+    fields = segment_rows([["u"], ["v"], ["w"], ["s"]], [[None]] * 4, [1.0, 0.0, 0.0, 0.5], group=[0, 0, 0, 1])
     assert rose(**fields)[:, 0].tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0.0])
-    chain = responses([["x", "y", "end"]], [["R", "x", "y"]], [1.0])
+    chain = segment_rows([["x", "y", "end"]], [["R", "x", "y"]], [1.0])
     assert rose(**chain).tolist() == [[0.0, 0.0, 0.0]]
 
 
 def test_rose_all_equal_rewards_give_exactly_zero():
     nodes, parents, _ = UNEQUAL_RESPONSES
-    assert (rose(**responses(nodes, parents, [0.95**3] * 5)) == 0).all()
+    assert (rose(**segment_rows(nodes, parents, [0.95**3] * 5)) == 0).all()
 
 
 def test_rose_relabelling_and_row_permutation():
-    fields = responses(*UNEQUAL_RESPONSES)
+    fields = segment_rows(*UNEQUAL_RESPONSES)
     expected = rose(**fields)
     nodes, parents, rewards = UNEQUAL_RESPONSES
     relabel = {name: (7, name) for row in nodes + parents for name in row}  # tuples are whole ids
-    relabelled = responses(
+    relabelled = segment_rows(
         [[relabel[v] for v in row] for row in nodes], [[relabel[v] for v in row] for row in parents], rewards
     )
     assert torch.equal(rose(**relabelled), expected)
     for order in ([4, 3, 2, 1, 0], [2, 4, 0, 3, 1]):
-        permuted = responses([nodes[i] for i in order], [parents[i] for i in order], [rewards[i] for i in order])
+        permuted = segment_rows([nodes[i] for i in order], [parents[i] for i in order], [rewards[i] for i in order])
         assert torch.equal(rose(**permuted), expected[order])
 
 
 def test_rose_response_ending_at_a_branch_point_is_an_error():
     """Response 1 stops at P, which response 0 continues: its reward would not be one leaf below P."""
-    fields = responses([["P", "e0"], ["P"]], [["R", "P"], ["R"]], [1.0, 0.0])
+    fields = segment_rows([["P", "e0"], ["P"]], [["R", "P"], ["R"]], [1.0, 0.0])
     with pytest.raises(ValueError, match=r"last segment must reach a leaf node .* at rows \[1\]"):
         rose(**fields)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import canonrl
+from conftest import segment_rows
 
 
 def completions(nodes, parents, rewards, group=None):
@@ -112,19 +113,6 @@ def test_tree_opo_errors():
 # --- ARPO: one row per branched trajectory, one token per segment ------------------------------------------------
 
 
-def branches(nodes, parents, rewards, group=None):
-    width = max(len(row) for row in nodes)
-    turn_ids = torch.tensor([list(range(len(row))) + [-1] * (width - len(row)) for row in nodes])
-    return dict(
-        rewards=torch.tensor(rewards),
-        group=group or [0] * len(nodes),
-        node=nodes,
-        parent=parents,
-        turn_ids=turn_ids,
-        mask=(turn_ids >= 0).float(),
-    )
-
-
 def arpo(attribution="soft", **fields):
     return canonrl.advantages("arpo", attribution=attribution, **fields)
 
@@ -139,7 +127,7 @@ SHARED = ([["P", "e0"], ["P", "e1"], ["e2"]], [["R", "P"], ["R", "P"], ["R"]], [
 def test_arpo_soft_and_hard_by_hand():
     s = math.sqrt(1 / 3) + 1e-6
     a = [1 / 3 / s, -2 / 3 / s, 1 / 3 / s]
-    fields = branches(*SHARED)
+    fields = segment_rows(*SHARED)
     assert arpo(**fields) == pytest.approx(torch.tensor([[a[0], a[0]], [a[1], a[1]], [a[2], 0.0]]), abs=1e-6)
     shared = (a[0] + a[1]) / 2  # both copies of P get the mean of the branches through P
     expected = torch.tensor([[shared, a[0]], [shared, a[1]], [a[2], 0.0]])
@@ -150,7 +138,7 @@ def test_arpo_unequal_branching_hard_by_hand():
     """R -> a -> {a1 (1), a2 (0), a3 (0)}, R -> b -> b1 (1): GRPO over 4 trajectories, mean 1/2, unbiased std
     sqrt(1/3); A = +-(1/2) / (s + eps). a's copies get (1/2 - 1/2 - 1/2) / 3 / (s + eps), b's keeps b1's."""
     s = math.sqrt(1 / 3) + 1e-6
-    fields = branches(
+    fields = segment_rows(
         [["a", "a1"], ["a", "a2"], ["a", "a3"], ["b", "b1"]], [["R", "a"]] * 3 + [["R", "b"]], [1.0, 0.0, 0.0, 1.0]
     )
     a = [0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s]
@@ -161,10 +149,10 @@ def test_arpo_unequal_branching_hard_by_hand():
 
 def test_arpo_single_trajectory_chain_and_no_branching_is_grpo():
     """A lone trajectory R -> x -> y gets 0; trajectories without shared segments get plain GRPO in both modes."""
-    chain = branches([["x", "y", "z"]], [["R", "x", "y"]], [1.0])
+    chain = segment_rows([["x", "y", "z"]], [["R", "x", "y"]], [1.0])
     for attribution in ("soft", "hard"):
         assert arpo(attribution, **chain).tolist() == [[0.0, 0.0, 0.0]]
-    fields = branches([["u"], ["v"], ["w"]], [[None]] * 3, [1.0, 0.0, 0.5])
+    fields = segment_rows([["u"], ["v"], ["w"]], [[None]] * 3, [1.0, 0.0, 0.5])
     grpo = canonrl.advantages("grpo", rewards=torch.tensor([1.0, 0.0, 0.5]), group=[0] * 3, mask=torch.ones(3, 1))
     for attribution in ("soft", "hard"):
         assert torch.equal(arpo(attribution, **fields), grpo)
@@ -173,7 +161,7 @@ def test_arpo_single_trajectory_chain_and_no_branching_is_grpo():
 def test_arpo_all_equal_rewards_give_exactly_zero():
     nodes, parents, _ = SHARED
     for attribution in ("soft", "hard"):
-        assert (arpo(attribution, **branches(nodes, parents, [0.95**3] * 3)) == 0).all()
+        assert (arpo(attribution, **segment_rows(nodes, parents, [0.95**3] * 3)) == 0).all()
 
 
 def test_arpo_relabelling_and_row_permutation():
@@ -181,19 +169,19 @@ def test_arpo_relabelling_and_row_permutation():
     parents = [["R", "a"]] * 3 + [["R", "b"], ["R"]]
     rewards = [1.0, 0.0, 0.0, 1.0, 0.0]
     for attribution in ("soft", "hard"):
-        expected = arpo(attribution, **branches(nodes, parents, rewards))
+        expected = arpo(attribution, **segment_rows(nodes, parents, rewards))
         relabel = {name: (3, name) for row in nodes + parents for name in row}
-        relabelled = branches(
+        relabelled = segment_rows(
             [[relabel[v] for v in row] for row in nodes], [[relabel[v] for v in row] for row in parents], rewards
         )
         assert torch.equal(arpo(attribution, **relabelled), expected)
         for order in ([4, 3, 2, 1, 0], [2, 4, 0, 3, 1]):
-            permuted = branches([nodes[i] for i in order], [parents[i] for i in order], [rewards[i] for i in order])
+            permuted = segment_rows([nodes[i] for i in order], [parents[i] for i in order], [rewards[i] for i in order])
             assert torch.equal(arpo(attribution, **permuted), expected[order])
 
 
 def test_arpo_errors():
     with pytest.raises(ValueError, match="attribution"):
-        arpo("mean", **branches(*SHARED))
+        arpo("mean", **segment_rows(*SHARED))
     with pytest.raises(ValueError, match="needs .node."):
         canonrl.advantages("arpo", rewards=torch.ones(1), group=[0], mask=torch.ones(1, 1))

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch
+from canonrl.groups import Grouping
 from canonrl.methods._common import require_choice, require_range, singleton_param
 from canonrl.methods._normalise import STD_CHOICES, group_normalised
 from canonrl.methods.fspo import trajectory_batch
@@ -91,8 +92,6 @@ class ARPO(StepEstimator):
         advantage = per_traj[steps.traj]
         if p.attribution == "hard":
             nodes = batch.nodes
-            sums = torch.zeros(nodes.num_nodes, dtype=torch.float64, device=steps.device)
-            sums = sums.index_add_(0, nodes.step_node, advantage.double())
-            counts = torch.zeros_like(sums).index_add_(0, nodes.step_node, torch.ones_like(sums[:1]).expand(steps.num_steps))
-            advantage = (sums / counts.clamp_min(1))[nodes.step_node].float()
+            by_node = Grouping(nodes.step_node, torch.ones_like(steps.member), nodes.num_nodes)
+            advantage = by_node.mean(advantage.double())[nodes.step_node].float()
         return torch.where(steps.member, advantage, 0.0)

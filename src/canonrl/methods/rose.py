@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_row_indices
+from canonrl.groups import Grouping
 from canonrl.methods.spo_tree import leaf_rewards
 from canonrl.registry import Paper, StepEstimator, register
 
@@ -57,11 +58,8 @@ def group_leaf_means(batch: RolloutBatch, leaf_values: Tensor) -> Tensor:
     steps, nodes = batch.steps, batch.nodes
     node_group = torch.full((nodes.num_nodes,), -1, dtype=torch.long, device=steps.device)
     node_group = node_group.scatter_reduce(0, nodes.step_node, steps.group, reduce="amax")
-    leaf = nodes.is_leaf & (node_group >= 0)
-    sums = torch.zeros(steps.num_groups, dtype=torch.float64, device=steps.device)
-    sums = sums.index_add_(0, node_group[leaf], leaf_values[leaf].double())
-    counts = torch.zeros_like(sums).index_add_(0, node_group[leaf], torch.ones_like(sums[:1]).expand(int(leaf.sum())))
-    return sums / counts.clamp_min(1)
+    leaves = Grouping(node_group, nodes.is_leaf & (node_group >= 0), steps.num_groups)
+    return leaves.mean(leaf_values.double())
 
 
 @register
