@@ -1,5 +1,6 @@
 import pytest
 import torch
+from hypothesis import strategies as st
 
 from canonrl.lab.tasks.base import Reward
 from canonrl.lab.tasks.lab import LabTask
@@ -115,3 +116,20 @@ def segment_rows(nodes, parents, rewards, group=None):
         turn_ids=turn_ids,
         mask=(turn_ids >= 0).float(),
     )
+
+
+@st.composite
+def branched_rollouts(draw, max_rows: int = 8, max_groups: int = 1):
+    """Row-per-leaf rollouts: (parent_row, branch_pos, lengths, group) lists. Rows have 2..7 tokens; a row is a root
+    response of a random group or branches from an earlier row of its group at a legal position (one tree per
+    root)."""
+    count = draw(st.integers(1, max_rows))
+    lengths, parents, positions, groups = [], [], [], []
+    for row in range(count):
+        parent = draw(st.integers(-1, row - 1)) if row else -1
+        position = draw(st.integers(1, lengths[parent] - 1)) if parent >= 0 else 0
+        lengths.append(draw(st.integers(max(2, position + 1), 7)))
+        parents.append(parent)
+        positions.append(position)
+        groups.append(groups[parent] if parent >= 0 else draw(st.integers(0, max_groups - 1)))
+    return parents, positions, lengths, groups

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 EXAMPLES_FACTOR = float(os.environ.get("CANONRL_PROPERTY_EXAMPLES", "1"))
 
 #: Tree estimators (they read `node`/`parent`) need tree-shaped batches, which this file's trajectory generator does
-#: not draw; their relabelling, permutation and constant-value properties are in tests/test_spo_tree_rose.py.
+#: not draw; tests/test_tree_properties.py fuzzes them all (read from the registry as here) on rollout trees.
 TREE_ESTIMATORS = [info.name for info in canonrl.estimators() if info.level == "step" and "node" in info.requires]
 STEP_ESTIMATORS = [info.name for info in canonrl.estimators() if info.level == "step" and info.name not in TREE_ESTIMATORS]
 #: The configurations each property runs, where the defaults alone are not enough (hyperparameters that change which
@@ -246,7 +245,3 @@ def test_both_layouts_give_the_same_step_advantages(name, trajs):
         flat = torch.cat([first_tokens[t, : len(s)] for t, (_, s) in enumerate(trajs)])
         assert torch.allclose(flat, steps, atol=1e-5), params
 
-
-def test_tree_estimators_have_their_property_tests():
-    source = "".join(path.read_text() for path in sorted(Path(__file__).parent.glob("test_*tree*.py")))
-    assert TREE_ESTIMATORS and all(f'"{name}"' in source for name in TREE_ESTIMATORS)

@@ -7,6 +7,7 @@
 
 import canonrl.methods  # noqa: F401  (registers the built-in estimators: the registry itself never imports them)
 from canonrl.batch import RolloutBatch, make_batch
+from canonrl.branches import tree_from_branches
 from canonrl.methods.ktae import KeyTokens, key_token_scores
 from canonrl.registry import (
     Estimator,
@@ -38,4 +39,5 @@ __all__ = [
     "make_batch",
     "overlong_penalty",
     "register",
+    "tree_from_branches",
 ]

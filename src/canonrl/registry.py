@@ -70,6 +70,8 @@ class EstimatorInfo:
     #: What it reads beyond rewards, group and mask, where ``requires`` does not say it all (alternatives, optional
     #: inputs); None: ``requires``.
     inputs_note: str | None = None
+    #: What produces an input that no rollout gives (a model pass or a second model); None: the rollout gives all.
+    producer: str | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -132,6 +134,9 @@ class Estimator(ABC):
     #: The README's text for its inputs beyond rewards, group and mask where ``requires`` does not say it all
     #: (alternatives, optional inputs, layout ids); None lists ``requires``.
     inputs_note: ClassVar[str | None] = None
+    #: What produces an input that no rollout gives, e.g. "answer entropy per prefix: one forward pass per prefix";
+    #: None when the rollout (rewards, log-probs, entropies, ids) gives everything it reads.
+    producer: ClassVar[str | None] = None
     #: Old spellings still accepted, with a DeprecationWarning: hyperparameter old name -> new name, and batch
     #: input new name -> the old field it was passed as.
     renamed_params: ClassVar[dict[str, str]] = {}
@@ -298,6 +303,7 @@ class Estimator(ABC):
             simulator_alignment=cls.simulator_alignment,
             works_in=cls.works_in or (OUTCOME_WORKS_IN if outcome_level else "library"),
             inputs_note=cls.inputs_note,
+            producer=cls.producer,
         )
 
 
