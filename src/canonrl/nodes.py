@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from canonrl.batch import describe_row_indices, encode_groups
+from canonrl.batch import dense_codes, describe_row_indices, encode_groups
 from canonrl.steps import StepTable, per_occurrence
 
 
@@ -114,13 +114,7 @@ def _depths(parent: Tensor) -> Tensor:
 
 def build_node_table(steps: StepTable, node: Any, parent: Any) -> NodeTable:
     """The node table of per-step ``node`` and ``parent`` ids; errors name the field and the rows."""
-    nodes, parents = _ids(steps, "node", node), _ids(steps, "parent", parent)
-    root = np.equal(parents, None) | np.equal(parents, -1)
-    everything = np.concatenate([nodes, parents[~root]])
-    codes, num_nodes = encode_groups(everything, len(everything), steps.device)
-    step_node = codes[: len(nodes)]
-    step_parent = torch.full_like(step_node, -1)
-    step_parent[torch.from_numpy(~root).to(steps.device)] = codes[len(nodes):]
+    step_node, step_parent, num_nodes = _node_codes(_ids(steps, "node", node), _ids(steps, "parent", parent), steps)
     parent_of = torch.full((num_nodes,), -2, dtype=torch.long, device=steps.device)
     parent_of = parent_of.scatter_reduce(0, step_node, step_parent, reduce="amax")
     lowest = torch.full((num_nodes,), num_nodes, dtype=torch.long, device=steps.device)
@@ -134,10 +128,35 @@ def build_node_table(steps: StepTable, node: Any, parent: Any) -> NodeTable:
     return table
 
 
-def _ids(steps: StepTable, name: str, value: Any) -> np.ndarray:
-    """[S] object array of the per-step ids of ``name``, in step order (a None stays None)."""
+def _node_codes(nodes: Tensor | np.ndarray, parents: Tensor | np.ndarray, steps: StepTable) -> tuple[Tensor, Tensor, int]:
+    """[S] node codes, [S] parent codes (−1 for a root) and the number of nodes: integer ids stay on the device
+    (no sort for ids of small span), other hashables go through numpy."""
+    if isinstance(nodes, Tensor) and isinstance(parents, Tensor):
+        from_root = parents == -1
+        everything = torch.cat([nodes, parents[~from_root]])
+        codes, num_nodes = dense_codes(everything) if everything.numel() else (everything, 0)
+    else:
+        nodes, parents = _objects(nodes), _objects(parents)
+        from_root = torch.from_numpy(np.equal(parents, None) | np.equal(parents, -1)).to(steps.device)
+        everything = np.concatenate([nodes, parents[~from_root.cpu().numpy()]])
+        codes, num_nodes = encode_groups(everything, len(everything), steps.device)
+    step_node = codes[: len(nodes)]
+    step_parent = torch.full_like(step_node, -1)
+    step_parent[~from_root] = codes[len(nodes):]
+    return step_node, step_parent, num_nodes
+
+
+def _objects(ids: Tensor | np.ndarray) -> np.ndarray:
+    return np.array(ids.tolist(), dtype=object) if isinstance(ids, Tensor) else ids
+
+
+def _ids(steps: StepTable, name: str, value: Any) -> Tensor | np.ndarray:
+    """[S] per-step ids of ``name`` in step order: a long tensor for an int tensor, else an object array (a None
+    stays None)."""
     if isinstance(value, Tensor):
-        return per_occurrence(steps, name, value.long())[steps.first_occ].cpu().numpy().astype(object)
+        if value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer or hashable ids, got dtype {value.dtype}")
+        return per_occurrence(steps, name, value.long())[steps.first_occ]
     if isinstance(value, list) and value and all(isinstance(row, list) for row in value):
         value = [v for row in value for v in row]  # per-row lists, flattened in (row, step) order
     ids = np.fromiter(value, dtype=object, count=len(value))  # tuples stay whole ids

@@ -16,7 +16,8 @@ low-probability "decision" tokens carry the segment's advantage.
 Paper: "Segment Policy Optimization: Effective Segment-Level Credit Assignment in RL for Large Language Models"
 (SPO, arXiv 2505.23564). Official code: ``AIFrameResearch/SPO`` at b9fc6a2,
 ``src/treetune/episode_generators/math_episode_generator_with_mc_advantages.py`` (``_compute_token_advantages``)
-and ``src/treetune/trainers/ppo_trainer.py`` (``use_prob_mask``).
+and ``src/treetune/trainers/ppo_trainer.py`` (``use_prob_mask``). Parity: the official
+code transcribed in tests/official_spo.py, checked in tests/test_spo_parity.py.
 
 Inputs: ``rewards``, ``group`` (read by no statistic), mask, ``step_values`` (per step), ``prompt_values`` ([B]; NaN
 = absent, per trajectory), ``logprobs`` ([B, T], when ``prob_mask``), and the segments:
@@ -83,6 +84,7 @@ class SPOChain(StepEstimator):
     requires = ("step_values",)
     layouts = ("row-per-response", "row-per-step")
     inputs_note = "`step_values` (MC value at each segment's end), `prompt_values` (NaN: absent), `logprobs`"
+    producer = "Monte Carlo values at the cut points: completions sampled from each cut prefix"
 
     @dataclass
     class Params:

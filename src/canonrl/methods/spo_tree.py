@@ -9,7 +9,8 @@ recursively (every child counts once, whatever the size of its subtree). For the
 Paper: "Segment Policy Optimization: Effective Segment-Level Credit Assignment in RL for Large Language Models"
 (SPO, arXiv 2505.23564). Official code: AIFrameResearch/SPO at b9fc6a2,
 ``src/treetune/episode_generators/tree_episode_generator.py`` (``extract_edges_from_tree``, ``adv_method``) and
-``src/treetune/inference_strategies/hybrid_inference_strategy.py`` (``_construct_tree``).
+``src/treetune/inference_strategies/hybrid_inference_strategy.py`` (``_construct_tree``). Parity: the official
+code transcribed in tests/official_spo.py, checked in tests/test_spo_parity.py.
 
 Inputs (row per edge, the official layout): ``node`` the node each row's segment reaches and ``parent`` the node it
 starts from (per-step ids: str, int or hashables, unique over the batch; a depth-1 edge's parent is the tree's root,
@@ -27,11 +28,14 @@ Edge cases:
 - A step without mask tokens still defines its node (its leaf value counts in its parent's mean) and gets 0.
 
 Differences from the official code:
-- The official generator drops edges whose advantage is exactly 0 (``only_adv_greater_than_zero``, a misnomer)
-  before a token-mean loss, which changes the loss denominator (steps.md §5.6). Here such edges keep advantage 0;
-  the drop as a loss mask belongs to the selection module and is not part of this estimator.
-- The optional prover advantage (``use_pav``: BoK(V_child) - BoK(V_parent), BoK(v) = 1 - (1 - v)^4) is not
-  implemented, nor the probability mask (a loss-side mask) or the replay buffer.
+- The official generator drops edges before a token-mean loss (``only_adv_greater_than_zero``, a misnomer), which
+  changes the loss denominator (steps.md §5.6). Here such edges keep advantage 0; the drop as a loss mask belongs
+  to the selection module and is not part of this estimator. The official test is A + P == 0 with the prover
+  advantage P = BoK(V_child) - BoK(V_parent), BoK(v) = 1 - (1 - v)^4, computed even without ``use_pav``: for
+  rewards in [0, 1] P has A's sign, so it drops exactly the edges with A == 0 (tests/test_spo_parity.py pins a
+  reward outside [0, 1] where the two differ).
+- ``use_pav`` (a token advantage of V(child) + 5 P, ``hybrid_episode_generator.py`` L479) is not implemented, nor
+  the probability mask (a loss-side mask) or the replay buffer.
 """
 
 from __future__ import annotations
