@@ -75,6 +75,7 @@ def batch_fields(estimator: canonrl.Estimator, seed: int) -> dict[str, Any]:
             fields["step_values"] = [x.tolist() for x in torch.split(potentials, split)]
     fields["values"] = torch.randn(fields["mask"].shape, generator=generator)
     fields["token_scores"] = torch.rand(fields["mask"].shape, generator=generator)
+    fields.setdefault("token_rewards", torch.randn(fields["mask"].shape, generator=generator))
     fields["agent"] = torch.arange(rows) % 2
     keep = {*LAYOUT_FIELDS[layout], *estimator.required_inputs()}
     return {name: value for name, value in fields.items() if name in keep}

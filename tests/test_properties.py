@@ -121,6 +121,8 @@ KNOWN_VARIANTS: dict[str, list[dict[str, Any]]] = {
         {"fallback_threshold": math.pi / 2, "eps": 0.0},  # irrational: 0/1 rewards never land on it
     ],
     "iapo": [{"normalisation": "upstream"}, {"mode": "last_token"}, {"horizon": 3, "w_c": 0.5, "w_s": 2.0}],
+    "qrm": [{"normalize": "none"}, {"eos": "keep"}, {"center": "group"}, {"center": "group", "normalize": "none"},
+            {"center": "batch", "normalize": "none"}],
     "oar": [
         {"base": "dr_grpo"},
         {"sum_to_length": False, "q": 0.8, "beta": 2.0},
@@ -251,6 +253,7 @@ class Batch:
     logprobs: np.ndarray | None = None  # [B, T] float32 <= 0
     ref_logprobs: np.ndarray | None = None  # [B, T] float32 <= 0 (a reference policy's)
     token_scores: np.ndarray | None = None  # [B, T] float32 >= 0 (a producer's per-token statistic)
+    token_rewards: np.ndarray | None = None  # [B, T] float32 signed (a token-level reward model's scores)
     greedy_rewards: np.ndarray | None = None  # [B] a greedy response's reward, per row
     reference_rewards: np.ndarray | None = None  # [B] a reference response's reward, per row
     prompt_confidence: np.ndarray | None = None  # [B] in (0, 1], one value per group
@@ -312,7 +315,7 @@ class Batch:
 
 #: Optional per-row arrays a Batch may carry, sliced by ``take``.
 ROW_ARRAYS = (
-    *("logprobs", "ref_logprobs", "token_scores"),  # per token
+    *("logprobs", "ref_logprobs", "token_scores", "token_rewards"),  # per token
     *("greedy_rewards", "reference_rewards", "prompt_confidence", "second_reward"),  # per response
 )
 
@@ -325,6 +328,7 @@ def random_row_inputs(rng: np.random.Generator, gid: list[int], mask: np.ndarray
         "logprobs": np.where(mask, -rng.exponential(1.0, (B, T)), fill).astype(np.float32),
         "ref_logprobs": np.where(mask, -rng.exponential(1.0, (B, T)), fill).astype(np.float32),
         "token_scores": np.where(mask, rng.exponential(1.0, (B, T)), fill).astype(np.float32),
+        "token_rewards": np.where(mask, rng.normal(0.5, 2.0, (B, T)), fill).astype(np.float32),
         "greedy_rewards": _f32(rng.integers(0, 2, B)),
         "reference_rewards": _f32(rng.integers(0, 2, B)),
         "prompt_confidence": _f32([confidence[g] for g in gid]),
@@ -460,6 +464,9 @@ def run(cfg: Config, b: Batch, *, step: int = STEP) -> torch.Tensor:
         kwargs["logprobs"] = torch.from_numpy(_filled(b.logprobs, b, -1.0, np.float32)).to(b.entropy_dtype)
     if "ref_logprobs" in cfg.inputs:
         kwargs["ref_logprobs"] = torch.from_numpy(_filled(b.ref_logprobs, b, -1.5, np.float32)).to(b.entropy_dtype)
+    if "token_rewards" in cfg.inputs:  # validated over the whole row: padding must be finite
+        values = np.where(b.mask, _filled(b.token_rewards, b, 1.0, np.float32), 0.0).astype(np.float32)
+        kwargs["token_rewards"] = torch.from_numpy(values).to(b.entropy_dtype)
     if "token_scores" in cfg.inputs:
         kwargs["token_scores"] = torch.from_numpy(_filled(b.token_scores, b, 1.0, np.float32)).to(b.entropy_dtype)
     for name, default in (("greedy_rewards", 0.0), ("reference_rewards", 0.0), ("prompt_confidence", 0.5)):
@@ -830,11 +837,13 @@ def _locality_witnesses() -> tuple[Batch, tuple[Batch, ...]]:
         entropy=np.arange(18, dtype=np.float32).reshape(6, 3),
         metric=np.arange(6, dtype=np.float32),
         token_ids=np.arange(18).reshape(6, 3) % 5,
+        token_rewards=np.arange(-6.0, 12.0, dtype=np.float32).reshape(6, 3),
     )
     # A third change moves group 2's per-token inputs only (HAPO's entropy statistics are batch-wide).
     per_token = dataclasses.replace(
         base, entropy=base.entropy * np.repeat([1.0, 0.1], 3)[:, None].astype(np.float32),
         token_scores=np.concatenate([np.ones((3, 3)), np.arange(1.0, 10.0).reshape(3, 3)]).astype(np.float32),
+        token_rewards=np.concatenate([base.token_rewards[:3], np.full((3, 3), 2.0)]).astype(np.float32),
     )  # fmt: skip
     changed = (base.with_rewards([1.0, 0.0, 0.0, 1.0, 1.0, 0.25]), base.with_rewards([1.0, 0.0, 0.0, 1, 1, 1]))
     return base, (*changed, per_token)

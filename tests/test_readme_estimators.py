@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 import canonrl
-from canonrl import registry
+from canonrl import cli, registry
 from canonrl.cli import app, estimator_tables, marked_estimator_tables, with_estimator_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,21 @@ def test_cli_prints_and_updates_the_tables(tmp_path):
     readme.write_text("no markers\n")
     refused = CliRunner().invoke(app, ["estimators", "--update", str(readme)])
     assert refused.exit_code != 0 and "<!-- estimators:begin -->" in refused.output
+
+
+def test_estimators_needing_a_producer_say_so_in_the_tables_and_the_cli(monkeypatch):
+    monkeypatch.setattr(cli, "console", Console(width=3000))  # no wrapping inside the cells
+    needing = [info for info in canonrl.estimators() if info.producer]
+    assert {"iapo", "oar", "spo_chain", "qrm"} <= {info.name for info in needing}
+    tables = estimator_tables()
+    printed = CliRunner().invoke(app, ["estimators"])
+    assert printed.exit_code == 0, printed.output
+    for info in canonrl.estimators():
+        table = tables["estimators" if info.outcome_level else "step-estimators"]
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{info.name}` |"))
+        assert (info.producer or "–") in row, info.name
+    for info in needing:
+        assert f"(needs a producer: {info.producer})" in printed.output, info.name
 
 
 def template_code() -> str:

@@ -185,3 +185,106 @@ def test_rose_response_ending_at_a_branch_point_is_an_error():
     fields = segment_rows([["P", "e0"], ["P"]], [["R", "P"], ["R"]], [1.0, 0.0])
     with pytest.raises(ValueError, match=r"last segment must reach a leaf node .* at rows \[1\]"):
         rose(**fields)
+
+
+# --- ROSE's options: the official position keying and length penalty ---------------------------------------------
+
+
+def test_rose_position_keying_averages_prefixes_branching_at_one_position():
+    """A -> {a(1), a2(1)} and C -> {c(0), c2(0)}, A and C both one token long, so both branch at position 1.
+
+    prefix: V(A) = 1, V(C) = 0, V(root) = 1/2:  A-rows [1/2, 0], C-rows [-1/2, 0]
+    position: V(1) = mean of all four = 1/2 = V(root):  A-rows [0, 1/2], C-rows [0, -1/2]"""
+    fields = segment_rows(
+        [["A", "a"], ["A", "a2"], ["C", "c"], ["C", "c2"]], [["R", "A"]] * 2 + [["R", "C"]] * 2, [1.0, 1.0, 0.0, 0.0]
+    )
+    assert rose(**fields).tolist() == [[0.5, 0.0], [0.5, 0.0], [-0.5, 0.0], [-0.5, 0.0]]
+    assert rose(keying="position", **fields).tolist() == [[0.0, 0.5], [0.0, 0.5], [0.0, -0.5], [0.0, -0.5]]
+    # positions count from the row's first segment: leading tokens outside every segment do not shift them
+    shifted = torch.tensor([[-1, 0, 1, -1], [0, 1, -1, -1], [-1, -1, 0, 1], [0, 1, -1, -1]])
+    moved = rose(keying="position", **{**fields, "turn_ids": shifted, "mask": (shifted >= 0).float()})
+    assert moved[shifted >= 0].tolist() == [0.0, 0.5, 0.0, 0.5, 0.0, -0.5, 0.0, -0.5]
+    # UNEQUAL_RESPONSES has the same collision (a and b at position 1); the shared-prefix tree has none
+    nodes, parents, rewards = UNEQUAL_RESPONSES
+    unequal = segment_rows(nodes, parents, rewards)
+    assert not torch.allclose(rose(keying="position", **unequal), rose(**unequal))
+    shared = segment_rows([["P", "e0"], ["P", "e1"], ["e2"]], [["R", "P"], ["R", "P"], ["R"]], [1.0, 0.0, 1.0])
+    assert rose(keying="position", **shared) == pytest.approx(rose(**shared), abs=1e-6)
+
+
+def penalty_rows(order):
+    """One prompt, rows in ``order`` of: s1 (reward 1, 3 tokens from the root), s2 (1: the 2-token prefix P, then 1
+    token), b (0.5: P, then 4 tokens), w (0: 4 tokens from the root). V(root) = 2.5/4 = 0.625, V(P) = 0.75."""
+    rows = {
+        "s1": ([0, 0, 0, -1, -1, -1], ["s1"], ["R"], 1.0),
+        "s2": ([0, 0, 1, -1, -1, -1], ["P", "s2"], ["R", "P"], 1.0),
+        "b": ([0, 0, 1, 1, 1, 1], ["P", "b"], ["R", "P"], 0.5),
+        "w": ([0, 0, 0, 0, -1, -1], ["w"], ["R"], 0.0),
+    }
+    turn_ids = torch.tensor([rows[name][0] for name in order])
+    return dict(
+        rewards=torch.tensor([rows[name][3] for name in order]),
+        group=[0] * len(order),
+        node=[rows[name][1] for name in order],
+        parent=[rows[name][2] for name in order],
+        turn_ids=turn_ids,
+        mask=(turn_ids >= 0).float(),
+    )
+
+
+def segments(out, turn_ids):
+    """The value of each segment of each row (its first token's), row after row."""
+    return [out[b][row.tolist().index(t)].item() for b, row in enumerate(turn_ids) for t in range(int(row.max()) + 1)]
+
+
+@pytest.mark.parametrize("keying", ["prefix", "position"])
+def test_rose_length_penalty_by_hand(keying):
+    """Without the penalty: s1 [0.375], s2 [0.125, 0.25], b [0.125, -0.25], w [-0.625].
+
+    s1 and s2 are the shortest correct responses (3 tokens); the first row of the two is "the shortest":
+    - s1 first: b shares only the root with it: pen = 1 - (3/6)^lambda on all of b;
+    - s2 first: b shares P (2 tokens): pen = 1 - (1/4)^lambda on b's segment after P only.
+    A <- A - |A| pen. The other tied response gets pen = 1 - 1 = 0, w is not correct."""
+    plain = {"s1": [0.375], "s2": [0.125, 0.25], "b": [0.125, -0.25], "w": [-0.625]}
+    for order, lam, b_expected in [
+        (["s1", "s2", "b", "w"], 1.0, [0.125 - 0.125 * 0.5, -0.25 - 0.25 * 0.5]),
+        (["s2", "s1", "b", "w"], 1.0, [0.125, -0.25 - 0.25 * 0.75]),
+        (["s2", "s1", "w", "b"], 2.0, [0.125, -0.25 - 0.25 * 15 / 16]),
+    ]:
+        fields = penalty_rows(order)
+        expected = [v for name in order for v in (b_expected if name == "b" else plain[name])]
+        out = rose(keying=keying, length_penalty=lam, **fields)
+        assert segments(out, fields["turn_ids"]) == pytest.approx(expected, abs=1e-6)
+        assert segments(rose(keying=keying, **fields), fields["turn_ids"]) == pytest.approx(
+            [v for name in order for v in plain[name]], abs=1e-6
+        )
+    # a lone correct response is not penalised; equal rewards stay exactly 0
+    fields = penalty_rows(["s1", "s2", "b", "w"])
+    fields["rewards"] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert torch.equal(rose(keying=keying, length_penalty=1.0, **fields), rose(keying=keying, **fields))
+    fields["rewards"] = torch.full((4,), 0.7)
+    assert (rose(keying=keying, length_penalty=1.0, **fields) == 0).all()
+
+
+def test_rose_option_errors():
+    fields = segment_rows([["P", "e0"], ["P", "e1"]], [["R", "P"], ["R", "P"]], [1.0, 0.0])
+    with pytest.raises(ValueError, match="keying must be one of"):
+        rose(keying="token", **fields)
+    with pytest.raises(ValueError, match="length_penalty must lie in"):
+        rose(length_penalty=-0.5, **fields)
+    # row per step: a response's segments are rows of their own, so there are no positions within one row
+    steps = dict(
+        rewards=torch.tensor([0.0, 1.0, 0.0]),
+        group=[0, 0, 0],
+        mask=torch.ones(3, 2),
+        traj=[0, 0, 1],
+        step_index=torch.tensor([0, 1, 0]),
+        node=["P", "e0", "e1"],
+        parent=["R", "P", "R"],
+    )
+    assert rose(**steps).shape == (3, 2)
+    # one row per response and no turn_ids: one segment each, GRPO's centring under either keying
+    whole = dict(rewards=torch.tensor([1.0, 0.0]), group=[0, 0], mask=torch.ones(2, 2), node=["u", "v"], parent=[None] * 2)
+    assert rose(keying="position", **whole).tolist() == [[0.5, 0.5], [-0.5, -0.5]]
+    with pytest.raises(ValueError, match=r"keying='position' needs each response in one row .* at rows \[0, 1\]"):
+        rose(keying="position", **steps)

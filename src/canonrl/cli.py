@@ -1,4 +1,4 @@
-"""The ``canonrl`` command line: ``estimators``, ``bench``, ``bench-steps``, and the lab's ``train``, ``compare``, ``eval``, ``lab warmstart``."""
+"""The ``canonrl`` command line: ``estimators``, ``bench``, ``bench-steps``, ``bench-trees``, and the lab's ``train``, ``compare``, ``eval``, ``lab warmstart``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def list_estimators(
         else:
             hyper = ", ".join(f"{h.name}={_format_default(h.default)}" for h in info.hyperparameters)
         inputs = ", ".join(info.inputs)
+        if info.producer:
+            inputs += f"\n(needs a producer: {info.producer})"
         table.add_row(info.name, f"{info.description}\n[{info.level}-level]", paper, inputs, hyper or "-")
     console.print(table)
 
@@ -70,8 +72,8 @@ def list_estimators(
 # stale.
 _INPUTS = "inputs beyond rewards, group, mask"
 TABLE_COLUMNS = {
-    "estimators": ("name", "level", "method", "paper", _INPUTS, "works in", "verified"),
-    "step-estimators": ("name", "level", "method", "paper", _INPUTS, "layouts", "verified"),
+    "estimators": ("name", "level", "method", "paper", _INPUTS, "needs a producer", "works in", "verified"),
+    "step-estimators": ("name", "level", "method", "paper", _INPUTS, "needs a producer", "layouts", "verified"),
 }
 
 
@@ -89,7 +91,9 @@ def _table_row(info: EstimatorInfo) -> tuple[str, ...]:
     else:
         where = ", ".join(layout.removeprefix("row-").replace("-", " ") for layout in info.layouts)
     verified = "yes" if info.verified else "best reading"
-    return (f"`{info.name}`", info.level, _cell(info.description), _cell(paper), _cell(inputs), _cell(where), verified)
+    producer = _cell(info.producer or "–")
+    return (f"`{info.name}`", info.level, _cell(info.description), _cell(paper), _cell(inputs), producer, _cell(where),
+            verified)
 
 
 def estimator_tables() -> dict[str, str]:
@@ -190,10 +194,7 @@ def bench_steps(
     """Time the step and critic estimators on agent batches in both layouts, against the floor and the official code."""
     from canonrl.bench_steps import COLUMNS, LEFT_COLUMNS, markdown_table, run_step_benchmark
 
-    try:
-        prompts = tuple(int(size) for size in sizes.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {sizes!r}", param_hint="--sizes") from None
+    prompts = _integers(sizes, "--sizes")
     with console.status("benchmarking") as status:
         rows = run_step_benchmark(
             sizes=prompts,
@@ -207,6 +208,35 @@ def bench_steps(
             progress=lambda text: status.update(f"benchmarking {text}"),
         )
     title = f"step estimators, median of {repeats}"
+    _show_bench_table(title, COLUMNS, rows, LEFT_COLUMNS, markdown, markdown_table)
+
+
+def _integers(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from None
+
+
+@app.command("bench-trees")
+def bench_trees(
+    sizes: str = typer.Option("32,128,512", help="prompts per batch, comma-separated (one table block each)"),
+    branching: str = typer.Option("6,6,6", help="children per node at each depth (SPO-tree's 6-6-6)"),
+    tokens: int = typer.Option(16, help="tokens per edge (segment)"),
+    repeats: int = typer.Option(3, help="timed repetitions per contender (median reported)"),
+    device: str = typer.Option("cpu", help="device to run on"),
+    markdown: Path = typer.Option(None, help="also write the table as markdown to this file"),
+) -> None:
+    """Time the tree estimators on full rollout trees, per edge and per leaf, against a per-node loop."""
+    from canonrl.bench_trees import COLUMNS, LEFT_COLUMNS, markdown_table, run_tree_benchmark
+
+    prompts, fan_out = _integers(sizes, "--sizes"), _integers(branching, "--branching")
+    if any(k < 2 for k in fan_out):
+        raise typer.BadParameter("every depth needs at least 2 children (a branch point)", param_hint="--branching")
+    with console.status("benchmarking") as status:
+        rows = run_tree_benchmark(sizes=prompts, branching=fan_out, tokens=tokens, repeats=repeats, device=device,
+                                  progress=lambda text: status.update(f"benchmarking {text}"))
+    title = f"tree estimators, {'-'.join(map(str, fan_out))} trees, median of {repeats}"
     _show_bench_table(title, COLUMNS, rows, LEFT_COLUMNS, markdown, markdown_table)
 
 

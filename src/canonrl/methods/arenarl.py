@@ -81,6 +81,7 @@ class ArenaRL(SequenceEstimator):
         "library, lab: no (no comparator yet), verl (with the patch: batch key `canonrl_metric`), TRL: no"
     )
     inputs_note = "`metric` (the comparator's score or rank)"
+    producer = "comparison scores: an LLM judge's tournament over the group's responses"
 
     @dataclass
     class Params:

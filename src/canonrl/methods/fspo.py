@@ -118,6 +118,7 @@ class FSPO(HasBase, StepEstimator):
     requires = ("step_labels",)
     layouts = ("row-per-response", "row-per-trajectory", "row-per-step")
     inputs_note = "`step_labels` per step (sentences via `turn_ids`)"
+    producer = "step factuality labels: a verifier run on each reasoning step"
 
     @dataclass
     class Params:

@@ -105,6 +105,7 @@ class IAPO(Estimator):
     simulator_alignment = "z"
     works_in = "library, lab, verl (with the patch), TRL; `last_token` mode: library (needs a generator)"
     inputs_note = "`entropy`; `token_scores` (answer entropy) in `last_token` mode"
+    producer = "answer entropy at each cut prefix: one forward pass per prefix (`last_token` mode only)"
 
     @dataclass
     class Params:

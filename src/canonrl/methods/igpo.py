@@ -80,6 +80,7 @@ class IGPO(StepEstimator):
     paper = IGPO_PAPER
     requires = ("step_rewards",)
     inputs_note = "`step_rewards` (gains), or `step_values` + `prompt_values` (answer log-probs)"
+    producer = "information gains: the policy's probability of the ground-truth answer after each turn"
 
     @dataclass
     class Params:

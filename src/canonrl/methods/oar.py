@@ -101,6 +101,7 @@ class OAR(HasBase, Estimator):
     simulator_alignment = "z"
     works_in = "library (token_scores needs an importance generator: OAR-P or OAR-G)"
     inputs_note = "`token_scores` (per-token importance, >= 0) (+ the base's)"
+    producer = "per-token importance: perturbed forward passes (OAR-P) or one backward pass (OAR-G)"
 
     @dataclass
     class Params:

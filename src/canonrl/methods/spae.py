@@ -71,6 +71,7 @@ class SPAE(HasBase, StepEstimator):
     verified = False
     layouts = ("row-per-response", "row-per-trajectory", "row-per-step")
     inputs_note = "`step_values` (the step potential Phi per step)"
+    producer = "step potentials: an answer-forcing probe, one forward pass per step"
 
     @dataclass
     class Params:

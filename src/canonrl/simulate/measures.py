@@ -40,7 +40,7 @@ from canonrl.registry import estimator_class
 from canonrl.simulate.model import DIFFICULTY_BUCKETS, SimulatedBatch
 
 P_BINS = 10
-#: the inputs the simulator gives an estimator when it asks for them (``token_rewards`` is not modelled)
+#: the inputs the simulator gives an estimator when it asks for them
 SIMULATOR = Consumer(
     "the simulator",
     {
@@ -49,6 +49,7 @@ SIMULATOR = Consumer(
         "greedy_rewards": "a draw at the prompt's success probability", "reference_rewards": "a draw at p",
         "prompt_confidence": "a per-prompt draw in [0.3, 0.9]", "metric": "a per-prompt draw in [0, 0.1]",
         "human_values": "a per-prompt draw in [0, 0.1]", "token_scores": "uniform per-token draws in [0, 1)",
+        "token_rewards": "r - p plus Gaussian noise (std 0.5) on every token (a token-level reward model's scores)",
     },
     missing="it measures outcome-level estimators on simulated rollouts that lack this input",
 )  # fmt: skip

@@ -186,6 +186,9 @@ def simulate_batch(model: RolloutModel, prompts: int, group_size: int, generator
         "metric": per_prompt(0.0, 0.1),
         "human_values": per_prompt(0.0, 0.1),
         "reward_components": torch.stack([correct, formatted], dim=1),
+        # a token-level RM's scores: the true advantage r - p plus noise on every token (the last draw, so adding it
+        # left every earlier draw of a seed unchanged)
+        "token_rewards": ((correct - p.float())[:, None] + 0.5 * torch.randn(rows, width, generator=generator)) * mask,
     }
     return SimulatedBatch(
         group_size=group_size,
