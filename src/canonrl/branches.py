@@ -43,7 +43,9 @@ def tree_from_branches(parent_row: Tensor, branch_pos: Tensor, mask: Tensor) -> 
     branched = parent_row >= 0
     branch_ids = owner[parent_row[branched], branch_pos[branched] - 1] * (T + 1) + branch_pos[branched]
     inside = position < lengths[:, None]
-    cut = inside & (torch.isin(prefix_id, branch_ids) | (position == (lengths - 1)[:, None]))
+    branched_from = torch.zeros(B * (T + 1), dtype=torch.bool, device=mask.device)
+    branched_from[branch_ids] = True  # a table over prefix ids: linear, unlike torch.isin's sort
+    cut = inside & (branched_from[prefix_id] | (position == (lengths - 1)[:, None]))
     before = cut.long().cumsum(1) - cut.long()
     turn_ids = torch.where(inside, before, -1)
     width = max(int(cut.sum(1).max().item()), 1) if B else 1
@@ -82,13 +84,19 @@ def _check_branches(parent_row: Tensor, branch_pos: Tensor, lengths: Tensor, B: 
 
 
 def _prefix_owners(parent_row: Tensor, branch_pos: Tensor, T: int) -> Tensor:
-    """[B, T] the row that sampled token t of each row: climb to the parent while t lies in the copied part."""
-    B = parent_row.shape[0]
-    position = torch.arange(T, device=parent_row.device)
-    owner = torch.arange(B, device=parent_row.device)[:, None].expand(B, T)
-    for _ in range(B + 1):
-        copied = (parent_row[owner] >= 0) & (position < branch_pos[owner])
-        if not copied.any():
-            return owner
-        owner = torch.where(copied, parent_row[owner], owner)
-    raise ValueError("parent_row: the branches form a cycle (a row is its own ancestor)")
+    """[B, T] the row that sampled token t of each row: the first row on the row's lineage (itself, its parent row,
+    ...) that sampled its own tokens from before t on. The lineages are walked per row (a loop over the branching
+    depth); the tokens take their owner in one pass per depth."""
+    B, device = parent_row.shape[0], parent_row.device
+    lineage, row = [], torch.arange(B, device=device)
+    while (row >= 0).any():
+        if len(lineage) > B:
+            raise ValueError("parent_row: the branches form a cycle (a row is its own ancestor)")
+        own_from = torch.where(parent_row[row.clamp_min(0)] >= 0, branch_pos[row.clamp_min(0)], 0)
+        lineage.append((row, torch.where(row >= 0, own_from, T + 1)))  # T + 1: past the root, never
+        row = torch.where(row >= 0, parent_row[row.clamp_min(0)], -1)
+    position = torch.arange(T, device=device)
+    owner = torch.empty(B, T, dtype=torch.long, device=device)
+    for row, own_from in reversed(lineage):  # the nearest row on the lineage is written last and wins
+        owner = torch.where(position >= own_from[:, None], row[:, None], owner)
+    return owner

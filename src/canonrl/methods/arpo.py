@@ -46,11 +46,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from canonrl.batch import RolloutBatch
+from canonrl.batch import RolloutBatch, make_batch
 from canonrl.groups import Grouping
 from canonrl.methods._common import require_choice, require_range, singleton_param
 from canonrl.methods._normalise import STD_CHOICES, group_normalised
-from canonrl.methods.fspo import trajectory_batch
+from canonrl.methods.fspo import trajectory_rewards_and_groups
 from canonrl.registry import Paper, StepEstimator, param, register
 
 ARPO_PAPER = Paper("Agentic Reinforced Policy Optimization", "2507.19849")
@@ -85,7 +85,10 @@ class ARPO(StepEstimator):
         p, steps = self.params, batch.steps
         if steps.num_traj == 0:
             return torch.zeros(0, device=steps.device)
-        trajectories = trajectory_batch(batch)
+        has_member = torch.zeros(steps.num_traj, dtype=torch.long, device=steps.device)
+        has_member = has_member.scatter_reduce(0, steps.traj, steps.member.long(), reduce="amax")
+        # GRPO over trajectories reads only which of them have mask tokens, not their tokens
+        trajectories = make_batch(**trajectory_rewards_and_groups(batch), mask=has_member[:, None].float())
         per_traj = group_normalised(
             trajectories, trajectories.rewards.float(), eps=p.eps, std=p.std, scale="group", singleton=p.singleton
         ).float()

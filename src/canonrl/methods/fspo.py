@@ -61,7 +61,7 @@ def trajectory_batch(batch: RolloutBatch) -> RolloutBatch:
     the mask values of its steps' mask tokens (first copies only) packed in time order."""
     steps = batch.steps
     B, T = batch.mask.shape
-    S, device = steps.num_steps, steps.device
+    device = steps.device
     if steps.token_occ is None:
         row_occ = torch.full((B,), -1, dtype=torch.long, device=device)
         row_occ[steps.occ_row] = torch.arange(steps.num_occurrences, device=device)
@@ -83,11 +83,18 @@ def trajectory_batch(batch: RolloutBatch) -> RolloutBatch:
     rank = torch.arange(traj.numel(), device=device) - start[traj]
     mask = torch.zeros(steps.num_traj, max(int(count.max()) if steps.num_traj else 0, 1), device=device)
     mask[traj, rank] = batch.mask[rows, columns].float()
+    return make_batch(**trajectory_rewards_and_groups(batch), mask=mask)
+
+
+def trajectory_rewards_and_groups(batch: RolloutBatch) -> dict[str, Tensor]:
+    """Per trajectory of ``batch.steps``: ``rewards`` (those of its first step's row) and ``group``."""
+    steps = batch.steps
+    S, device = steps.num_steps, steps.device
     first_step = torch.full((steps.num_traj,), S, dtype=torch.long, device=device)
     first_step = first_step.scatter_reduce(0, steps.traj, torch.arange(S, device=device), reduce="amin")
     first_row = steps.occ_row[steps.first_occ[first_step]]
     group = torch.zeros(steps.num_traj, dtype=torch.long, device=device).scatter_(0, steps.traj, steps.group)
-    return make_batch(rewards=batch.rewards[first_row], group=group, mask=mask)
+    return {"rewards": batch.rewards[first_row], "group": group}
 
 
 def trajectory_base_advantages(estimator: Estimator, batch: RolloutBatch) -> Tensor:
