@@ -19,7 +19,8 @@ the policy that sampled the batch is the one being updated, and ratio 1 lies ins
 1 - eps_low'/2 < ratio < 1 + eps_high'/2. The official loss re-evaluates the switch at every mini-batch with the
 current ratio (outside the zone high-entropy tokens get A (1 + beta h^) and low-entropy tokens A); that, and
 HAPO's asymmetric adaptive clipping (eps_low' = eps_low (1 - alpha h^) for h^ <= 0, eps_high' = eps_high
-(1 + alpha h^) for h^ > 0) and its adaptive sampling temperature, are loss and rollout options, left out here.
+(1 + alpha h^) for h^ > 0) are the loss's: :func:`canonrl.training.hapo_loss.hapo_policy_loss` (give it this
+estimator's advantages with ``redistribute=False``); the adaptive sampling temperature is a rollout option.
 
 Paper: "HAPO: Heterogeneous Adaptive Policy Optimization" (arXiv 2507.21848 per the official README badge, whose
 link is a placeholder: the id is not verified). Official code: ``starriver030515/HAPO``
