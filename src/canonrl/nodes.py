@@ -8,7 +8,8 @@ the reductions over children; the only loops run over the depth of the deepest t
 
 - ``value_from_children(leaf_values)``: V(leaf) given, V(node) = mean of its children's values, recursively
   (SPO-tree);
-- ``mean_of_leaves(leaf_values)``: the mean over the leaves below each node (ROSE, T-SPMO's prefix statistics);
+- ``mean_of_leaves(leaf_values)`` / ``leaf_sums``: the mean (sum and count) over the leaves below each node (ROSE,
+  AttnRL, T-SPMO's prefix statistics);
 - ``children_std(values)``: the population std of each node's children.
 """
 
@@ -71,8 +72,9 @@ class NodeTable:
             values = torch.where(update, self._mean_over_children(values), values)
         return values.float()
 
-    def mean_of_leaves(self, leaf_values: Tensor) -> Tensor:
-        """[N] the mean of ``leaf_values`` over the leaves below each node (a leaf: its own value)."""
+    def leaf_sums(self, leaf_values: Tensor) -> tuple[Tensor, Tensor]:
+        """([N] float64 sum of ``leaf_values`` over the leaves below each node, [N] float64 number of those
+        leaves); a leaf counts itself."""
         leaf = self.is_leaf
         sums = torch.where(leaf, leaf_values.double(), 0.0)
         counts = leaf.double()
@@ -83,6 +85,11 @@ class NodeTable:
             total_sum.index_add_(0, ancestor[has], sums[has])
             total_count.index_add_(0, ancestor[has], counts[has])
             ancestor = torch.where(has, self.parent[ancestor.clamp_min(0)], -1)
+        return total_sum, total_count
+
+    def mean_of_leaves(self, leaf_values: Tensor) -> Tensor:
+        """[N] the mean of ``leaf_values`` over the leaves below each node (a leaf: its own value)."""
+        total_sum, total_count = self.leaf_sums(leaf_values)
         return (total_sum / total_count.clamp_min(1)).float()
 
     def children_std(self, values: Tensor) -> Tensor:

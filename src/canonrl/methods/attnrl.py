@@ -70,21 +70,6 @@ ATTNRL_PAPER = Paper(
 )
 
 
-def subtree_sums(nodes: NodeTable, leaf_values: Tensor) -> tuple[Tensor, Tensor]:
-    """([N] float64 sum of ``leaf_values`` over the leaves below each node, [N] float64 number of those leaves)."""
-    leaf = nodes.is_leaf
-    sums = torch.where(leaf, leaf_values.double(), 0.0)
-    counts = leaf.double()
-    total_sum, total_count = sums.clone(), counts.clone()
-    ancestor = nodes.parent.clone()
-    for _ in range(nodes.max_depth):
-        has = ancestor >= 0
-        total_sum.index_add_(0, ancestor[has], sums[has])
-        total_count.index_add_(0, ancestor[has], counts[has])
-        ancestor = torch.where(has, nodes.parent[ancestor.clamp_min(0)], -1)
-    return total_sum, total_count
-
-
 def from_root(nodes: NodeTable) -> Tensor:
     """[S] bool: steps that start from the prompt's root (parent None/-1, or an id that no step reaches)."""
     reached = torch.zeros(nodes.num_nodes, dtype=torch.bool, device=nodes.parent.device)
@@ -139,7 +124,7 @@ class AttnRL(StepEstimator):
             rows = describe_row_indices(steps.occ_row[steps.first_occ[ends_inside]], steps.batch_size)
             raise ValueError(f"attnrl: a path's last segment must reach a leaf node (its own end) at rows {rows}")
         leaves = leaf_rewards(batch, "attnrl")
-        sums, counts = subtree_sums(nodes, leaves)
+        sums, counts = nodes.leaf_sums(leaves)
         values = sums / counts.clamp_min(1)
         root_value = group_leaf_means(batch, leaves)[steps.group]
         starts_at_root = from_root(nodes)
