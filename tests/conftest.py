@@ -98,6 +98,9 @@ def use_test_tasks(monkeypatch, tasks: dict) -> None:
     """Make `task=<name>` build `tasks[name]()` for the names in `tasks`; every other name goes to the real registry."""
     import canonrl.lab.tasks
 
+    # register the built-in tasks first: loading them inside the patched copy would mark them loaded for good while
+    # the real registry, restored after the test, never got them
+    canonrl.lab.tasks._load_builtins()
     monkeypatch.setattr(canonrl.lab.tasks, "_REGISTRY", dict(canonrl.lab.tasks._REGISTRY))
     for name, factory in tasks.items():
         canonrl.lab.tasks.register_task(name)(lambda factory=factory, **options: factory())

@@ -79,7 +79,7 @@ class HFDecoder:
         )  # fmt: skip
         self.cache = out.past_key_values
         self.logits = out.logits[:, -1, :]
-        self.next_position = self.next_position + 1
+        self.next_position = self.next_position + alive.long().unsqueeze(1)  # a hole takes no position
 
 
 class _FusedLayer:
@@ -210,7 +210,7 @@ class LlamaDecoder:
             hidden = hidden + layer.down_proj(layer.act_fn(gate) * up)
         self.logits = self.model.lm_head(_rms_norm(hidden, self.final_norm))
         self.length = t + 1
-        self.next_position = self.next_position + 1
+        self.next_position = self.next_position + alive.long()  # a hole (a row waiting for others) takes no position
 
 
 def make_decoder(

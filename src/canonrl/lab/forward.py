@@ -23,7 +23,7 @@ def sequence_logprobs(
     """
     prompt_len = rollouts.prompt_ids.shape[1]
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.response_ids], dim=1)
-    attention = torch.cat([rollouts.prompt_mask, rollouts.response_mask.long()], dim=1)
+    attention = torch.cat([rollouts.prompt_mask, rollouts.attention], dim=1)
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions_from_mask(attention)).logits
     logits = logits[:, prompt_len - 1 : -1, :].float() / temperature
     log_dist = logits.log_softmax(dim=-1)
@@ -102,8 +102,10 @@ class SharedPrompts:
         width = mini.response_ids.shape[1]
         if width > 1:
             inputs = mini.response_ids[:, : width - 1]
-            attention = torch.cat([prompt_mask, mini.response_mask[:, : width - 1].long()], dim=1)
-            positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(width - 1, device=prompt_mask.device)[None]
+            read = mini.attention[:, : width - 1]
+            attention = torch.cat([prompt_mask, read], dim=1)
+            # the sampler's positions: one more per token read, none for a hole (decoding.LlamaDecoder.step)
+            positions = prompt_mask.sum(dim=1, keepdim=True) + read.cumsum(dim=1) - read
             out = self.model(
                 input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
             )

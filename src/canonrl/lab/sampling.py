@@ -34,10 +34,21 @@ class Rollouts:
     repeats: int = 1  # rows r*repeats .. (r+1)*repeats-1 share one prompt
     #: [N] float32 confidence of each row's prompt under the sampling model (`generate(prompt_confidence=True)`)
     prompt_confidence: torch.Tensor | None = None
+    #: [N, T] long attention over the response: 1 on every token the policy read (its own and, in a multi-turn
+    #: rollout, the environment's observations, which `response_mask` leaves out of the loss), 0 on padding and on
+    #: the holes of rows that waited for others; None: `response_mask` (a single-turn rollout)
+    response_attention: torch.Tensor | None = None
+    #: the episodes' turns, for a multi-turn rollout (`canonrl.lab.multi_turn.Turns`)
+    turns: object | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(dim=1)
+
+    @property
+    def attention(self) -> torch.Tensor:
+        """[N, T] long attention over the response tokens (see `response_attention`)."""
+        return self.response_mask.long() if self.response_attention is None else self.response_attention
 
     def select(self, rows: torch.Tensor) -> Rollouts:
         """These rows only, without the columns that are padding in all of them (cheaper forwards).
@@ -45,14 +56,16 @@ class Rollouts:
         The selected rows no longer come in groups of one prompt, so `repeats` is 1.
         """
         prompt_mask = self.prompt_mask[rows]
-        response_mask = self.response_mask[rows]
         first = int(prompt_mask.any(dim=0).long().argmax())  # prompts are left-padded
-        width = int(response_mask.sum(dim=1).max().item()) if rows.numel() else 0
+        attention = self.attention[rows]
+        width = int((attention.flip(1).cumsum(dim=1) > 0).sum(dim=1).max().item()) if rows.numel() else 0  # last read + 1
         confidence = self.prompt_confidence[rows] if self.prompt_confidence is not None else None
         return Rollouts(
             self.prompt_ids[rows, first:], prompt_mask[:, first:], self.response_ids[rows, :width],
-            response_mask[:, :width], self.logprobs[rows, :width], self.entropy[rows, :width], self.finished[rows],
+            self.response_mask[rows, :width], self.logprobs[rows, :width], self.entropy[rows, :width], self.finished[rows],
             prompt_confidence=confidence,
+            response_attention=None if self.response_attention is None else attention[:, :width],
+            turns=None if self.turns is None else self.turns.select(rows, width),
         )  # fmt: skip
 
 

@@ -1,0 +1,291 @@
+"""The multi-turn rollout: episodes in an environment (`canonrl.lab.tasks.environment`), sampled with the KV cache.
+
+All episodes of a step advance in lock step, one turn at a time, in one decoder (`canonrl.lab.decoding`):
+
+    action:       sample up to ``max_action_tokens`` tokens per live episode (an episode whose action ended
+                  waits: a hole, attended by nobody and taking no position)
+    environment:  step each live episode with its action text; record the turn reward and the anchor of the
+                  state the turn started from
+    observation:  feed each live episode's observation tokens through the cache (no sampling, mask 0)
+
+until every episode is done or ``max_turns`` turns have passed. One row per trajectory (``context=full``): the
+response holds every action and observation, ``response_mask`` is 1 on actions only, ``response_attention`` on
+both, and `Turns` records each action token's turn (``turn_ids``), the turn rewards and the anchors — the
+row-per-trajectory layout of the step table. The training forward reads the same tokens at the same positions
+(`canonrl.lab.forward`), so the sampling log-probs are the old log-probs as in the single-turn rollout.
+
+An environment that raises, or whose observation is longer than ``max_observation_tokens`` tokens, ends that
+episode with reward 0 and a counted error (``VerifyResult.failures``); the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from canonrl.lab.decoding import make_decoder
+from canonrl.lab.sampling import Rollouts, _top_p_filter
+from canonrl.lab.seeds import seed_of
+from canonrl.lab.verification import VerifyResult
+
+
+@dataclass
+class Turns:
+    """The turns of a batch of episodes (one row each)."""
+
+    #: [N, T] long: the turn of each action token, -1 on observations and padding
+    turn_ids: torch.Tensor
+    #: per row, per turn: the environment's turn reward
+    step_rewards: list[list[float]]
+    #: per row, per turn: the anchor of the state the turn started from
+    anchors: list[list]
+    #: [N] long: invalid moves per episode
+    invalid: torch.Tensor
+    #: [N] bool: episodes ended by an environment error
+    errors: torch.Tensor = field(default=None)
+
+    def select(self, rows: torch.Tensor, width: int) -> Turns:
+        picked = rows.tolist()
+        return Turns(self.turn_ids[rows, :width], [self.step_rewards[i] for i in picked],
+                     [self.anchors[i] for i in picked], self.invalid[rows], self.errors[rows])  # fmt: skip
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[N] turns per episode."""
+        return torch.tensor([len(r) for r in self.step_rewards], dtype=torch.float32)
+
+
+class _Columns:
+    """The response columns as they are decoded: one [N] entry per column of each field, stacked at the end."""
+
+    def __init__(self) -> None:
+        self.tokens, self.mask, self.attention, self.logprobs, self.entropy, self.turn = [], [], [], [], [], []
+
+    def add(self, tokens, mask, attention, logprobs, entropy, turn) -> None:
+        for store, value in zip((self.tokens, self.mask, self.attention, self.logprobs, self.entropy, self.turn),
+                                (tokens, mask, attention, logprobs, entropy, turn)):  # fmt: skip
+            store.append(value)
+
+    def stacked(self, rows: int, device) -> dict[str, torch.Tensor]:
+        def stack(values, dtype):
+            return torch.stack(values, dim=1) if values else torch.zeros(rows, 0, dtype=dtype, device=device)
+
+        return {
+            "tokens": stack(self.tokens, torch.long), "mask": stack(self.mask, torch.float32),
+            "attention": stack(self.attention, torch.long), "logprobs": stack(self.logprobs, torch.float32),
+            "entropy": stack(self.entropy, torch.float32), "turn": stack(self.turn, torch.long),
+        }  # fmt: skip
+
+
+@dataclass
+class _Episodes:
+    """The environment side of a batch of episodes: states, texts, turn records, errors."""
+
+    env: object
+    states: list
+    step_rewards: list[list[float]]
+    anchors: list[list]
+    invalid: list[int]
+    errors: list[bool]
+
+    @classmethod
+    def start(cls, env, problems: list, repeats: int) -> _Episodes:
+        states = [env.reset(p) for p in problems for _ in range(repeats)]
+        n = len(states)
+        return cls(env, states, [[] for _ in range(n)], [[] for _ in range(n)], [0] * n, [False] * n)
+
+    def step(self, row: int, action: str) -> bool:
+        """Apply `row`'s action; True when its episode goes on."""
+        env, state = self.env, self.states[row]
+        self.anchors[row].append(env.anchor(state))
+        try:
+            transition = env.step(state, action)
+        except Exception:  # noqa: BLE001 — any environment failure ends this episode only, counted
+            self.step_rewards[row].append(0.0)
+            self.errors[row] = True
+            return False
+        self.states[row] = transition.state
+        self.step_rewards[row].append(float(transition.reward))
+        self.invalid[row] += not transition.valid
+        return not transition.done
+
+    def outcomes(self) -> list[float]:
+        return [0.0 if error else float(self.env.outcome(state)) for state, error in zip(self.states, self.errors)]
+
+
+@torch.no_grad()
+def run_episodes(
+    policy, env, problems: list, *, repeats: int, generator: torch.Generator | None, temperature: float = 1.0,
+    top_p: float = 1.0, greedy: bool = False, max_observation_tokens: int = 16,
+) -> tuple[Rollouts, VerifyResult]:  # fmt: skip
+    """`repeats` episodes per problem (rows in `repeat_interleave` order), and their outcomes as verdicts."""
+    model, tokenizer = policy.model, policy.tokenizer
+    prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])
+    episodes = _Episodes.start(env, problems, repeats)
+    rows, device = len(episodes.states), prompt_ids.device
+    budget = env.max_turns * (env.max_action_tokens + max_observation_tokens)
+    decoder = make_decoder(model, prompt_ids, prompt_mask, budget, repeats)
+    logits = decoder.logits  # per row: the distribution after the last token it read
+    columns = _Columns()
+    live = torch.ones(rows, dtype=torch.bool, device=device)
+    zeros = torch.zeros(rows, device=device)
+    for turn in range(env.max_turns):
+        if not live.any():
+            break
+        actions, logits = _act(decoder, logits, live, turn, columns, env, tokenizer, policy.eos_id, policy.pad_id,
+                               temperature, top_p, greedy, generator)  # fmt: skip
+        observations = {}
+        for row in live.nonzero().squeeze(1).tolist():
+            going_on = episodes.step(row, actions[row]) and turn < env.max_turns - 1
+            if going_on:
+                ids = tokenizer(env.render(episodes.states[row]), add_special_tokens=False).input_ids
+                if len(ids) > max_observation_tokens:
+                    episodes.errors[row], going_on = True, False
+                else:
+                    observations[row] = ids
+            live[row] = going_on
+        width = max((len(ids) for ids in observations.values()), default=0)
+        for j in range(width):
+            reading = [row for row, ids in observations.items() if j < len(ids)]
+            token = torch.full((rows,), policy.pad_id, dtype=torch.long, device=device)
+            token[reading] = torch.tensor([observations[row][j] for row in reading], device=device)
+            has = torch.zeros(rows, dtype=torch.bool, device=device)
+            has[reading] = True
+            columns.add(token, zeros, has.long(), zeros, zeros, torch.full_like(token, -1))
+            decoder.step(token, has)
+            logits = torch.where(has[:, None], decoder.logits, logits)
+    out = columns.stacked(rows, device)
+    used = int(out["attention"].flip(1).cumsum(1).gt(0).sum(1).max().item()) if rows and out["tokens"].numel() else 0
+    outcomes = episodes.outcomes()
+    turns = Turns(out["turn"][:, :used], episodes.step_rewards, episodes.anchors,
+                  torch.tensor(episodes.invalid), torch.tensor(episodes.errors))  # fmt: skip
+    rollouts = Rollouts(
+        prompt_ids.repeat_interleave(repeats, dim=0), prompt_mask.repeat_interleave(repeats, dim=0),
+        out["tokens"][:, :used], out["mask"][:, :used], out["logprobs"][:, :used], out["entropy"][:, :used],
+        finished=~torch.tensor(episodes.errors, device=device), repeats=repeats,
+        response_attention=out["attention"][:, :used], turns=turns,
+    )  # fmt: skip
+    verdict = VerifyResult(outcomes, {name: list(outcomes) for name in env.components}, failures=sum(episodes.errors))
+    return rollouts, verdict
+
+
+def _act(decoder, logits, live, turn, columns, env, tokenizer, eos_id, pad_id, temperature, top_p, greedy, generator):
+    """One turn's action phase: sample until every live episode's action ended; returns (texts, logits)."""
+    rows = live.shape[0]
+    acting = live.clone()
+    written: list[list[int]] = [[] for _ in range(rows)]
+    for _ in range(env.max_action_tokens):
+        if not acting.any():
+            break
+        scaled = logits.float() / temperature
+        log_dist = scaled.log_softmax(dim=-1)
+        dist = log_dist.exp()
+        if greedy:
+            token = scaled.argmax(dim=-1)
+        elif top_p < 1.0:
+            token = torch.multinomial(_top_p_filter(scaled, top_p).softmax(dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            token = torch.multinomial(dist, 1, generator=generator).squeeze(1)
+        token = torch.where(acting, token, torch.full_like(token, pad_id))
+        picked = torch.where(acting, log_dist.gather(1, token.unsqueeze(1)).squeeze(1), 0.0)
+        entropy = torch.where(acting, -(dist * log_dist).nansum(dim=-1), 0.0)
+        columns.add(token, acting.float(), acting.long(), picked, entropy, torch.where(acting, turn, -1))
+        decoder.step(token, acting)
+        logits = torch.where(acting[:, None], decoder.logits, logits)
+        for row in acting.nonzero().squeeze(1).tolist():
+            written[row].append(int(token[row]))
+            text = tokenizer.decode(written[row], skip_special_tokens=True)
+            if int(token[row]) == eos_id or env.action_ended(text):
+                acting[row] = False
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in written]
+    return texts, logits
+
+
+@dataclass
+class MultiTurnRollout:
+    """The trainer's rollout for an environment: `group_size` episodes per problem from a generator seeded by
+    (seed, "rollout", step)."""
+
+    env: object
+    group_size: int
+    temperature: float
+    top_p: float
+    seed: int
+    max_observation_tokens: int = 16
+
+    @classmethod
+    def from_config(cls, config, env) -> MultiTurnRollout:
+        return cls(env, config.group_size, config.temperature, config.top_p, config.seed)
+
+    def __call__(self, policy, problems: list, step: int) -> tuple[Rollouts, VerifyResult]:
+        generator = torch.Generator(device=policy.device).manual_seed(seed_of(self.seed, "rollout", step))
+        policy.model.eval()
+        try:
+            return run_episodes(policy, self.env, problems, repeats=self.group_size, generator=generator,
+                                temperature=self.temperature, top_p=self.top_p,
+                                max_observation_tokens=self.max_observation_tokens)  # fmt: skip
+        finally:
+            policy.model.train()
+
+
+@torch.no_grad()
+def evaluate_environment(
+    policy, env, *, problems: int = 256, seed: int = 0, samples: int = 4, temperature: float = 1.0,
+    top_p: float = 1.0, greedy: bool = True, chunk: int = 256, sample_seed: int | None = None,
+) -> dict:  # fmt: skip
+    """Held-out success of `policy` in `env`: the mean outcome of `samples` sampled episodes per problem (the
+    "accuracy" RL optimises), greedy success (``greedy_pass1``), turns, invalid moves and errors per episode."""
+    was_training = policy.model.training
+    policy.model.eval()
+    heldout = env.problems("heldout", problems, seed=seed)
+    generator = torch.Generator(device=policy.device).manual_seed(seed if sample_seed is None else sample_seed)
+    sampled = _episodes_in_chunks(policy, env, heldout, chunk, samples, generator=generator, temperature=temperature,
+                                  top_p=top_p)  # fmt: skip
+    result = {"k": samples, **sampled}
+    if greedy:
+        result["greedy_pass1"] = _episodes_in_chunks(policy, env, heldout, chunk, 1, generator=None, greedy=True)["accuracy"]
+    policy.model.train(was_training)
+    return result
+
+
+def _episodes_in_chunks(policy, env, problems: list, chunk: int, repeats: int, **sampling) -> dict:
+    scores, turns, invalid, actions, entropy_sum, errors = [], [], [], [], 0.0, 0
+    per_call = max(1, chunk // repeats)
+    for start in range(0, len(problems), per_call):
+        rollouts, verdict = run_episodes(policy, env, problems[start : start + per_call], repeats=repeats, **sampling)
+        scores += verdict.scores
+        turns += rollouts.turns.counts.tolist()
+        invalid += rollouts.turns.invalid.tolist()
+        actions += rollouts.lengths.tolist()
+        entropy_sum += float((rollouts.entropy * rollouts.response_mask).sum())
+        errors += verdict.failures
+    correct = sum(s >= 1.0 for s in scores)
+    return {
+        "accuracy": sum(scores) / len(scores),
+        "turns": sum(turns) / len(turns),
+        "invalid_moves": sum(invalid) / len(invalid),
+        "env_errors": errors,
+        "response_length": sum(actions) / len(actions),
+        "entropy": entropy_sum / max(sum(actions), 1),
+        "tokens_per_correct": sum(actions) / correct if correct else math.inf,
+    }
+
+
+def turn_metrics(turns: Turns, group: torch.Tensor) -> dict:
+    """A step's episodes: turns, invalid moves and errors per episode, the mean turn reward, and the anchor groups a
+    step estimator sees (as verl-agent logs them): mean size of the (prompt, anchor) groups and their singleton share."""
+    keys = [(int(g), anchor) for g, anchors in zip(group.tolist(), turns.anchors) for anchor in anchors]
+    sizes: dict = {}
+    for key in keys:
+        sizes[key] = sizes.get(key, 0) + 1
+    rewards = [r for row in turns.step_rewards for r in row]
+    return {
+        "turns": float(turns.counts.mean()),
+        "invalid_moves": float(turns.invalid.float().mean()),
+        "env_errors": int(turns.errors.sum()),
+        "turn_reward": sum(rewards) / max(len(rewards), 1),
+        "anchor_group_size": len(keys) / max(len(sizes), 1),
+        "anchor_singletons": sum(size == 1 for size in sizes.values()) / max(len(sizes), 1),
+    }
