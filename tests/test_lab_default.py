@@ -37,7 +37,7 @@ def test_the_default_recipe_gains_15_points_in_its_first_20_steps(tmp_path):
     from canonrl.lab.trainer import Trainer
 
     config = load_config(None, ["steps=20", "eval_every=20", "checkpoint_every=0", "tensorboard=false"])
-    assert (config.estimator, config.policy, config.task) == ("canon", "lab-tiny", "lab")
+    assert (config.estimator, config.policy, config.task) == ("canon", "auto", "lab")
     summary = Trainer(config, tmp_path / "run").train()
     gain = summary["final"]["accuracy"] - summary["initial"]["accuracy"]
     assert gain >= 0.15, json.dumps({"initial": summary["initial"]["accuracy"], "final": summary["final"]["accuracy"]})

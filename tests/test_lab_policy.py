@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not (LAB_TINY_DIR / "config.json").exists(), rea
 
 
 def test_presets_and_directories_resolve():
-    assert preset_names()[:2] == ["lab-tiny", "smollm2-135m-instruct"]
+    assert preset_names()[:3] == ["lab-tiny", "lab-grid-tiny", "smollm2-135m-instruct"]
     assert resolve_policy_dir("lab-tiny") == LAB_TINY_DIR
     assert resolve_policy_dir(str(LAB_TINY_DIR)) == LAB_TINY_DIR
 

@@ -181,26 +181,39 @@ def keys_command() -> None:
     typer.echo(key_table(), nl=False)
 
 
+WARMSTART_POLICIES = ("lab-tiny", "lab-grid-tiny")
+
+
 @lab_app.command("warmstart")
 def warmstart_command(
-    out: Path = typer.Option(None, help="where to write the policy (default: the packaged lab-tiny directory)"),
+    policy: str = typer.Option("lab-tiny", help=f"which shipped policy to rebuild: {', '.join(WARMSTART_POLICIES)}"),
+    out: Path = typer.Option(None, help="where to write the policy (default: the packaged directory of --policy)"),
     steps: int = typer.Option(None, help="supervised steps (default: the recipe's)"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Rebuild lab-tiny: supervised training of a small Llama on lab-task traces (deterministic for a seed)."""
-    from canonrl.lab.policy import LAB_TINY_DIR
+    """Rebuild lab-tiny (lab-task traces) or lab-grid-tiny (noisy expert episodes of lab-grid): supervised training
+    of a small Llama, deterministic for a seed."""
+    from canonrl.lab.policy import LAB_GRID_TINY_DIR, LAB_TINY_DIR
     from canonrl.lab.warmstart import WarmstartConfig, warmstart
+    from canonrl.lab.warmstart_grid import GridWarmstartConfig, warmstart_grid
 
-    recipe = WarmstartConfig(seed=seed) if steps is None else WarmstartConfig(seed=seed, steps=steps)
-    target = out or LAB_TINY_DIR
+    if policy not in WARMSTART_POLICIES:
+        raise typer.BadParameter(f"expected one of {', '.join(WARMSTART_POLICIES)}, got {policy!r}", param_hint="--policy")
+    recipe_class, build, target = (
+        (WarmstartConfig, warmstart, LAB_TINY_DIR) if policy == "lab-tiny" else (GridWarmstartConfig, warmstart_grid, LAB_GRID_TINY_DIR)
+    )
+    recipe = recipe_class(seed=seed) if steps is None else recipe_class(seed=seed, steps=steps)
+    target = out or target
     with lab_command(), _progress() as progress:
         bar = progress.add_task("warm-start", total=recipe.steps, status="")
-        summary = warmstart(target, recipe, progress=lambda s, n, loss: progress.update(bar, completed=s, status=f"loss {loss:.3f}"))
+        summary = build(target, recipe, progress=lambda s, n, loss: progress.update(bar, completed=s, status=f"loss {loss:.3f}"))
     heldout = summary["heldout"]
+    length = f"length {heldout['response_length']:.1f} tokens"
+    length += f" (cv {heldout['length_cv']:.2f})" if "length_cv" in heldout else f", {heldout['turns']:.1f} turns"
     console.print(
-        f"lab-tiny written to {target}: {summary['parameters']:,} parameters, {summary['train_seconds']:.0f} s; "
+        f"{policy} written to {target}: {summary['parameters']:,} parameters, {summary['train_seconds']:.0f} s; "
         f"held-out accuracy at T=1 {_percent(heldout['accuracy'])}, greedy {_percent(heldout.get('greedy_pass1'))}, "
-        f"length {heldout['response_length']:.1f} tokens (cv {heldout['length_cv']:.2f})",
+        f"{length}",
         highlight=False,
     )
 

@@ -51,7 +51,7 @@ class TrainConfig:
     # ---- what to train
     task: str = param("lab", "`lab`, `rg:<dataset>` (reasoning-gym), `boxed[:<dataset>]` (math-verify), or any registered task")
     task_options: dict[str, Any] = mapping("keyword arguments of the task")
-    policy: str = param("lab-tiny", "a preset (`lab-tiny`, `smollm2-135m-instruct`), a local Hugging Face model directory, or a model id in the local Hugging Face cache")
+    policy: str = param("auto", "auto (the task's shipped policy: lab-grid-tiny for grid, else lab-tiny), a preset (`lab-tiny`, `lab-grid-tiny`, `smollm2-135m-instruct`), a local Hugging Face model directory, or a model id in the local Hugging Face cache")
     estimator: str = param("canon", "any name from `canonrl estimators`")
     estimator_params: dict[str, Any] = mapping("the estimator's hyperparameters (default for canon: split_by length, mu 1.0)", _default_estimator_params)
     label: str | None = param(None, "the name of this configuration in `canonrl compare` reports (default: the estimator)")

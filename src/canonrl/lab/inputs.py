@@ -120,13 +120,30 @@ def human_values(ctx: StepContext):
     return values.repeat_interleave(ctx.rollouts.repeats), {"prompt_value": values.mean().item()}
 
 
+#: what a multi-turn rollout gives a step estimator (`canonrl.lab.multi_turn.Turns`), and how
+TURN_INPUTS = {
+    "turn_ids": "the multi-turn rollout's turn of each action token",
+    "step_rewards": "the environment's turn rewards",
+    "anchor": "the environment's anchor of each turn's start state",
+}
+_HOW.update(TURN_INPUTS)
+
+
+def turn_inputs(estimator, turns) -> dict:
+    """A step-level estimator's turn fields from a multi-turn rollout's `turns` (all of them: they are free); an
+    outcome-level estimator gets none (it sees one reward per episode)."""
+    if type(estimator).level != "step":
+        return {}
+    return {"turn_ids": turns.turn_ids, "step_rewards": turns.step_rewards, "anchor": turns.anchors}
+
+
 #: what the lab gives an estimator beyond rewards, group and mask, and how
 LAB = Consumer(
     "the lab trainer",
     dict(_HOW),
     missing="use the estimator in the library on your own batches, or add a provider in canonrl.lab.inputs",
 )
-LAB_INPUTS = (*ROLLOUT_INPUTS, *_PROVIDERS)
+LAB_INPUTS = (*ROLLOUT_INPUTS, *_PROVIDERS, *TURN_INPUTS)
 #: inputs that need the frozen reference policy
 NEEDS_REFERENCE = ("reference_rewards", "ref_logprobs")
 

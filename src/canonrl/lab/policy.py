@@ -1,4 +1,4 @@
-"""Policies: a shipped preset (`lab-tiny`, `smollm2-135m-instruct`; more with `register_policy`), a local Hugging Face
+"""Policies: a shipped preset (`lab-tiny`, `lab-grid-tiny`, `smollm2-135m-instruct`; more with `register_policy`), a local Hugging Face
 causal-LM directory, or a model id already in the local Hugging Face cache.
 
 A `Policy` pairs the model with its tokenizer and knows how to turn task prompts into model input (through the
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 LAB_TINY_DIR = Path(__file__).parent / "policies" / "lab-tiny"
+LAB_GRID_TINY_DIR = Path(__file__).parent / "policies" / "lab-grid-tiny"
 
 #: preset name -> a function giving its checkpoint directory (`register_policy`)
 _PRESETS: dict[str, Callable[[], Path]] = {}
@@ -42,6 +43,17 @@ def lab_tiny() -> Path:
     if not (LAB_TINY_DIR / "config.json").exists():
         raise ValueError(f"the lab-tiny weights are missing from {LAB_TINY_DIR}; rebuild them with `canonrl lab warmstart`")
     return LAB_TINY_DIR
+
+
+@register_policy("lab-grid-tiny")
+def lab_grid_tiny() -> Path:
+    """The shipped lab-grid policy (rebuilt by `canonrl lab warmstart --policy lab-grid-tiny`)."""
+    if not (LAB_GRID_TINY_DIR / "config.json").exists():
+        raise ValueError(
+            f"the lab-grid-tiny weights are missing from {LAB_GRID_TINY_DIR}; rebuild them with "
+            "`canonrl lab warmstart --policy lab-grid-tiny`"
+        )
+    return LAB_GRID_TINY_DIR
 
 
 @register_policy("smollm2-135m-instruct")
@@ -148,6 +160,12 @@ def save_policy_dir(model, tokenizer, target: Path, extra=None) -> Path:
         shutil.rmtree(target)
     os.replace(staging, target)
     return target
+
+
+def task_policy(name: str, task) -> str:
+    """The policy `name` names: itself, or for ``"auto"`` the task's shipped policy (its ``policy`` attribute; the
+    lab tasks' `lab-tiny` when it has none)."""
+    return getattr(task, "policy", "lab-tiny") if name == "auto" else name
 
 
 def resolve_device(name: str) -> torch.device:

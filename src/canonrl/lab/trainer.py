@@ -33,8 +33,9 @@ import torch
 from canonrl.lab import checkpoints
 from canonrl.lab.config import TrainConfig, load_config, save_config
 from canonrl.lab.evaluate import evaluate
-from canonrl.lab.inputs import LAB, NEEDS_REFERENCE, StepContext, extra_inputs, rollout_inputs
-from canonrl.lab.policy import load_policy, resolve_device, save_policy_dir
+from canonrl.lab.inputs import LAB, NEEDS_REFERENCE, TURN_INPUTS, StepContext, extra_inputs, rollout_inputs, turn_inputs
+from canonrl.lab.multi_turn import MultiTurnRollout, evaluate_environment, turn_metrics
+from canonrl.lab.policy import load_policy, resolve_device, save_policy_dir, task_policy
 from canonrl.lab.report import read_run
 from canonrl.lab.rewards import RewardScorer, estimator_rewards
 from canonrl.lab.rollout import SingleTurnRollout
@@ -42,6 +43,7 @@ from canonrl.lab.run_log import RunLog
 from canonrl.lab.seeds import seed_of
 from canonrl.lab.tasks import get_task
 from canonrl.lab.tasks.base import reward_components
+from canonrl.lab.tasks.environment import is_multi_turn
 from canonrl.lab.update import PolicyUpdate, TrainingError
 from canonrl.training.selection import d3s_keep
 
@@ -86,17 +88,21 @@ class Trainer:
         if resume and checkpoint is None:
             raise ValueError(f"nothing to resume: {self.run_dir} has no checkpoint")
         self.device = resolve_device(config.device)
-        self.policy = load_policy(str(checkpoint) if checkpoint else config.policy, device=self.device)
+        self.policy_name = task_policy(config.policy, self.task)
+        self.policy = load_policy(str(checkpoint) if checkpoint else self.policy_name, device=self.device)
         self.policy.model.train()
         # The frozen reference policy (the initial weights, so a resumed run rebuilds it): for the KL penalty, AAPO's
         # reference rollouts and ACE's reference log-probs. Loaded only when one of them needs it.
         self.reference = None
         if config.kl_coef > 0 or any(name in self.inputs for name in NEEDS_REFERENCE):
-            self.reference = load_policy(config.policy, device=self.device).model.eval().requires_grad_(False)
+            self.reference = load_policy(self.policy_name, device=self.device).model.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self.policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
-        self.sample = SingleTurnRollout.from_config(config, self.task, prompt_confidence="prompt_confidence" in self.inputs)
+        if is_multi_turn(self.task):
+            self.sample = MultiTurnRollout.from_config(config, self.task)
+        else:
+            self.sample = SingleTurnRollout.from_config(config, self.task, prompt_confidence="prompt_confidence" in self.inputs)
         self.updater = PolicyUpdate(config, self.policy, self.optimizer, config.build_policy_loss(), self.reference)
         # A pool prompt sampler picks indices into a fixed pool of training problems drawn once from the task;
         # "fresh" (None) draws new problems every step.
@@ -115,6 +121,12 @@ class Trainer:
     def _check_inputs(self) -> None:
         config = self.config
         LAB.check(self.estimator)
+        turn_inputs = [name for name in self.inputs if name in TURN_INPUTS]
+        if turn_inputs and not is_multi_turn(self.task):
+            raise ValueError(
+                f"estimator {config.estimator!r} needs {', '.join(turn_inputs)}, which only a multi-turn task gives "
+                f"(task=grid); task {config.task!r} is single-turn"
+            )
         if "human_values" in self.inputs and not callable(getattr(self.task, "value", None)):
             raise ValueError(
                 f"estimator {config.estimator!r} needs human_values, a per-prompt value, which task {config.task!r} does "
@@ -219,6 +231,8 @@ class Trainer:
         group = self.groups()
         fields = {"rewards": rewards, "group": group, "mask": rollouts.response_mask, **inputs}
         fields.update(rollout_inputs(self.inputs, rollouts))
+        if rollouts.turns is not None:
+            fields.update(turn_inputs(self.estimator, rollouts.turns))
         return self.estimator(step=step, **fields)
 
     def loss_mask(self, step: int, rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
@@ -279,6 +293,8 @@ class Trainer:
             step_seconds=time.perf_counter() - started,
             rollout_tokens_per_second=new_tokens / rollout_seconds,
         )
+        if rollouts.turns is not None:
+            metrics.update(turn_metrics(rollouts.turns, self.groups()))
         mu_at = getattr(self.estimator, "mu_at", None)
         if mu_at is not None:
             metrics["mu"] = float(mu_at(step, metrics["accuracy"]))
@@ -315,6 +331,12 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict:
         config = self.config
+        if is_multi_turn(self.task):
+            return evaluate_environment(
+                self.policy, self.task, problems=config.eval_problems, seed=config.eval_seed,
+                samples=config.eval_samples, temperature=config.temperature, top_p=config.top_p,
+                sample_seed=seed_of(config.seed, "eval", step),
+            )  # fmt: skip
         return evaluate(
             self.policy, self.task, problems=config.eval_problems, seed=config.eval_seed, samples=config.eval_samples,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,

@@ -59,15 +59,50 @@ def _training_batch(task: LabTask, tokenizer, rng: random.Random, size: int, sty
     problems = task.problems("train", size, seed=rng.getrandbits(62))
     prompts = tokenizer([p.prompt for p in problems]).input_ids
     responses = tokenizer([trace(p, rng, style) for p in problems], add_special_tokens=False).input_ids
-    rows = [(p, r + [tokenizer.eos_token_id]) for p, r in zip(prompts, responses)]
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((size, width), -100, dtype=torch.long)
-    attention = torch.zeros(size, width, dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
-        attention[i, : len(p) + len(r)] = 1
+    rows = [(p + r + [tokenizer.eos_token_id], [-100] * len(p) + r + [tokenizer.eos_token_id]) for p, r in zip(prompts, responses)]
+    return padded_batch(rows, tokenizer.pad_token_id)
+
+
+def fit(model, batches, config: WarmstartConfig, progress=None) -> tuple[list[float], float]:
+    """Supervised training of `model` on `batches()` ((ids, attention, labels) per call) with AdamW, a linear
+    warm-up and a cosine decay; returns (losses, seconds)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    start = time.perf_counter()
+    losses = []
+    model.train()
+    for step in range(config.steps):
+        ids, attention, labels = batches()
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, config.steps, loss.item())
+    model.eval()
+    return losses, time.perf_counter() - start
+
+
+def padded_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded ids, attention and labels of (ids, labels) rows (labels -100 where nothing is learnt)."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+        attention[i, : len(row_ids)] = 1
     return ids, attention, labels
 
 
@@ -84,30 +119,7 @@ def warmstart(out_dir: Path, config: WarmstartConfig | None = None, progress=Non
     style = TraceStyle()
     tokenizer = build_tokenizer()
     model = build_model(config, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    start = time.perf_counter()
-    losses = []
-    model.train()
-    for step in range(config.steps):
-        ids, attention, labels = _training_batch(task, tokenizer, rng, config.batch_size, style)
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, config.steps, loss.item())
-    model.eval()
+    losses, seconds = fit(model, lambda: _training_batch(task, tokenizer, rng, config.batch_size, style), config, progress)
     policy = Policy(model=model, tokenizer=tokenizer, source="lab-tiny")
     sampled = evaluate(policy, task, problems=config.eval_problems, seed=config.seed, samples=4, max_new_tokens=96)
     summary = {
@@ -115,7 +127,7 @@ def warmstart(out_dir: Path, config: WarmstartConfig | None = None, progress=Non
         "trace_style": asdict(style),
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "train_seconds": time.perf_counter() - start,
+        "train_seconds": seconds,
         "heldout": sampled,
         "rebuild": "canonrl lab warmstart",
     }
