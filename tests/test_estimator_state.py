@@ -33,6 +33,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("capo", {"base": "hadw"}),
     ("rlev", {"base": "hadw", "base_params": {"anchor": "hard"}}),
     ("ktae", {"base": "hadw"}),
+    ("effective_rank", {"base": "hadw", "bonus_at": "all"}),
 ]
 
 
@@ -77,6 +78,7 @@ def batch_fields(estimator: canonrl.Estimator, seed: int) -> dict[str, Any]:
     fields["token_scores"] = torch.rand(fields["mask"].shape, generator=generator)
     fields.setdefault("token_rewards", torch.randn(fields["mask"].shape, generator=generator))
     fields["agent"] = torch.arange(rows) % 2
+    fields["indicators"] = torch.randn(rows, 3, generator=generator)  # a producer's per-response indicators
     keep = {*LAYOUT_FIELDS[layout], *estimator.required_inputs()}
     return {name: value for name, value in fields.items() if name in keep}
 
@@ -161,6 +163,16 @@ def test_a_history_is_restored_not_only_the_step(config):
     assert hadw["estimator"] == "hadw" and len(hadw["accuracies"]) >= 1 and hadw["last_step"] == 3
     assert hadw["before"] is not None
     only_step = canonrl.get_estimator(name, **params)
+    only_step.step = 3
+    assert not torch.equal(run(only_step, [(3, 4)])[0], run(original, [(3, 4)])[0])
+
+
+def test_effective_rank_restores_its_baselines_not_only_the_step():
+    original = canonrl.get_estimator("effective_rank")
+    run(original, [(0, 1), (1, 2), (2, 3)])
+    state = original.state_dict()
+    assert state["previous_means"] is not None and any(m != 0.0 for m in state["mids"])
+    only_step = canonrl.get_estimator("effective_rank")
     only_step.step = 3
     assert not torch.equal(run(only_step, [(3, 4)])[0], run(original, [(3, 4)])[0])
 

@@ -104,6 +104,7 @@ KNOWN_VARIANTS: dict[str, list[dict[str, Any]]] = {
     "capo": [{"switch_step": 0}, {"switch_step": 1000}, {"base": "dr_grpo", "switch_step": 1000}],
     "progrpo": [{"skip_all_correct": True}, {"only_correct": True, "alpha": 0.5}, {"low_fraction": 1.0}],
     "ace": [{"activation": "relu"}, {"length_normalize": True, "alpha": 0.5}, {"base": "dr_grpo"}],
+    "effective_rank": [{"bonus_at": "all"}, {"base": "dr_grpo"}, {"base": "rloo", "kappa": 0.5}],
     "arenarl": [{"grpo_after": False}, {"eps": 0.0}],
     "ktae": [
         {"base": "dr_grpo"},
@@ -258,6 +259,7 @@ class Batch:
     reference_rewards: np.ndarray | None = None  # [B] a reference response's reward, per row
     prompt_confidence: np.ndarray | None = None  # [B] in (0, 1], one value per group
     second_reward: np.ndarray | None = None  # [B] a second reward component (multi-reward estimators)
+    indicators: np.ndarray | None = None  # [B, 3] a producer's per-response indicators (effective rank)
     group_form: str = "int64-tensor"
     mask_dtype: torch.dtype = torch.float32
     reward_dtype: torch.dtype = torch.float32
@@ -316,7 +318,7 @@ class Batch:
 #: Optional per-row arrays a Batch may carry, sliced by ``take``.
 ROW_ARRAYS = (
     *("logprobs", "ref_logprobs", "token_scores", "token_rewards"),  # per token
-    *("greedy_rewards", "reference_rewards", "prompt_confidence", "second_reward"),  # per response
+    *("greedy_rewards", "reference_rewards", "prompt_confidence", "second_reward", "indicators"),  # per response
 )
 
 
@@ -333,6 +335,7 @@ def random_row_inputs(rng: np.random.Generator, gid: list[int], mask: np.ndarray
         "reference_rewards": _f32(rng.integers(0, 2, B)),
         "prompt_confidence": _f32([confidence[g] for g in gid]),
         "second_reward": _f32(rng.integers(0, 2, B)),
+        "indicators": rng.normal(0.0, 3.0, (B, 3)).astype(np.float32),  # the last draw: the others stay as seeded
     }
 
 
@@ -473,6 +476,9 @@ def run(cfg: Config, b: Batch, *, step: int = STEP) -> torch.Tensor:
         if name in cfg.inputs:
             values = np.full(b.B, default) if getattr(b, name) is None else getattr(b, name)
             kwargs[name] = torch.tensor(values, dtype=torch.float32)
+    if "indicators" in cfg.inputs:
+        values = np.ones((b.B, 3)) if b.indicators is None else b.indicators
+        kwargs["indicators"] = torch.tensor(values, dtype=torch.float32)
     return canonrl.advantages(cfg.name, step=step, **kwargs)
 
 

@@ -6,6 +6,7 @@ import torch
 
 import canonrl
 from canonrl.batch import PER_TOKEN_FIELDS, make_batch
+from canonrl.fields import BY_NAME, PER_RESPONSE_K
 from conftest import full_mask
 
 R = torch.tensor([1.0, 0.0, 1.0, 0.0])
@@ -108,6 +109,23 @@ def test_metric_tensor_is_checked():
         canonrl.advantages("canon", rewards=R, group=G, mask=full_mask(4), metric=torch.tensor([0, float("nan"), 0, 0]))
 
 
+def test_indicators_are_checked_on_valid_rows_only():
+    mask = full_mask(4)
+    mask[2] = 0  # a fully masked row: its indicators are not read
+    indicators = torch.ones(4, 3)
+    indicators[2] = float("nan")
+    batch = make_batch(rewards=R, group=G, mask=mask, indicators=indicators)
+    assert batch.indicators.dtype == torch.float32 and torch.equal(batch.indicators[2], torch.zeros(3))
+    indicators[1, 0] = indicators[3, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"indicators has Inf at rows \[1, 3\]"):
+        make_batch(rewards=R, group=G, mask=mask, indicators=indicators)
+    for bad in (torch.ones(4), torch.ones(3, 3), torch.ones(4, 0)):
+        with pytest.raises(ValueError, match=r"indicators must have shape \[4, K\]"):
+            make_batch(rewards=R, group=G, mask=mask, indicators=bad)
+    with pytest.raises(TypeError, match="indicators must be a torch.Tensor"):
+        make_batch(rewards=R, group=G, mask=mask, indicators=[[1.0, 2.0, 3.0]] * 4)
+
+
 def test_unknown_estimator_and_hyperparameter():
     with pytest.raises(ValueError, match="unknown estimator 'grpoo'; choose from: .*grpo"):
         canonrl.advantages("grpoo", rewards=R, group=G, mask=full_mask(4))
@@ -120,11 +138,12 @@ def test_unknown_estimator_and_hyperparameter():
 
 
 def test_empty_batch_returns_an_empty_result():
+    def empty_shape(name):
+        return (0, 5) if name in PER_TOKEN_FIELDS else (0, 3) if BY_NAME[name].shape == PER_RESPONSE_K else (0,)
+
     for info in canonrl.estimators():
         extra = {
-            name: torch.zeros(
-                (0, 5) if name in PER_TOKEN_FIELDS else (0,), dtype=torch.long if name == "token_ids" else torch.float32
-            )
+            name: torch.zeros(empty_shape(name), dtype=torch.long if name == "token_ids" else torch.float32)
             for name in canonrl.get_estimator(info.name).required_inputs()  # at its defaults
         }
         out = canonrl.advantages(info.name, rewards=torch.zeros(0), group=[], mask=torch.zeros(0, 5), **extra)

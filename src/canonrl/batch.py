@@ -129,13 +129,20 @@ def _check_per_token(name: str, value: Tensor, mask: Tensor) -> Tensor:
     return value
 
 
-def _check_per_response(name: str, value: Tensor, batch_size: int, device: torch.device, meaning: str) -> Tensor:
-    """A [B] per-response input: shape, device and finiteness checked, returned as float32."""
-    if value.dim() != 1 or value.shape[0] != batch_size:
-        raise ValueError(f"{name} must have shape [{batch_size}] ({meaning}), got {list(value.shape)}")
+def _check_per_response(
+    name: str, value: Tensor, batch_size: int, device: torch.device, meaning: str, *, valid: Tensor | None = None
+) -> Tensor:
+    """A [B] per-response input (or, with ``valid``, a [B, K] one): shape, device and finiteness checked, returned as
+    float32. With ``valid`` ([B] bool), only the valid rows must be finite; the others are set to 0."""
+    columns = valid is not None
+    if value.dim() != 1 + columns or value.shape[0] != batch_size or (columns and value.shape[1] == 0):
+        expected = f"[{batch_size}, K], K >= 1" if columns else f"[{batch_size}]"
+        raise ValueError(f"{name} must have shape {expected} ({meaning}), got {list(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but mask is on {device}; put all inputs on one device")
     value = value.to(torch.float32)
+    if columns:
+        value = torch.where(valid[:, None], value, 0.0)
     _require_finite_rows(name, value)
     return value
 
@@ -176,6 +183,8 @@ class RolloutBatch:
         human_values: optional [B] the human value v of each row's prompt, >= 0 (RLEV).
         token_scores: optional [B, T] a per-token statistic computed by a producer outside the estimator (OAR's
             importance, IAPO's answer entropy, Q-RM's scores), read only at mask positions.
+        indicators: optional [B, K] float32, K per-response indicators computed by a producer outside the
+            estimator (VERL's effective rank ERA, ERV, ER); finite on valid rows, 0 on fully masked rows.
 
     Step inputs (``../shared/specs/steps.md`` §2; per-step ones are checked when the step table reads them):
         turn_ids: [B, T] row-local step index of each token (−1 in no step), ``"mask_runs"`` (one step per run of
@@ -205,6 +214,7 @@ class RolloutBatch:
     prompt_confidence: Tensor | None = None
     human_values: Tensor | None = None
     token_scores: Tensor | None = None
+    indicators: Tensor | None = None
     turn_ids: Tensor | str | None = None
     traj: Any = None
     step_index: Tensor | None = None
@@ -332,6 +342,7 @@ def make_batch(
     prompt_confidence: Tensor | None = None,
     human_values: Tensor | None = None,
     token_scores: Tensor | None = None,
+    indicators: Tensor | None = None,
     **step_inputs: Any,
 ) -> RolloutBatch:
     """Validate raw inputs and build a :class:`RolloutBatch` (see its attributes for shapes)."""
@@ -400,6 +411,12 @@ def make_batch(
         for name, (value, meaning) in per_response.items()
         if value is not None
     }
+    if indicators is not None:
+        valid = row_max > 0 if row_max is not None else torch.zeros(batch_size, dtype=torch.bool, device=device)
+        meaning = "K indicators per response from a producer"
+        checked["indicators"] = _check_per_response(
+            "indicators", _require_tensor("indicators", indicators), batch_size, device, meaning, valid=valid
+        )
     confidence = checked.get("prompt_confidence")
     bad = None if confidence is None else (confidence <= 0) | (confidence > 1)
     if bad is not None and bad.any():

@@ -21,8 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: shapes: one value per token [B, T]; per response (row) [B]; per step (several forms, see canonrl.steps)
-PER_TOKEN, PER_RESPONSE, PER_STEP = "[B, T]", "[B]", "per step"
+#: shapes: one value per token [B, T]; per response (row) [B]; per step (several forms, see canonrl.steps); K values
+#: per response [B, K]
+PER_TOKEN, PER_RESPONSE, PER_STEP, PER_RESPONSE_K = "[B, T]", "[B]", "per step", "[B, K]"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ FIELDS: tuple[InputField, ...] = (
     InputField("reference_rewards", PER_RESPONSE, "float", "reward of the reference policy's response (AAPO)"),
     InputField("prompt_confidence", PER_RESPONSE, "float in (0, 1]", "exp(mean prompt-token log-prob) (ProGRPO)"),
     InputField("human_values", PER_RESPONSE, "float >= 0", "the human value v of the row's prompt (RLEV)"),
+    InputField(
+        "indicators", PER_RESPONSE_K, "float", "K per-response indicators from a producer (e.g. effective rank ERA, ERV, ER)"
+    ),
     # step-, turn- and critic-level inputs (../shared/specs/steps.md §2)
     InputField("turn_ids", PER_TOKEN, "int (-1: no step), or 'mask_runs' / 'row'", "the step of each token", "step"),
     InputField("traj", PER_RESPONSE, "int or hashable ids", "the trajectory of each row (row-per-step layouts)", "step"),

@@ -50,6 +50,7 @@ SIMULATOR = Consumer(
         "prompt_confidence": "a per-prompt draw in [0.3, 0.9]", "metric": "a per-prompt draw in [0, 0.1]",
         "human_values": "a per-prompt draw in [0, 0.1]", "token_scores": "uniform per-token draws in [0, 1)",
         "token_rewards": "r - p plus Gaussian noise (std 0.5) on every token (a token-level reward model's scores)",
+        "indicators": "uniform per-response draws of (ERA, ERV, ER) in [-0.1, 0.1), [0, 1), [2, 12) (no signal)",
     },
     missing="it measures outcome-level estimators on simulated rollouts that lack this input",
 )  # fmt: skip

@@ -16,7 +16,8 @@ Each prompt n has a success probability p_n drawn from a difficulty distribution
   ``greedy_rewards`` (ReMax) one extra reward draw per prompt, ``reference_rewards`` (AAPO) one per row, both at p;
   ``prompt_confidence`` (ProGRPO) U(0.3, 0.9) per prompt; ``metric`` (RLEV's value) U(0, 0.1) per prompt; reward
   components [B, 2] for multi-reward estimators (``correct`` = r, ``formatted`` = 1 when correct, else 1 with
-  probability 0.8).
+  probability 0.8); ``indicators`` [B, 3] (effective rank ERA, ERV, ER) with no signal: U(-0.1, 0.1), U(0, 1) and
+  U(2, 12) per row.
 
 The true advantage of a response is r - p (its reward minus the prompt's expected reward); sigma(p) is the true
 reward std of the prompt, sqrt(p (1 - p)) for Bernoulli rewards.
@@ -189,6 +190,10 @@ def simulate_batch(model: RolloutModel, prompts: int, group_size: int, generator
         # a token-level RM's scores: the true advantage r - p plus noise on every token (the last draw, so adding it
         # left every earlier draw of a seed unchanged)
         "token_rewards": ((correct - p.float())[:, None] + 0.5 * torch.randn(rows, width, generator=generator)) * mask,
+        # a producer's per-response indicators (effective rank ERA, ERV, ER) with no signal (the last draw, after
+        # token_rewards, for the same reason)
+        "indicators": torch.tensor([-0.1, 0.0, 2.0])
+        + torch.rand(rows, 3, generator=generator) * torch.tensor([0.2, 1.0, 10.0]),
     }
     return SimulatedBatch(
         group_size=group_size,
