@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from canonrl.lab.decoding import make_decoder
-from canonrl.lab.sampling import Rollouts, _top_p_filter
+from canonrl.lab.sampling import Rollouts, draw_tokens
 from canonrl.lab.seeds import seed_of
 from canonrl.lab.verification import VerifyResult
 
@@ -179,15 +179,7 @@ def _act(decoder, logits, live, turn, columns, env, tokenizer, eos_id, pad_id, t
     for _ in range(env.max_action_tokens):
         if not acting.any():
             break
-        scaled = logits.float() / temperature
-        log_dist = scaled.log_softmax(dim=-1)
-        dist = log_dist.exp()
-        if greedy:
-            token = scaled.argmax(dim=-1)
-        elif top_p < 1.0:
-            token = torch.multinomial(_top_p_filter(scaled, top_p).softmax(dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            token = torch.multinomial(dist, 1, generator=generator).squeeze(1)
+        token, log_dist, dist = draw_tokens(logits, temperature, top_p, greedy, generator)
         token = torch.where(acting, token, torch.full_like(token, pad_id))
         picked = torch.where(acting, log_dist.gather(1, token.unsqueeze(1)).squeeze(1), 0.0)
         entropy = torch.where(acting, -(dist * log_dist).nansum(dim=-1), 0.0)

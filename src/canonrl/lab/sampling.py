@@ -78,6 +78,24 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def draw_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token [N], log-distribution, distribution): one token per row from `logits` [N, V] at `temperature` —
+    greedy, top-p, or plain sampling; the distributions are the temperature-scaled ones before top-p (the log-probs
+    and entropies a rollout records, as verl does)."""
+    scaled = logits.float() / temperature
+    log_dist = scaled.log_softmax(dim=-1)
+    dist = log_dist.exp()
+    if greedy:
+        token = scaled.argmax(dim=-1)
+    elif top_p < 1.0:
+        token = torch.multinomial(_top_p_filter(scaled, top_p).softmax(dim=-1), 1, generator=generator).squeeze(1)
+    else:
+        token = torch.multinomial(dist, 1, generator=generator).squeeze(1)
+    return token, log_dist, dist
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -116,15 +134,7 @@ def generate(
     # per step: where its values go (flat row * max_new_tokens + step) and the values; scattered once at the end
     slots, step_tokens, step_logprobs, step_entropy = [], [], [], []
     for step in range(max_new_tokens):
-        logits = decoder.logits.float() / temperature
-        log_dist = logits.log_softmax(dim=-1)
-        dist = log_dist.exp()
-        if greedy:
-            token = logits.argmax(dim=-1)
-        elif top_p < 1.0:
-            token = torch.multinomial(_top_p_filter(logits, top_p).softmax(dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            token = torch.multinomial(dist, 1, generator=generator).squeeze(1)
+        token, log_dist, dist = draw_tokens(decoder.logits, temperature, top_p, greedy, generator)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         rows_alive = alive.nonzero().squeeze(1)
         slots.append(live[rows_alive] * max_new_tokens + step)

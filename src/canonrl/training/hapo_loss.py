@@ -60,9 +60,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from canonrl.batch import describe_rows, make_batch
+from canonrl.batch import make_batch
 from canonrl.methods.hapo import entropy_h_hat
-from canonrl.training.losses import _log_ratio, aggregate_loss
+from canonrl.training.losses import _log_ratio, aggregate_loss, check_token_inputs
 
 
 def hapo_entropy_hat(entropy: Tensor, mask: Tensor, entropy_pivot: float = 0.8, h_hat: str = "signed") -> Tensor:
@@ -81,19 +81,6 @@ def hapo_entropy_hat(entropy: Tensor, mask: Tensor, entropy_pivot: float = 0.8, 
     return entropy_h_hat(batch, entropy_pivot, h_hat)
 
 
-def _check_inputs(tensors: dict[str, Tensor], mask: Tensor) -> Tensor:
-    if not isinstance(mask, Tensor) or mask.dim() != 2:
-        raise ValueError(f"mask must be a [B, T] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
-    inside = mask != 0
-    for name, value in tensors.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.shape != mask.shape:
-            raise ValueError(f"{name} must have the shape of mask {list(mask.shape)}, got {list(value.shape)}")
-        bad = (~torch.isfinite(value.detach()) & inside).any(-1)
-        if bad.any():
-            raise ValueError(f"{name} is NaN or Inf inside the mask at rows {describe_rows(bad)}")
-    return inside
 
 
 def hapo_policy_loss(
@@ -140,7 +127,7 @@ def hapo_policy_loss(
         raise ValueError(f"alpha and beta must be >= 0; got {alpha}, {beta}")
     if clip_ratio_c is not None and clip_ratio_c <= 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (verl's dual clip) or None; got {clip_ratio_c}")
-    inside = _check_inputs(
+    inside = check_token_inputs(
         {
             "logprobs": logprobs,
             "old_logprobs": old_logprobs,

@@ -35,6 +35,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from canonrl.batch import describe_rows
+
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("low_var_kl", "k1", "k2")
 
@@ -71,6 +73,23 @@ def aggregate_loss(
     if mode == "seq-mean-token-sum-norm":
         total = total / (loss.shape[-1] if scale_factor is None else scale_factor)
     return total
+
+
+def check_token_inputs(tensors: dict[str, Tensor], mask: Tensor) -> Tensor:
+    """[B, T] bool: the tokens inside `mask`, after checking that every tensor of `tensors` (name -> [B, T]) has the
+    mask's shape and is finite inside it; errors name the argument and the rows."""
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise ValueError(f"mask must be a [B, T] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
+    inside = mask != 0
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.shape != mask.shape:
+            raise ValueError(f"{name} must have the shape of mask {list(mask.shape)}, got {list(value.shape)}")
+        bad = (~torch.isfinite(value.detach()) & inside).any(-1)
+        if bad.any():
+            raise ValueError(f"{name} is NaN or Inf inside the mask at rows {describe_rows(bad)}")
+    return inside
 
 
 def _log_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:

@@ -72,8 +72,7 @@ import math
 import torch
 from torch import Tensor
 
-from canonrl.batch import describe_rows
-from canonrl.training.losses import _log_ratio, aggregate_loss, ppo_clip_loss
+from canonrl.training.losses import _log_ratio, aggregate_loss, check_token_inputs, ppo_clip_loss
 
 #: ``run/run_exp.sh`` (exponential mapping; w_max is unused there).
 STEER_RUN_EXP = {"w_min": 0.8, "w_max": 1.0, "linear": False, "clip_low": 0.2, "clip_high": 0.28, "clip_ratio_c": 10.0}
@@ -91,19 +90,6 @@ _PROB_EPS = 1e-8
 _EXP_METRIC_FLOOR = 0.02
 
 
-def _check_inputs(tensors: dict[str, Tensor], mask: Tensor) -> Tensor:
-    if not isinstance(mask, Tensor) or mask.dim() != 2:
-        raise ValueError(f"mask must be a [B, T] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
-    inside = mask != 0
-    for name, value in tensors.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.shape != mask.shape:
-            raise ValueError(f"{name} must have the shape of mask {list(mask.shape)}, got {list(value.shape)}")
-        bad = (~torch.isfinite(value.detach()) & inside).any(-1)
-        if bad.any():
-            raise ValueError(f"{name} is NaN or Inf inside the mask at rows {describe_rows(bad)}")
-    return inside
 
 
 def _check_weight_range(w_min: float, w_max: float, linear: bool) -> None:
@@ -171,7 +157,7 @@ def steer_token_weights(
     `entropy` the token entropies (upstream: the old policy's), m_min / m_max over the mask's tokens of this call.
     """
     _check_weight_range(w_min, w_max, linear)
-    inside = _check_inputs(
+    inside = check_token_inputs(
         {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "entropy": entropy}, mask
     )
     return _weights_and_metric(logprobs, old_logprobs, advantages, entropy, inside, w_min, w_max, linear)[0]
@@ -216,7 +202,7 @@ def steer_policy_loss(
         raise ValueError(f"clip_low and clip_high must be >= 0; got {clip_low}, {clip_high}")
     if clip_ratio_c is not None and clip_ratio_c <= 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (verl's dual clip) or None; got {clip_ratio_c}")
-    inside = _check_inputs(
+    inside = check_token_inputs(
         {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "entropy": entropy}, mask
     )
     weights, metric = _weights_and_metric(logprobs, old_logprobs, advantages, entropy, inside, w_min, w_max, linear)

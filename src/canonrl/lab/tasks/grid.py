@@ -61,6 +61,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
 from canonrl.lab.tasks import register_task
+from canonrl.lab.tasks._tokenizer import word_level_tokenizer
 from canonrl.lab.tasks.base import Problem, Split, check_split
 from canonrl.lab.tasks.environment import Transition
 
@@ -415,19 +416,4 @@ def build_tokenizer():
 
     Built in code (no download) as a `transformers.PreTrainedTokenizerFast`, saved with the policy.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: index for index, token in enumerate(VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
+    return word_level_tokenizer(VOCAB, ".")
