@@ -59,3 +59,20 @@ def test_a_killed_grid_run_resumes_bit_exactly(tmp_path):
 def test_a_step_estimator_needs_a_multi_turn_task(tmp_path):
     with pytest.raises(ValueError, match=r"needs step_rewards, anchor, which only a multi-turn task gives"):
         Trainer(load_config(None, ["estimator=gigpo", "steps=1"]), tmp_path)
+
+
+def test_lab_grid_tiny_rebuilds_from_its_recipe(tmp_path):
+    from typer.testing import CliRunner
+
+    from canonrl.cli import app
+    from canonrl.lab.policy import load_policy
+    from canonrl.lab.tasks.grid import VOCAB
+    from canonrl.lab.warmstart_grid import GridWarmstartConfig, warmstart_grid
+
+    summary = warmstart_grid(tmp_path / "p", GridWarmstartConfig(steps=2, warmup_steps=1, eval_problems=2))
+    assert summary["rebuild"] == "canonrl lab warmstart --policy lab-grid-tiny" and summary["recipe"]["noise"] == 0.6
+    assert json.loads((tmp_path / "p" / "warmstart.json").read_text()) == summary
+    policy = load_policy(str(tmp_path / "p"))
+    assert policy.tokenizer.convert_ids_to_tokens(list(range(len(VOCAB)))) == list(VOCAB)
+    refused = CliRunner().invoke(app, ["lab", "warmstart", "--policy", "lab-huge"])
+    assert refused.exit_code != 0 and "lab-tiny, lab-grid-tiny" in refused.output

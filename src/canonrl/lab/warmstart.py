@@ -111,7 +111,7 @@ def warmstart(out_dir: Path, config: WarmstartConfig | None = None, progress=Non
     Returns the recorded summary."""
     config = config or WarmstartConfig()
     from canonrl.lab.evaluate import evaluate
-    from canonrl.lab.policy import Policy, save_policy_dir
+    from canonrl.lab.policy import Policy
 
     torch.manual_seed(config.seed)
     rng = random.Random(f"warmstart/{config.seed}")
@@ -122,14 +122,23 @@ def warmstart(out_dir: Path, config: WarmstartConfig | None = None, progress=Non
     losses, seconds = fit(model, lambda: _training_batch(task, tokenizer, rng, config.batch_size, style), config, progress)
     policy = Policy(model=model, tokenizer=tokenizer, source="lab-tiny")
     sampled = evaluate(policy, task, problems=config.eval_problems, seed=config.seed, samples=4, max_new_tokens=96)
+    extra = {"trace_style": asdict(style)}
+    return save_warmstarted(model, tokenizer, out_dir, config, losses, seconds, sampled, "canonrl lab warmstart", extra)
+
+
+def save_warmstarted(model, tokenizer, out_dir, config, losses, seconds, heldout, rebuild, extra=None) -> dict:
+    """Write the warm-started policy and its `warmstart.json` (recipe, size, loss, time, held-out results, the
+    command that rebuilds it) to `out_dir` atomically; returns that summary."""
+    from canonrl.lab.policy import save_policy_dir
+
     summary = {
         "recipe": asdict(config),
-        "trace_style": asdict(style),
+        **(extra or {}),
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "train_seconds": seconds,
-        "heldout": sampled,
-        "rebuild": "canonrl lab warmstart",
+        "heldout": heldout,
+        "rebuild": rebuild,
     }
     save_policy_dir(
         model, tokenizer, Path(out_dir),

@@ -10,14 +10,13 @@ at temperature 1 and its held-out success leaves RL room (the recorded `warmstar
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from canonrl.lab.warmstart import WarmstartConfig, build_model, fit, padded_batch
+from canonrl.lab.warmstart import WarmstartConfig, build_model, fit, padded_batch, save_warmstarted
 
 
 @dataclass
@@ -49,7 +48,7 @@ def grid_training_batch(task, tokenizer, rng: random.Random, size: int, noise: f
 def warmstart_grid(out_dir: Path, config: GridWarmstartConfig | None = None, progress=None) -> dict:
     """Train the lab-grid-tiny policy (recipe `config`) and write it to `out_dir` atomically; returns the summary."""
     from canonrl.lab.multi_turn import evaluate_environment
-    from canonrl.lab.policy import Policy, save_policy_dir
+    from canonrl.lab.policy import Policy
     from canonrl.lab.tasks.grid import GridTask, build_tokenizer
 
     config = config or GridWarmstartConfig()
@@ -63,16 +62,5 @@ def warmstart_grid(out_dir: Path, config: GridWarmstartConfig | None = None, pro
     )
     policy = Policy(model=model, tokenizer=tokenizer, source="lab-grid-tiny")
     heldout = evaluate_environment(policy, task, problems=config.eval_problems, seed=config.seed, samples=4)
-    summary = {
-        "recipe": asdict(config),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "train_seconds": seconds,
-        "heldout": heldout,
-        "rebuild": "canonrl lab warmstart --policy lab-grid-tiny",
-    }
-    save_policy_dir(
-        model, tokenizer, Path(out_dir),
-        lambda directory: (directory / "warmstart.json").write_text(json.dumps(summary, indent=2) + "\n"),
-    )  # fmt: skip
-    return summary
+    rebuild = "canonrl lab warmstart --policy lab-grid-tiny"
+    return save_warmstarted(model, tokenizer, out_dir, config, losses, seconds, heldout, rebuild)
