@@ -244,6 +244,24 @@ def bench_trl_command(
         markdown.write_text(table + "\n")
 
 
+@lab_app.command("bench-multi-turn")
+def bench_multi_turn_command(
+    prompts: int = typer.Option(8, help="mazes"),
+    group_size: int = typer.Option(8, help="episodes per maze"),
+    repeats: int = typer.Option(3, help="timed runs per contender (median)"),
+    markdown: Path = typer.Option(None, help="also write the table to this file"),
+) -> None:
+    """Time the multi-turn rollout against a model.generate-per-turn loop on lab-grid, and split a grid training step."""
+    from canonrl.lab.bench_multi_turn import run_multi_turn_benchmark
+
+    with lab_command(), console.status("benchmarking the multi-turn rollout"):
+        result = run_multi_turn_benchmark(prompts=prompts, group_size=group_size, repeats=repeats)
+    table = result.markdown()
+    console.print(table, highlight=False, soft_wrap=True)
+    if markdown:
+        markdown.write_text(table + "\n")
+
+
 def compare_command(
     estimators: list[str] = typer.Option(
         ["grpo", "dr_grpo", "canon"], "--estimator", "-e",

@@ -21,6 +21,7 @@ episode with reward 0 and a counted error (``VerifyResult.failures``); the other
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -45,11 +46,13 @@ class Turns:
     invalid: torch.Tensor
     #: [N] bool: episodes ended by an environment error
     errors: torch.Tensor = field(default=None)
+    #: seconds spent in the environment (steps, observations and their tokenization)
+    env_seconds: float = 0.0
 
     def select(self, rows: torch.Tensor, width: int) -> Turns:
         picked = rows.tolist()
         return Turns(self.turn_ids[rows, :width], [self.step_rewards[i] for i in picked],
-                     [self.anchors[i] for i in picked], self.invalid[rows], self.errors[rows])  # fmt: skip
+                     [self.anchors[i] for i in picked], self.invalid[rows], self.errors[rows], self.env_seconds)  # fmt: skip
 
     @property
     def counts(self) -> torch.Tensor:
@@ -131,12 +134,14 @@ def run_episodes(
     columns = _Columns()
     live = torch.ones(rows, dtype=torch.bool, device=device)
     zeros = torch.zeros(rows, device=device)
+    env_seconds = 0.0
     for turn in range(env.max_turns):
         if not live.any():
             break
         actions, logits = _act(decoder, logits, live, turn, columns, env, tokenizer, policy.eos_id, policy.pad_id,
                                temperature, top_p, greedy, generator)  # fmt: skip
         observations = {}
+        env_started = time.perf_counter()
         for row in live.nonzero().squeeze(1).tolist():
             going_on = episodes.step(row, actions[row]) and turn < env.max_turns - 1
             if going_on:
@@ -146,6 +151,7 @@ def run_episodes(
                 else:
                     observations[row] = ids
             live[row] = going_on
+        env_seconds += time.perf_counter() - env_started
         width = max((len(ids) for ids in observations.values()), default=0)
         for j in range(width):
             reading = [row for row, ids in observations.items() if j < len(ids)]
@@ -160,7 +166,7 @@ def run_episodes(
     used = int(out["attention"].flip(1).cumsum(1).gt(0).sum(1).max().item()) if rows and out["tokens"].numel() else 0
     outcomes = episodes.outcomes()
     turns = Turns(out["turn"][:, :used], episodes.step_rewards, episodes.anchors,
-                  torch.tensor(episodes.invalid), torch.tensor(episodes.errors))  # fmt: skip
+                  torch.tensor(episodes.invalid), torch.tensor(episodes.errors), env_seconds)  # fmt: skip
     rollouts = Rollouts(
         prompt_ids.repeat_interleave(repeats, dim=0), prompt_mask.repeat_interleave(repeats, dim=0),
         out["tokens"][:, :used], out["mask"][:, :used], out["logprobs"][:, :used], out["entropy"][:, :used],
@@ -278,6 +284,7 @@ def turn_metrics(turns: Turns, group: torch.Tensor) -> dict:
         "invalid_moves": float(turns.invalid.float().mean()),
         "env_errors": int(turns.errors.sum()),
         "turn_reward": sum(rewards) / max(len(rewards), 1),
+        "env_seconds": turns.env_seconds,
         "anchor_group_size": len(keys) / max(len(sizes), 1),
         "anchor_singletons": sum(size == 1 for size in sizes.values()) / max(len(sizes), 1),
     }

@@ -49,6 +49,7 @@ from canonrl.training.selection import d3s_keep
 
 WALL_CLOCK_KEYS = (
     "time", "step_seconds", "rollout_tokens_per_second", "greedy_seconds", "reference_seconds", "ref_logprobs_seconds",
+    "rollout_seconds", "advantage_seconds", "update_seconds", "env_seconds",
 )  # fmt: skip
 __all__ = ["StepResult", "Trainer", "TrainingError", "WALL_CLOCK_KEYS", "default_run_dir", "train"]
 
@@ -274,9 +275,13 @@ class Trainer:
         rewards = torch.tensor(verdict.scores, dtype=torch.float32, device=self.device)
         inputs, extra_metrics = self.extra_inputs(step, problems, rollouts)
         reward_input = estimator_rewards(verdict, self.reward_names, self.device)
+        advantage_started = time.perf_counter()
         advantages = self.advantages(step, rollouts, reward_input, **inputs)
         loss_mask, selection_metrics = self.loss_mask(step, rollouts, advantages)
+        update_started = time.perf_counter()
         metrics = self.update(step, rollouts, advantages, inputs.get("ref_logprobs"), loss_mask)
+        metrics.update(rollout_seconds=rollout_seconds, advantage_seconds=update_started - advantage_started,
+                       update_seconds=time.perf_counter() - update_started)  # fmt: skip
         metrics.update(selection_metrics)
         if self.prompt_sampler is not None:
             metrics.update(self._update_prompt_sampler(prompt_ids, rewards))
