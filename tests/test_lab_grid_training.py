@@ -76,3 +76,13 @@ def test_lab_grid_tiny_rebuilds_from_its_recipe(tmp_path):
     assert policy.tokenizer.convert_ids_to_tokens(list(range(len(VOCAB)))) == list(VOCAB)
     refused = CliRunner().invoke(app, ["lab", "warmstart", "--policy", "lab-huge"])
     assert refused.exit_code != 0 and "lab-tiny, lab-grid-tiny" in refused.output
+
+
+def test_matchtir_trains_on_calc_with_the_shipped_lab_tiny(tmp_path):
+    config = load_config(None, ["task=calc", "estimator=matchtir", "steps=1", "prompts_per_step=2", "group_size=4",
+                                "eval_problems=4", "eval_samples=1", "threads=1", "tensorboard=false"])  # fmt: skip
+    trainer = Trainer(config, tmp_path)
+    assert trainer.policy_name == "lab-tiny"
+    result = trainer.train_step(1)
+    assert result.rollouts.turns is not None and torch.isfinite(result.advantages).all()
+    assert result.metrics["turns"] >= 2  # operations and the answer, each a turn

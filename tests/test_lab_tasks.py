@@ -384,7 +384,7 @@ def test_boxed_adversarial_inputs_return_within_the_bound(boxed, verifier):
 
 
 def test_registry_names_and_errors():
-    assert task_names()[:5] == ["lab", "rg:<dataset>", "boxed[:<dataset>]", "jsonl:<path>", "grid"]
+    assert task_names()[:6] == ["lab", "rg:<dataset>", "boxed[:<dataset>]", "jsonl:<path>", "grid", "calc"]
     for bad in ("nope", "rgchain_sum", "boxed-gsm", "lab:extra", "Lab"):
         with pytest.raises(ValueError, match="unknown task") as error:
             get_task(bad)
@@ -432,8 +432,8 @@ def test_a_registered_task_is_found_by_name(throwaway):
     assert (task.argument, task.scale, task.name) == ("abc", 3, "throwaway:abc")
     assert get_task("throwaway").argument == "none"  # an optional argument left out: the factory's default
     assert task.problems("train", 2, seed=0)[1].answer == "3"
-    assert task_names()[:5] == ["lab", "rg:<dataset>", "boxed[:<dataset>]", "jsonl:<path>", "grid"]
-    assert task_names()[5:] == ["throwaway-plain", "throwaway[:<argument>]"]
+    assert task_names()[:6] == ["lab", "rg:<dataset>", "boxed[:<dataset>]", "jsonl:<path>", "grid", "calc"]
+    assert task_names()[6:] == ["throwaway-plain", "throwaway[:<argument>]"]
     with pytest.raises(ValueError, match="unknown task") as error:
         get_task("nope")
     assert "'throwaway[:<argument>]' (a test's task)" in str(error.value)
@@ -453,7 +453,7 @@ def test_a_new_module_in_the_package_is_all_it_takes(throwaway, tmp_path, monkey
     monkeypatch.delitem(sys.modules, "canonrl.lab.tasks.zz_throwaway", raising=False)
     try:
         assert get_task("zz-throwaway:x").name == "zz-throwaway:x"
-        assert task_names()[5] == "zz-throwaway:<argument>"  # after the five shipped families
+        assert task_names()[6] == "zz-throwaway:<argument>"  # after the six shipped families
     finally:
         sys.modules.pop("canonrl.lab.tasks.zz_throwaway", None)
 

@@ -32,7 +32,7 @@ from canonrl.lab.tasks.base import Task
 __all__ = ["register_task", "get_task", "task_names"]
 
 #: the modules whose tasks `task_names` lists first, in this order; the package's other modules follow by name
-FIRST_MODULES: tuple[str, ...] = ("lab", "reasoning_gym", "boxed", "jsonl", "grid")
+FIRST_MODULES: tuple[str, ...] = ("lab", "reasoning_gym", "boxed", "jsonl", "grid", "calc")
 
 _PATTERN = re.compile(r"^(?P<prefix>[A-Za-z][\w.-]*)(?::<(?P<required>\w+)>|\[:<(?P<optional>\w+)>\])?$")
 
