@@ -4,6 +4,7 @@ warm-start traces and the grid tokenizer."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -252,3 +253,17 @@ def test_get_task_and_bad_options():
         with pytest.raises(ValueError) as error:
             get_task("grid", **options)
         assert "\n" not in str(error.value)
+
+
+def test_the_solver_gives_state_values_and_step_labels():
+    """V* is 1 while the goal is reachable in the turns left; a turn is labelled +1 when it shortens the distance."""
+    task = GridTask(max_turns=5)
+    problem = task.problems("train", 1, seed=3)[0]
+    state = task.reset(problem)
+    assert task.state_value(state) == float(task.distance(state) <= 5)
+    right = task.step(state, task.expert_action(state)).state
+    assert task.step_label(state, right) == 1.0
+    wrong_action = next(a for a in "udlr" if task.distance(task.step(state, a).state) >= task.distance(state))
+    assert task.step_label(state, task.step(state, wrong_action).state) == -1.0
+    late = replace(state, turns=5 - task.distance(state) + 1)  # one turn too few left
+    assert task.state_value(late) == 0.0

@@ -27,7 +27,7 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("estimator", ["gigpo", "trloo", "igpo", "grpo"])
+@pytest.mark.parametrize("estimator", ["gigpo", "trloo", "igpo", "grpo", "spo_chain", "spae", "fspo"])
 def test_an_estimator_trains_on_grid_by_name(estimator, tmp_path):
     trainer = Trainer(grid_config(f"estimator={estimator}", "steps=1"), tmp_path)
     assert trainer.policy_name == "lab-grid-tiny"  # policy=auto: the task's shipped policy
@@ -42,7 +42,12 @@ def test_an_estimator_trains_on_grid_by_name(estimator, tmp_path):
     assert all(len(values) == 1 for values in per_turn)  # one advantage per turn (an action is one token here)
     rows_vary = any(len(set(advantages[row][rollouts.response_mask[row] > 0].tolist())) > 1
                     for row in range(advantages.shape[0]))  # fmt: skip
-    assert rows_vary == (estimator != "grpo")  # step estimators vary along an episode; GRPO is one per episode
+    if estimator in ("grpo", "gigpo", "fspo"):  # GRPO: one value per episode; these two vary along one
+        assert rows_vary == (estimator != "grpo")
+    if estimator in ("spo_chain", "spae", "fspo"):  # the solver's values and labels, one per turn
+        turns = rollouts.turns
+        assert [len(v) for v in turns.step_values] == [len(r) for r in turns.step_rewards]
+        assert {x for labels in turns.step_labels for x in labels} <= {-1.0, 1.0}
 
 
 def test_a_killed_grid_run_resumes_bit_exactly(tmp_path):

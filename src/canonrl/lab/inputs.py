@@ -125,7 +125,11 @@ TURN_INPUTS = {
     "turn_ids": "the multi-turn rollout's turn of each action token",
     "step_rewards": "the environment's turn rewards",
     "anchor": "the environment's anchor of each turn's start state",
+    "step_values": "the environment solver's V* of each turn's end state",
+    "step_labels": "the environment solver's label of each turn (+1 right, -1 wrong)",
 }
+#: turn inputs only an environment with a solver gives (`canonrl.lab.tasks.environment.has_solver`)
+SOLVER_INPUTS = ("step_values", "step_labels")
 _HOW.update(TURN_INPUTS)
 
 
@@ -134,7 +138,10 @@ def turn_inputs(estimator, turns) -> dict:
     outcome-level estimator gets none (it sees one reward per episode)."""
     if type(estimator).level != "step":
         return {}
-    return {"turn_ids": turns.turn_ids, "step_rewards": turns.step_rewards, "anchor": turns.anchors}
+    fields = {"turn_ids": turns.turn_ids, "step_rewards": turns.step_rewards, "anchor": turns.anchors}
+    if turns.step_values is not None:
+        fields.update(step_values=turns.step_values, step_labels=turns.step_labels)
+    return fields
 
 
 #: what the lab gives an estimator beyond rewards, group and mask, and how

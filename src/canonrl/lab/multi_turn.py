@@ -29,6 +29,7 @@ import torch
 from canonrl.lab.decoding import make_decoder
 from canonrl.lab.sampling import Rollouts, draw_tokens
 from canonrl.lab.seeds import seed_of
+from canonrl.lab.tasks.environment import has_solver
 from canonrl.lab.verification import VerifyResult
 
 
@@ -48,11 +49,19 @@ class Turns:
     errors: torch.Tensor = field(default=None)
     #: seconds spent in the environment (steps, observations and their tokenization)
     env_seconds: float = 0.0
+    #: per row, per turn, from the environment's solver (None without one): the value of the state each turn reached
+    #: (``state_value``) and the turn's label (``step_label``)
+    step_values: list[list[float]] | None = None
+    step_labels: list[list[float]] | None = None
 
     def select(self, rows: torch.Tensor, width: int) -> Turns:
         picked = rows.tolist()
-        return Turns(self.turn_ids[rows, :width], [self.step_rewards[i] for i in picked],
-                     [self.anchors[i] for i in picked], self.invalid[rows], self.errors[rows], self.env_seconds)  # fmt: skip
+
+        def rows_of(lists):
+            return None if lists is None else [lists[i] for i in picked]
+
+        return Turns(self.turn_ids[rows, :width], rows_of(self.step_rewards), rows_of(self.anchors), self.invalid[rows],
+                     self.errors[rows], self.env_seconds, rows_of(self.step_values), rows_of(self.step_labels))  # fmt: skip
 
     @property
     def counts(self) -> torch.Tensor:
@@ -92,12 +101,18 @@ class _Episodes:
     anchors: list[list]
     invalid: list[int]
     errors: list[bool]
+    #: per row, per turn, where the environment has a solver (``state_value`` / ``step_label``): the value of the state the
+    #: turn reached, and the turn's label (+1 a right step, -1 a wrong one); None otherwise
+    step_values: list[list[float]] | None = None
+    step_labels: list[list[float]] | None = None
 
     @classmethod
     def start(cls, env, problems: list, repeats: int) -> _Episodes:
         states = [env.reset(p) for p in problems for _ in range(repeats)]
         n = len(states)
-        return cls(env, states, [[] for _ in range(n)], [[] for _ in range(n)], [0] * n, [False] * n)
+        solver = has_solver(env)
+        return cls(env, states, [[] for _ in range(n)], [[] for _ in range(n)], [0] * n, [False] * n,
+                   [[] for _ in range(n)] if solver else None, [[] for _ in range(n)] if solver else None)
 
     def step(self, row: int, action: str) -> bool:
         """Apply `row`'s action; True when its episode goes on."""
@@ -107,11 +122,17 @@ class _Episodes:
             transition = env.step(state, action)
         except Exception:  # noqa: BLE001 — any environment failure ends this episode only, counted
             self.step_rewards[row].append(0.0)
+            if self.step_values is not None:
+                self.step_values[row].append(0.0)
+                self.step_labels[row].append(-1.0)
             self.errors[row] = True
             return False
         self.states[row] = transition.state
         self.step_rewards[row].append(float(transition.reward))
         self.invalid[row] += not transition.valid
+        if self.step_values is not None:
+            self.step_values[row].append(float(env.state_value(transition.state)))
+            self.step_labels[row].append(float(env.step_label(state, transition.state)))
         return not transition.done
 
     def outcomes(self) -> list[float]:
@@ -166,7 +187,8 @@ def run_episodes(
     used = int(out["attention"].flip(1).cumsum(1).gt(0).sum(1).max().item()) if rows and out["tokens"].numel() else 0
     outcomes = episodes.outcomes()
     turns = Turns(out["turn"][:, :used], episodes.step_rewards, episodes.anchors,
-                  torch.tensor(episodes.invalid), torch.tensor(episodes.errors), env_seconds)  # fmt: skip
+                  torch.tensor(episodes.invalid), torch.tensor(episodes.errors), env_seconds, episodes.step_values,
+                  episodes.step_labels)  # fmt: skip
     rollouts = Rollouts(
         prompt_ids.repeat_interleave(repeats, dim=0), prompt_mask.repeat_interleave(repeats, dim=0),
         out["tokens"][:, :used], out["mask"][:, :used], out["logprobs"][:, :used], out["entropy"][:, :used],

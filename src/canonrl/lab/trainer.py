@@ -33,7 +33,16 @@ import torch
 from canonrl.lab import checkpoints
 from canonrl.lab.config import TrainConfig, load_config, save_config
 from canonrl.lab.evaluate import evaluate
-from canonrl.lab.inputs import LAB, NEEDS_REFERENCE, TURN_INPUTS, StepContext, extra_inputs, rollout_inputs, turn_inputs
+from canonrl.lab.inputs import (
+    LAB,
+    NEEDS_REFERENCE,
+    SOLVER_INPUTS,
+    TURN_INPUTS,
+    StepContext,
+    extra_inputs,
+    rollout_inputs,
+    turn_inputs,
+)
 from canonrl.lab.multi_turn import MultiTurnRollout, evaluate_environment, turn_metrics
 from canonrl.lab.policy import load_policy, resolve_device, save_policy_dir, task_policy
 from canonrl.lab.report import read_run
@@ -43,7 +52,7 @@ from canonrl.lab.run_log import RunLog
 from canonrl.lab.seeds import seed_of
 from canonrl.lab.tasks import get_task
 from canonrl.lab.tasks.base import reward_components
-from canonrl.lab.tasks.environment import is_multi_turn
+from canonrl.lab.tasks.environment import has_solver, is_multi_turn
 from canonrl.lab.update import PolicyUpdate, TrainingError
 from canonrl.training.selection import d3s_keep
 
@@ -127,6 +136,12 @@ class Trainer:
             raise ValueError(
                 f"estimator {config.estimator!r} needs {', '.join(turn_inputs)}, which only a multi-turn task gives "
                 f"(task=grid); task {config.task!r} is single-turn"
+            )
+        solver_inputs = [name for name in self.inputs if name in SOLVER_INPUTS]
+        if solver_inputs and is_multi_turn(self.task) and not has_solver(self.task):
+            raise ValueError(
+                f"estimator {config.estimator!r} needs {', '.join(solver_inputs)}, which only an environment with a "
+                f"solver gives (task=grid); task {config.task!r} has none"
             )
         if "human_values" in self.inputs and not callable(getattr(self.task, "value", None)):
             raise ValueError(

@@ -77,5 +77,15 @@ class Environment(Protocol):
         ...
 
 
+# Optional, where an environment has an exact solver (lab-grid's BFS): ``state_value(state) -> float`` (the optimal
+# policy's expected outcome from `state`: V*, a step estimator's ``step_values``) and
+# ``step_label(state, next_state) -> float`` (+1 when the turn was a right step, -1 otherwise: ``step_labels``).
+
+
+def has_solver(env: Any) -> bool:
+    """Whether `env` gives step values and labels (``state_value`` and ``step_label``)."""
+    return callable(getattr(env, "state_value", None)) and callable(getattr(env, "step_label", None))
+
+
 def is_multi_turn(task: Any) -> bool:
     return bool(getattr(task, "multi_turn", False))

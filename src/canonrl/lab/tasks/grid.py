@@ -342,6 +342,16 @@ class GridTask:
         reward = self.progress_reward * (self.distance(state) - self.distance(new))
         return Transition(new, reward, new.done, True)
 
+    def state_value(self, state: GridState) -> float:
+        """V*: the optimal policy's outcome from `state`, 1.0 when the goal is reachable in the turns left."""
+        if self.outcome(state):
+            return 1.0
+        return float(not state.done and self.distance(state) <= self.max_turns - state.turns)
+
+    def step_label(self, state: GridState, next_state: GridState) -> float:
+        """+1 when the turn brought the agent closer to the goal (a shortest-path move), -1 otherwise."""
+        return 1.0 if self.distance(next_state) < self.distance(state) else -1.0
+
     def render(self, state: GridState) -> str:
         return _observation(state.pos, state.has_key)
 
