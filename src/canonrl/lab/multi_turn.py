@@ -173,13 +173,8 @@ def run_episodes(
                     observations[row] = ids
             live[row] = going_on
         env_seconds += time.perf_counter() - env_started
-        width = max((len(ids) for ids in observations.values()), default=0)
-        for j in range(width):
-            reading = [row for row, ids in observations.items() if j < len(ids)]
-            token = torch.full((rows,), policy.pad_id, dtype=torch.long, device=device)
-            token[reading] = torch.tensor([observations[row][j] for row in reading], device=device)
-            has = torch.zeros(rows, dtype=torch.bool, device=device)
-            has[reading] = True
+        tokens, reads = _padded(observations, rows, policy.pad_id, device)
+        for token, has in zip(tokens.unbind(1), reads.unbind(1)):
             columns.add(token, zeros, has.long(), zeros, zeros, torch.full_like(token, -1))
             decoder.step(token, has)
             logits = torch.where(has[:, None], decoder.logits, logits)
@@ -199,11 +194,23 @@ def run_episodes(
     return rollouts, verdict
 
 
+def _padded(observations: dict[int, list[int]], rows: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, W] observation tokens, [rows, W] bool: which are real) of the rows that read one, right-padded."""
+    width = max((len(ids) for ids in observations.values()), default=0)
+    tokens = torch.full((rows, width), pad_id, dtype=torch.long)
+    for row, ids in observations.items():
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    lengths = torch.zeros(rows, dtype=torch.long)
+    lengths[list(observations)] = torch.tensor([len(ids) for ids in observations.values()], dtype=torch.long)
+    return tokens.to(device), (torch.arange(width) < lengths[:, None]).to(device)
+
+
 def _act(decoder, logits, live, turn, columns, env, tokenizer, eos_id, pad_id, temperature, top_p, greedy, generator):
     """One turn's action phase: sample until every live episode's action ended; returns (texts, logits)."""
     rows = live.shape[0]
     acting = live.clone()
     written: list[list[int]] = [[] for _ in range(rows)]
+    texts = [""] * rows
     for _ in range(env.max_action_tokens):
         if not acting.any():
             break
@@ -216,10 +223,9 @@ def _act(decoder, logits, live, turn, columns, env, tokenizer, eos_id, pad_id, t
         logits = torch.where(acting[:, None], decoder.logits, logits)
         for row in acting.nonzero().squeeze(1).tolist():
             written[row].append(int(token[row]))
-            text = tokenizer.decode(written[row], skip_special_tokens=True)
-            if int(token[row]) == eos_id or env.action_ended(text):
+            texts[row] = tokenizer.decode(written[row], skip_special_tokens=True)
+            if written[row][-1] == eos_id or env.action_ended(texts[row]):
                 acting[row] = False
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in written]
     return texts, logits
 
 

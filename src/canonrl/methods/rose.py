@@ -186,11 +186,7 @@ class ROSE(StepEstimator):
         reward = batch.rewards.double()[steps.occ_row[steps.first_occ]]
         inner, last = ~steps.is_last, steps.is_last
         key, count = lexicographic_codes([steps.group, position], steps.num_steps, steps.device)
-        sums = torch.zeros(count, dtype=torch.float64, device=steps.device).index_add_(0, key[inner], reward[inner])
-        size = torch.zeros(count, dtype=torch.float64, device=steps.device).index_add_(
-            0, key[inner], torch.ones_like(reward[inner])
-        )
-        branch_value = sums / size.clamp_min(1)
+        branch_value = Grouping(key, inner, count).mean(reward)
         root_value = Grouping(steps.group, last, steps.num_groups).mean(reward)
         end_value = torch.where(last, reward, branch_value[key])
         start_value = torch.where(steps.is_first, root_value[steps.group], end_value[steps.prev.clamp_min(0)])

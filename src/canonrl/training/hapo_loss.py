@@ -62,7 +62,7 @@ from torch import Tensor
 
 from canonrl.batch import make_batch
 from canonrl.methods.hapo import entropy_h_hat
-from canonrl.training.losses import _log_ratio, aggregate_loss, check_token_inputs
+from canonrl.training.losses import _log_ratio, aggregate_loss, check_token_inputs, ppo_clip_loss
 
 
 def hapo_entropy_hat(entropy: Tensor, mask: Tensor, entropy_pivot: float = 0.8, h_hat: str = "signed") -> Tensor:
@@ -161,18 +161,9 @@ def hapo_policy_loss(
             uses_ent = torch.where(high, ~in_zone, in_zone)
             adv = torch.where(uses_ent, adv_ent, adv)
 
-    pg_losses1 = -adv * ratio
-    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    clip_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    clipped = pg_losses2 > pg_losses1
-    negative = adv < 0
-    if clip_ratio_c is not None:
-        pg_losses3 = -adv * clip_ratio_c
-        dual = negative & (clip_losses1 > pg_losses3)
-        token_loss = torch.where(negative, torch.minimum(pg_losses3, clip_losses1), clip_losses1)
-    else:
-        dual = torch.zeros_like(inside)
-        token_loss = clip_losses1
+    token_loss, indicators = ppo_clip_loss(logprobs, old_logprobs, adv, eps_low, eps_high, clip_ratio_c)
+    clipped = indicators["clipped"]
+    dual = indicators.get("dual_clipped", torch.zeros_like(clipped))
     token_loss = torch.where(inside, token_loss, zero)
     loss = aggregate_loss(token_loss, mask, agg)
 

@@ -101,12 +101,14 @@ def ppo_clip_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_low: float | Tensor = 0.2,
+    clip_high: float | Tensor = 0.2,
     dual_clip: float | None = 3.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token PPO-clip loss [B, T] and per-token indicators `clipped` / `dual_clipped` (float, for metrics)."""
-    if clip_low < 0 or clip_high < 0:
+    """Per-token PPO-clip loss [B, T] and per-token indicators `clipped` / `dual_clipped` (float, for metrics).
+
+    The clip ranges are numbers, or [B, T] tensors of per-token ranges (HAPO's entropy-adaptive clipping)."""
+    if any(bool((bound < 0).any()) if isinstance(bound, Tensor) else bound < 0 for bound in (clip_low, clip_high)):
         raise ValueError(f"clip_low and clip_high must be >= 0; got {clip_low}, {clip_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (verl's clip_ratio_c) or None; got {dual_clip}")

@@ -31,6 +31,13 @@ def text_fraction(text: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
+def in_heldout_bucket(prompt: str, buckets: int, split: str) -> bool:
+    """Whether `prompt` belongs to `split` when the held-out split is one bucket of `buckets` by a stable hash of the
+    prompt (the lab and lab-grid tasks' rule: the two splits never share a prompt)."""
+    bucket = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "little") % buckets
+    return (bucket == 0) == (split == "heldout")
+
+
 @dataclass(frozen=True)
 class Problem:
     """One prompt. `prompt` is the text the policy sees before the chat template (if any) is applied."""

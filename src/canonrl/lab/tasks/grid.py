@@ -54,7 +54,6 @@ traces at noise 0.5-0.7 are the ones that should give a warm-started policy in t
 from __future__ import annotations
 
 import functools
-import hashlib
 import random
 from collections import deque
 from collections.abc import Hashable
@@ -62,7 +61,7 @@ from dataclasses import dataclass, replace
 
 from canonrl.lab.tasks import register_task
 from canonrl.lab.tasks._tokenizer import word_level_tokenizer
-from canonrl.lab.tasks.base import Problem, Split, check_split
+from canonrl.lab.tasks.base import Problem, Split, check_split, in_heldout_bucket
 from canonrl.lab.tasks.environment import Transition
 
 VOCAB: tuple[str, ...] = (
@@ -89,9 +88,6 @@ class GridState:
     turns: int = 0  # turns taken so far, invalid ones included
     done: bool = False
 
-
-def _stable_bucket(text: str, buckets: int) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % buckets
 
 
 def _find(grid: tuple[str, ...], symbol: str) -> tuple[int, int] | None:
@@ -253,8 +249,7 @@ class GridTask:
     # ------------------------------------------------------------------------------------------------------------
 
     def in_split(self, prompt: str, split: Split) -> bool:
-        heldout = _stable_bucket(prompt, self.heldout_buckets) == 0
-        return heldout if split == "heldout" else not heldout
+        return in_heldout_bucket(prompt, self.heldout_buckets, split)
 
     def _draw(self, rng: random.Random, with_door: bool) -> tuple[tuple[str, ...], tuple[int, int]] | None:
         """One maze attempt: (rows, start) with the goal reachable (through a needed door when `with_door`), or

@@ -26,14 +26,13 @@ hash of its prompt falls in one bucket out of `heldout_buckets`, so the two spli
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from dataclasses import dataclass
 
 from canonrl.lab.tasks import register_task
 from canonrl.lab.tasks._tokenizer import word_level_tokenizer
-from canonrl.lab.tasks.base import Problem, Reward, Split
+from canonrl.lab.tasks.base import Problem, Reward, Split, in_heldout_bucket
 
 VOCAB: tuple[str, ...] = (
     "<pad>", "<s>", "</s>", "<unk>",
@@ -65,9 +64,6 @@ def chain_value(operands: list[int], ops: list[str]) -> int:
 def _prompt(operands: list[int], ops: list[str]) -> str:
     return str(operands[0]) + "".join(op + str(x) for op, x in zip(ops, operands[1:])) + "?"
 
-
-def _stable_bucket(text: str, buckets: int) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % buckets
 
 
 @register_task("lab")
@@ -103,8 +99,7 @@ class LabTask:
         return operands, ops
 
     def in_split(self, prompt: str, split: Split) -> bool:
-        heldout = _stable_bucket(prompt, self.heldout_buckets) == 0
-        return heldout if split == "heldout" else not heldout
+        return in_heldout_bucket(prompt, self.heldout_buckets, split)
 
     def problems(self, split: Split, count: int, seed: int) -> list[Problem]:
         if split not in ("train", "heldout"):
