@@ -246,10 +246,10 @@ def test_rlev_trains_in_the_lab_with_the_values(policy_dir, tmp_path):
 
     trainer = make_trainer(policy_dir, tmp_path, NeedsHumanValues, "task=valued", "estimator=rlev", "lr=0.05")
     captured = []
-    advantages = trainer.advantages
-    trainer.advantages = lambda step, rollouts, rewards, **inputs: captured.append((rewards, inputs)) or advantages(
-        step, rollouts, rewards, **inputs
-    )
+    advantages = trainer.advantages_and_returns
+    trainer.advantages_and_returns = lambda step, rollouts, rewards, **inputs: captured.append(
+        (rewards, inputs)
+    ) or advantages(step, rollouts, rewards, **inputs)
     result = trainer.train_step(1)
     rewards, inputs = captured[0]
     group = torch.arange(PROMPTS).repeat_interleave(GROUP)

@@ -402,13 +402,13 @@ def test_resume_refuses_a_checkpoint_of_another_estimator_configuration(policy_d
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(policy_dir, tmp_path, monkeypatch, parity):
     from canonrl.lab.policy import load_policy
 
-    original = Trainer.advantages
+    original = Trainer.advantages_and_returns
 
     def poisoned(self, step, rollouts, rewards):
-        advantages = original(self, step, rollouts, rewards)
-        return advantages if step < 3 else torch.full_like(advantages, float("nan"))
+        advantages, returns = original(self, step, rollouts, rewards)
+        return (advantages, returns) if step < 3 else (torch.full_like(advantages, float("nan")), returns)
 
-    monkeypatch.setattr(Trainer, "advantages", poisoned)
+    monkeypatch.setattr(Trainer, "advantages_and_returns", poisoned)
     config = tiny_config(policy_dir, "steps=4", "checkpoint_every=2", "estimator=grpo", parity)
     run_dir = tmp_path / "nan"
     with pytest.raises(TrainingError) as info:
@@ -425,7 +425,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(policy_dir, tmp_pat
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"
     assert not (run_dir / "summary.json").exists()
     # and, with sane advantages again, the run resumes from it to the end
-    monkeypatch.setattr(Trainer, "advantages", original)
+    monkeypatch.setattr(Trainer, "advantages_and_returns", original)
     summary = Trainer(config, run_dir, resume=True).train()
     assert summary["final"]["step"] == 4
 

@@ -185,3 +185,23 @@ def test_arpo_errors():
         arpo("mean", **segment_rows(*SHARED))
     with pytest.raises(ValueError, match="needs .node."):
         canonrl.advantages("arpo", rewards=torch.ones(1), group=[0], mask=torch.ones(1, 1))
+
+
+@pytest.mark.parametrize("name", ["arpo", "fspo"])
+def test_a_row_without_steps_takes_no_part(name):
+    """A fully masked row whose turn_ids are all -1 (a lab ghost row) is a trajectory without a step: it gets 0 and
+    leaves the others' advantages as they are without it."""
+    batch = segment_rows([["a", "b"], ["a", "c"], ["d"]], [[None, "a"], [None, "a"], [None]], [1.0, 0.0, 1.0])
+    extra = {"step_labels": [[1, 1], [1, -1], [1]]} if name == "fspo" else {}
+    without = canonrl.advantages(name, **batch, **extra)
+    ghost = dict(batch)
+    ghost["rewards"] = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    ghost["group"] = [0, 0, 0, 0]
+    ghost["turn_ids"] = torch.cat([batch["turn_ids"], torch.full((1, 2), -1)])
+    ghost["mask"] = (ghost["turn_ids"] >= 0).float()
+    ghost["node"] = batch["node"] + [[]]
+    ghost["parent"] = batch["parent"] + [[]]
+    if name == "fspo":
+        extra = {"step_labels": extra["step_labels"] + [[]]}
+    with_ghost = canonrl.advantages(name, **ghost, **extra)
+    assert torch.equal(with_ghost[:3], without) and (with_ghost[3] == 0).all()

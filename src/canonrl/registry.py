@@ -137,6 +137,10 @@ class Estimator(ABC):
     #: What produces an input that no rollout gives, e.g. "answer entropy per prefix: one forward pass per prefix";
     #: None when the rollout (rewards, log-probs, entropies, ids) gives everything it reads.
     producer: ClassVar[str | None] = None
+    #: For a tree estimator (``node``/``parent`` in ``requires``): what its steps are — "segments" (the pieces of a
+    #: row between branch points, with ``node``/``parent`` per segment) or "completions" (one step per row: ``node``
+    #: is the prefix the row's last piece starts from, ``parent`` that prefix's parent), as a lab rollout gives them.
+    tree_steps: ClassVar[str] = "segments"
     #: Old spellings still accepted, with a DeprecationWarning: hyperparameter old name -> new name, and batch
     #: input new name -> the old field it was passed as.
     renamed_params: ClassVar[dict[str, str]] = {}

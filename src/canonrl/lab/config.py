@@ -15,9 +15,11 @@ from typing import Any
 
 import yaml
 
+from canonrl.lab.critic import CRITICS
+from canonrl.lab.multi_turn import Branching
 from canonrl.lab.policy import resolve_device
 from canonrl.overrides import OverrideError, parse_override, parse_yaml
-from canonrl.registry import param
+from canonrl.registry import estimator_class, param
 from canonrl.training.losses import KL_ESTIMATORS, LOSS_AGG_MODES
 from canonrl.training.policy_losses import ClipRange, PolicyLoss, get_loss, loss_names
 from canonrl.training.prompt_sampling import make_prompt_sampler
@@ -63,6 +65,13 @@ class TrainConfig:
     temperature: float = param(1.0, "sampling temperature (also of the training forward's log-probs)")
     top_p: float = param(1.0, "nucleus sampling threshold")
     max_new_tokens: int = param(96, "the response budget in tokens")
+    branching: dict[str, Any] | None = param(None, "branched episodes for the tree estimators (multi-turn tasks): {at: [turns], width: copies}; group_size = roots x width^len(at) (null: none)")
+    # ---- the critic (GAE and the other critic estimators)
+    critic: str = param("none", "`none`, `head` (a value head on the policy's last hidden state) or `separate` (a copy of the initial policy with a value head); the critic estimators (gae, sae) need one")
+    critic_lr: float | None = param(None, "the critic's AdamW learning rate (null: 1e-3 for a head, 1e-4 for a separate model)")
+    critic_epochs: int = param(4, "passes of the value loss over each step's rows")
+    critic_warmup: int = param(0, "steps that train the critic alone before the policy's first update (VC-PPO)")
+    value_clip: float = param(0.5, "verl's cliprange_value: how far a prediction may move from its sampling-time value before the loss clips")
     # ---- updates
     lr: float = param(2e-4, "AdamW learning rate")
     weight_decay: float = param(0.0, "AdamW weight decay")
@@ -138,7 +147,53 @@ class TrainConfig:
             raise ConfigError(str(error)) from None
         self._check_policy_loss()
         self._check_prompt_sampler()
+        self._check_critic()
+        self.build_branching()
         self.d3s_schedule(1)
+
+    def _check_critic(self) -> None:
+        if self.critic not in CRITICS:
+            raise ConfigError(f"unknown critic {self.critic!r}; choose from {', '.join(CRITICS)}")
+        if self.critic_epochs < 1:
+            raise ConfigError(f"critic_epochs must be >= 1, got {self.critic_epochs}")
+        if self.critic_warmup < 0:
+            raise ConfigError(f"critic_warmup must be >= 0, got {self.critic_warmup}")
+        if not self.value_clip > 0:
+            raise ConfigError(f"value_clip must be > 0, got {self.value_clip}")
+        if self.critic_lr is not None and not self.critic_lr > 0:
+            raise ConfigError(f"critic_lr must be > 0, got {self.critic_lr}")
+        try:
+            reads_values = estimator_class(self.estimator).critic
+        except (KeyError, ValueError):
+            return  # an unknown estimator: build_estimator names the choices
+        if reads_values and self.critic == "none":
+            raise ConfigError(f"estimator {self.estimator!r} reads a critic's values: set critic=head or critic=separate")
+        if not reads_values and self.critic != "none":
+            raise ConfigError(
+                f"critic={self.critic} trains on a critic estimator's value targets, and estimator {self.estimator!r} "
+                "reads no values: use critic=none, or a critic estimator (gae, sae)"
+            )
+
+    def build_branching(self) -> Branching | None:
+        """The rollout's `Branching` (None when off); bad keys and a group_size it does not divide are one-line errors."""
+        if self.branching is None:
+            return None
+        unknown = sorted(set(self.branching) - {"at", "width"})
+        if unknown or set(self.branching) != {"at", "width"}:
+            raise ConfigError(f"branching takes exactly the keys at (a list of turns) and width; got {sorted(self.branching)}")
+        at, width = self.branching["at"], self.branching["width"]
+        if isinstance(at, int) and not isinstance(at, bool):
+            at = [at]
+        if not isinstance(at, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in at):
+            raise ConfigError(f"branching.at must be a list of turn numbers, got {at!r}")
+        if isinstance(width, bool) or not isinstance(width, int):
+            raise ConfigError(f"branching.width must be an integer, got {width!r}")
+        try:
+            branching = Branching(tuple(at), width)
+            branching.roots(self.group_size)
+        except ValueError as error:
+            raise ConfigError(_one_line(error)) from None
+        return branching
 
     def _check_policy_loss(self) -> None:
         for key, value in self.policy_loss_params.items():
@@ -247,7 +302,7 @@ def _one_line(error: Exception) -> str:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
-_MAPPINGS = ("task_options", "estimator_params", "policy_loss_params", "prompt_sampler_params", "d3s")
+_MAPPINGS = ("task_options", "estimator_params", "policy_loss_params", "prompt_sampler_params", "d3s", "branching")
 
 
 def _unknown_key(key: str) -> ConfigError:

@@ -2,6 +2,7 @@
 
 `sequence_logprobs` runs prompt + response with grad (the update's forward); `reference_logprobs` runs it without
 grad over a whole batch in micro-batches (a frozen model's log-probs: the KL penalty's reference, ACE's input);
+`response_hidden` gives the last hidden state before each response token (a critic's features);
 `SharedPrompts` runs each distinct prompt of a micro-batch's rows once and lets the responses continue from its KV
 cache, carrying the gradients back through the prompt forward once (`backward`).
 """
@@ -33,6 +34,17 @@ def sequence_logprobs(
         with torch.no_grad():
             token_entropy = -(log_dist.exp() * log_dist).nansum(dim=-1) * rollouts.response_mask
     return token_logprobs, token_entropy
+
+
+def response_hidden(model, rollouts: Rollouts) -> torch.Tensor:
+    """[N, T, H] the model's last hidden state before each response token (with grad, if enabled): the state the
+    token was sampled from, where verl's critic reads a token's value (its ``[-T - 1 : -1]`` slice)."""
+    prompt_len = rollouts.prompt_ids.shape[1]
+    input_ids = torch.cat([rollouts.prompt_ids, rollouts.response_ids], dim=1)
+    attention = torch.cat([rollouts.prompt_mask, rollouts.attention], dim=1)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions_from_mask(attention),
+                output_hidden_states=True)  # fmt: skip
+    return out.hidden_states[-1][:, prompt_len - 1 : -1, :].float()
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 
 from canonrl.fields import Consumer
 from canonrl.lab.forward import reference_logprobs
+from canonrl.lab.multi_turn import completions_of
 from canonrl.lab.rewards import RewardScorer
 from canonrl.lab.sampling import Rollouts, generate
 from canonrl.lab.seeds import seed_of
@@ -130,19 +131,34 @@ TURN_INPUTS = {
 }
 #: turn inputs only an environment with a solver gives (`canonrl.lab.tasks.environment.has_solver`)
 SOLVER_INPUTS = ("step_values", "step_labels")
+#: what a branched multi-turn rollout (config `branching`) gives a tree estimator
+TREE_INPUTS = {
+    "node": "a branched rollout (branching={at: [turns], width: n}): the prefix each segment reaches",
+    "parent": "a branched rollout (branching={at: [turns], width: n}): the prefix each segment starts from",
+}
 _HOW.update(TURN_INPUTS)
+_HOW.update(TREE_INPUTS)
 
 
-def turn_inputs(estimator, turns) -> dict:
+def turn_inputs(estimator, turns, mask: torch.Tensor, group: torch.Tensor) -> dict:
     """A step-level estimator's turn fields from a multi-turn rollout's `turns` (all of them: they are free); an
-    outcome-level estimator gets none (it sees one reward per episode)."""
+    outcome-level estimator gets none (it sees one reward per episode). A tree estimator gets the tree of a branched
+    rollout instead: its segments between branch points as ``turn_ids``, with ``node`` and ``parent``
+    (`canonrl.lab.multi_turn.Branches.tree`)."""
     if type(estimator).level != "step":
         return {}
+    if "node" in estimator.required_inputs():
+        tree = turns.branches.tree(mask)
+        return completions_of(tree, group) if type(estimator).tree_steps == "completions" else tree
     fields = {"turn_ids": turns.turn_ids, "step_rewards": turns.step_rewards, "anchor": turns.anchors}
     if turns.step_values is not None:
         fields.update(step_values=turns.step_values, step_labels=turns.step_labels)
     return fields
 
+
+#: what the lab's critic gives a critic estimator (`canonrl.lab.critic`), and how
+CRITIC_INPUTS = {"values": "the lab's critic (critic=head or critic=separate)"}
+_HOW.update(CRITIC_INPUTS)
 
 #: what the lab gives an estimator beyond rewards, group and mask, and how
 LAB = Consumer(
@@ -150,7 +166,7 @@ LAB = Consumer(
     dict(_HOW),
     missing="use the estimator in the library on your own batches, or add a provider in canonrl.lab.inputs",
 )
-LAB_INPUTS = (*ROLLOUT_INPUTS, *_PROVIDERS, *TURN_INPUTS)
+LAB_INPUTS = (*ROLLOUT_INPUTS, *_PROVIDERS, *TURN_INPUTS, *TREE_INPUTS, *CRITIC_INPUTS)
 #: inputs that need the frozen reference policy
 NEEDS_REFERENCE = ("reference_rewards", "ref_logprobs")
 

@@ -16,6 +16,15 @@ row-per-trajectory layout of the step table. The training forward reads the same
 
 An environment that raises, or whose observation is longer than ``max_observation_tokens`` tokens, ends that
 episode with reward 0 and a counted error (``VerifyResult.failures``); the others go on.
+
+Branching (`Branching`, for the tree estimators): the rollout starts ``roots`` episodes per problem and, at the start
+of each turn in ``at``, copies every row ``width`` times — its KV cache, its columns and its environment state, so
+the copies continue the very same episode prefix (replayed state, no re-prefill) and then diverge by sampling. The
+copies of a row sit next to it, so a problem's rows stay contiguous (``group_size = roots * width ** len(at)``).
+Each row records the row it branched from and the response column where it did (`Branches`), which
+`canonrl.tree_from_branches` turns into the tree's ``node``/``parent`` and segments. A row whose episode had already
+ended when a branch came is copied too (the shape stays fixed), but its copies are *ghosts*: identical to it, with
+an empty response mask, so they add no leaf to the tree and nothing to the loss.
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ class Turns:
     #: (``state_value``) and the turn's label (``step_label``)
     step_values: list[list[float]] | None = None
     step_labels: list[list[float]] | None = None
+    #: how rows branched from each other (a branched rollout); None otherwise
+    branches: Branches | None = None
 
     def select(self, rows: torch.Tensor, width: int) -> Turns:
         picked = rows.tolist()
@@ -60,6 +71,7 @@ class Turns:
         def rows_of(lists):
             return None if lists is None else [lists[i] for i in picked]
 
+        # the selected rows no longer hold their parents: the branches are a whole-batch record
         return Turns(self.turn_ids[rows, :width], rows_of(self.step_rewards), rows_of(self.anchors), self.invalid[rows],
                      self.errors[rows], self.env_seconds, rows_of(self.step_values), rows_of(self.step_labels))  # fmt: skip
 
@@ -67,6 +79,95 @@ class Turns:
     def counts(self) -> torch.Tensor:
         """[N] turns per episode."""
         return torch.tensor([len(r) for r in self.step_rewards], dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Branching:
+    """Where a rollout branches: at the start of each turn in `at` (0-based, increasing, each >= 1) every row is
+    copied `width` times."""
+
+    at: tuple[int, ...]
+    width: int
+
+    def __post_init__(self):
+        if self.width < 2:
+            raise ValueError(f"branching width must be >= 2, got {self.width}")
+        if not self.at or any(t < 1 for t in self.at) or list(self.at) != sorted(set(self.at)):
+            raise ValueError(f"branching turns must be increasing turn numbers >= 1, got {list(self.at)}")
+
+    @property
+    def leaves_per_root(self) -> int:
+        return self.width ** len(self.at)
+
+    def roots(self, group_size: int) -> int:
+        """Episodes started per problem for `group_size` rows per problem; raises unless it divides."""
+        if group_size % self.leaves_per_root:
+            raise ValueError(
+                f"group_size ({group_size}) must be a multiple of width ** len(at) = {self.leaves_per_root} with "
+                f"branching at turns {list(self.at)}, width {self.width}"
+            )
+        return group_size // self.leaves_per_root
+
+
+@dataclass
+class Branches:
+    """A branched rollout's lineage, per row: `parent_row` [N] (-1 for a root episode), `branch_pos` [N] (the response
+    column where the row left its parent), `ghost` [N] bool (a copy of an episode that had already ended)."""
+
+    parent_row: torch.Tensor
+    branch_pos: torch.Tensor
+    ghost: torch.Tensor
+
+    @classmethod
+    def roots(cls, rows: int) -> Branches:
+        return cls(torch.full((rows,), -1), torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.bool))
+
+    def branch(self, width: int, column: int, ended: torch.Tensor) -> Branches:
+        """Every row copied `width` times at response column `column`; copy 0 continues the row (its parent maps to
+        the parent's copy 0), copies 1.. branch from copy 0; copies of an `ended` row are ghosts."""
+        rows = self.parent_row.shape[0]
+        copy = torch.arange(width).repeat(rows)
+        source = torch.arange(rows).repeat_interleave(width)
+        parent = torch.where(self.parent_row[source] >= 0, self.parent_row[source] * width, -1)
+        parent = torch.where(copy == 0, parent, source * width)
+        position = torch.where(copy == 0, self.branch_pos[source], column)
+        ghost = self.ghost[source] | ((copy > 0) & ended.cpu()[source])
+        return Branches(parent, position, ghost)
+
+    def tree(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tree inputs (`canonrl.tree_from_branches`) of the rows that are not ghosts; a ghost row has no step
+        (``turn_ids`` -1, no ``node``)."""
+        from canonrl.branches import tree_from_branches
+
+        real = (~self.ghost).nonzero().squeeze(1)
+        renumber = torch.full_like(self.parent_row, -1)
+        renumber[real] = torch.arange(real.numel())
+        parents = self.parent_row[real]
+        parents = torch.where(parents >= 0, renumber[parents.clamp(min=0)], -1)
+        tree = tree_from_branches(parents, self.branch_pos[real], mask[real.to(mask.device)])
+        rows, device = mask.shape[0], mask.device
+        out = {
+            "turn_ids": torch.full(mask.shape, -1, dtype=torch.long, device=device),
+            "node": torch.full((rows, tree["node"].shape[1]), -1, dtype=torch.long, device=device),
+        }
+        out["parent"] = out["node"].clone()
+        for name, value in tree.items():
+            out[name][real.to(device)] = value
+        return out
+
+
+def completions_of(tree: dict[str, torch.Tensor], group: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One step per row (Tree-OPO's completions) from a segment tree (`Branches.tree`): ``node`` [B] the prefix the
+    row's last segment starts from, ``parent`` [B] that prefix's parent; the bare prompt of group g, where a row's
+    first segment starts, is the node ``top + g`` (``top`` past every prefix id), whose parent is -1."""
+    node, parent = tree["node"], tree["parent"]
+    last = ((node >= 0).sum(1) - 1).clamp(min=0)
+    prompt = group.to(node.device) + int(node.max().clamp(min=0)) + 1
+    start = parent.gather(1, last[:, None]).squeeze(1)
+    before = parent.gather(1, (last - 1).clamp(min=0)[:, None]).squeeze(1)
+    row_node = torch.where(start >= 0, start, prompt)
+    row_parent = torch.where(start < 0, -1, torch.where((last >= 1) & (before >= 0), before, prompt))
+    return {"node": row_node, "parent": row_parent}
 
 
 class _Columns:
@@ -79,6 +180,11 @@ class _Columns:
         for store, value in zip((self.tokens, self.mask, self.attention, self.logprobs, self.entropy, self.turn),
                                 (tokens, mask, attention, logprobs, entropy, turn)):  # fmt: skip
             store.append(value)
+
+    def branch(self, index: torch.Tensor) -> None:
+        """Rows `index` of every column so far (a branching copies rows)."""
+        for store in (self.tokens, self.mask, self.attention, self.logprobs, self.entropy, self.turn):
+            store[:] = [column.index_select(0, index) for column in store]
 
     def stacked(self, rows: int, device) -> dict[str, torch.Tensor]:
         def stack(values, dtype):
@@ -114,6 +220,13 @@ class _Episodes:
         return cls(env, states, [[] for _ in range(n)], [[] for _ in range(n)], [0] * n, [False] * n,
                    [[] for _ in range(n)] if solver else None, [[] for _ in range(n)] if solver else None)
 
+    def branch(self, index: list[int]) -> None:
+        """Rows `index` of every record (a branching copies rows; states are plain values, shared safely)."""
+        for name in ("states", "step_rewards", "anchors", "invalid", "errors", "step_values", "step_labels"):
+            records = getattr(self, name)
+            if records is not None:
+                setattr(self, name, [list(records[i]) if isinstance(records[i], list) else records[i] for i in index])
+
     def step(self, row: int, action: str) -> bool:
         """Apply `row`'s action; True when its episode goes on."""
         env, state = self.env, self.states[row]
@@ -142,23 +255,39 @@ class _Episodes:
 @torch.no_grad()
 def run_episodes(
     policy, env, problems: list, *, repeats: int, generator: torch.Generator | None, temperature: float = 1.0,
-    top_p: float = 1.0, greedy: bool = False, max_observation_tokens: int = 16,
+    top_p: float = 1.0, greedy: bool = False, max_observation_tokens: int = 16, branching: Branching | None = None,
 ) -> tuple[Rollouts, VerifyResult]:  # fmt: skip
-    """`repeats` episodes per problem (rows in `repeat_interleave` order), and their outcomes as verdicts."""
+    """`repeats` episodes per problem (rows in `repeat_interleave` order), and their outcomes as verdicts; with
+    `branching`, `repeats` leaves per problem from `branching.roots(repeats)` episodes (see the module docstring)."""
     model, tokenizer = policy.model, policy.tokenizer
     prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])
-    episodes = _Episodes.start(env, problems, repeats)
+    started = repeats if branching is None else branching.roots(repeats)
+    episodes = _Episodes.start(env, problems, started)
     rows, device = len(episodes.states), prompt_ids.device
     budget = env.max_turns * (env.max_action_tokens + max_observation_tokens)
-    decoder = make_decoder(model, prompt_ids, prompt_mask, budget, repeats)
+    decoder = make_decoder(model, prompt_ids, prompt_mask, budget, started)
+    if branching is not None and not getattr(decoder, "can_drop_rows", False):
+        raise ValueError("a branched rollout copies rows of the KV cache, which needs a Llama-architecture policy")
+    branches = None if branching is None else Branches.roots(rows)
     logits = decoder.logits  # per row: the distribution after the last token it read
     columns = _Columns()
     live = torch.ones(rows, dtype=torch.bool, device=device)
     zeros = torch.zeros(rows, device=device)
     env_seconds = 0.0
     for turn in range(env.max_turns):
+        if branching is not None and turn in branching.at:
+            branches = branches.branch(branching.width, len(columns.tokens), ~live)
+            index = torch.arange(rows, device=device).repeat_interleave(branching.width)
+            decoder.keep(index)
+            columns.branch(index)
+            episodes.branch(index.tolist())
+            live, logits = live.index_select(0, index), logits.index_select(0, index)
+            rows = index.numel()
+            zeros = torch.zeros(rows, device=device)
         if not live.any():
-            break
+            if branching is None or turn >= branching.at[-1]:
+                break
+            continue  # a branch still to come copies the ended rows (as ghosts), so the batch keeps its shape
         actions, logits = _act(decoder, logits, live, turn, columns, env, tokenizer, policy.eos_id, policy.pad_id,
                                temperature, top_p, greedy, generator)  # fmt: skip
         observations = {}
@@ -181,9 +310,11 @@ def run_episodes(
     out = columns.stacked(rows, device)
     used = int(out["attention"].flip(1).cumsum(1).gt(0).sum(1).max().item()) if rows and out["tokens"].numel() else 0
     outcomes = episodes.outcomes()
+    if branches is not None:  # a ghost trains nothing
+        out["mask"] = torch.where(branches.ghost.to(device)[:, None], 0.0, out["mask"])
     turns = Turns(out["turn"][:, :used], episodes.step_rewards, episodes.anchors,
                   torch.tensor(episodes.invalid), torch.tensor(episodes.errors), env_seconds, episodes.step_values,
-                  episodes.step_labels)  # fmt: skip
+                  episodes.step_labels, branches)  # fmt: skip
     rollouts = Rollouts(
         prompt_ids.repeat_interleave(repeats, dim=0), prompt_mask.repeat_interleave(repeats, dim=0),
         out["tokens"][:, :used], out["mask"][:, :used], out["logprobs"][:, :used], out["entropy"][:, :used],
@@ -240,10 +371,14 @@ class MultiTurnRollout:
     top_p: float
     seed: int
     max_observation_tokens: int = 16
+    branching: Branching | None = None
 
     @classmethod
     def from_config(cls, config, env) -> MultiTurnRollout:
-        return cls(env, config.group_size, config.temperature, config.top_p, config.seed)
+        branching = config.build_branching()
+        if branching is not None and branching.at[-1] >= env.max_turns:
+            raise ValueError(f"branching.at: turn {branching.at[-1]} is past the episodes' last turn ({env.max_turns - 1})")
+        return cls(env, config.group_size, config.temperature, config.top_p, config.seed, branching=branching)
 
     def __call__(self, policy, problems: list, step: int) -> tuple[Rollouts, VerifyResult]:
         generator = torch.Generator(device=policy.device).manual_seed(seed_of(self.seed, "rollout", step))
@@ -251,7 +386,7 @@ class MultiTurnRollout:
         try:
             return run_episodes(policy, self.env, problems, repeats=self.group_size, generator=generator,
                                 temperature=self.temperature, top_p=self.top_p,
-                                max_observation_tokens=self.max_observation_tokens)  # fmt: skip
+                                max_observation_tokens=self.max_observation_tokens, branching=self.branching)  # fmt: skip
         finally:
             policy.model.train()
 
@@ -301,13 +436,16 @@ def _episodes_in_chunks(policy, env, problems: list, chunk: int, repeats: int, *
 
 def turn_metrics(turns: Turns, group: torch.Tensor) -> dict:
     """A step's episodes: turns, invalid moves and errors per episode, the mean turn reward, and the anchor groups a
-    step estimator sees (as verl-agent logs them): mean size of the (prompt, anchor) groups and their singleton share."""
+    step estimator sees (as verl-agent logs them): mean size of the (prompt, anchor) groups and their singleton share;
+    for a branched rollout, the share of ghost rows (copies of ended episodes: the branching's waste)."""
     keys = [(int(g), anchor) for g, anchors in zip(group.tolist(), turns.anchors) for anchor in anchors]
     sizes: dict = {}
     for key in keys:
         sizes[key] = sizes.get(key, 0) + 1
     rewards = [r for row in turns.step_rewards for r in row]
+    branched = {} if turns.branches is None else {"ghost_rows": float(turns.branches.ghost.float().mean())}
     return {
+        **branched,
         "turns": float(turns.counts.mean()),
         "invalid_moves": float(turns.invalid.float().mean()),
         "env_errors": int(turns.errors.sum()),

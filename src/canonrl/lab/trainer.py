@@ -5,9 +5,11 @@
     draw problems (the task, or a pool sampler: canonrl.training.prompt_sampling)
     -> rollout (canonrl.lab.rollout: sample group_size responses per problem, verify them)
     -> extra estimator inputs (canonrl.lab.inputs: only those the estimator names)
+    -> critic values (canonrl.lab.critic; only for the critic estimators)
     -> rewards (canonrl.lab.rewards) -> advantages (the configured estimator, which sees the step)
     -> loss mask (D^3S, canonrl.training.selection; off by default)
     -> update (canonrl.lab.update: the registered policy loss over ppo_epochs x minibatches)
+    -> critic update (on the estimator's returns; alone during `critic_warmup`)
     -> metrics, logged by canonrl.lab.run_log; checkpoints by canonrl.lab.checkpoints.
 
 The sampling log-probs serve as the old log-probs, so an on-policy single-epoch update needs no second forward pass.
@@ -32,11 +34,13 @@ import torch
 
 from canonrl.lab import checkpoints
 from canonrl.lab.config import TrainConfig, load_config, save_config
+from canonrl.lab.critic import Critic
 from canonrl.lab.evaluate import evaluate
 from canonrl.lab.inputs import (
     LAB,
     NEEDS_REFERENCE,
     SOLVER_INPUTS,
+    TREE_INPUTS,
     TURN_INPUTS,
     StepContext,
     extra_inputs,
@@ -58,8 +62,9 @@ from canonrl.training.selection import d3s_keep
 
 WALL_CLOCK_KEYS = (
     "time", "step_seconds", "rollout_tokens_per_second", "greedy_seconds", "reference_seconds", "ref_logprobs_seconds",
-    "rollout_seconds", "advantage_seconds", "update_seconds", "env_seconds",
+    "rollout_seconds", "advantage_seconds", "update_seconds", "env_seconds", "critic_seconds",
 )  # fmt: skip
+CRITIC_STATE = "critic.pt"
 __all__ = ["StepResult", "Trainer", "TrainingError", "WALL_CLOCK_KEYS", "default_run_dir", "train"]
 
 
@@ -113,6 +118,9 @@ class Trainer:
             self.sample = MultiTurnRollout.from_config(config, self.task)
         else:
             self.sample = SingleTurnRollout.from_config(config, self.task, prompt_confidence="prompt_confidence" in self.inputs)
+        self.critic = Critic.from_config(
+            config, self.policy, lambda: load_policy(self.policy_name, device=self.device).model
+        )
         self.updater = PolicyUpdate(config, self.policy, self.optimizer, config.build_policy_loss(), self.reference)
         # A pool prompt sampler picks indices into a fixed pool of training problems drawn once from the task;
         # "fresh" (None) draws new problems every step.
@@ -137,6 +145,14 @@ class Trainer:
                 f"estimator {config.estimator!r} needs {', '.join(turn_inputs)}, which only a multi-turn task gives "
                 f"(task=grid); task {config.task!r} is single-turn"
             )
+        tree_inputs = [name for name in self.inputs if name in TREE_INPUTS]
+        if tree_inputs and (not is_multi_turn(self.task) or config.branching is None):
+            raise ValueError(
+                f"estimator {config.estimator!r} needs {', '.join(tree_inputs)}, which a branched multi-turn rollout "
+                f"gives: set branching (e.g. task=grid branching.at=[2,4] branching.width=2)"
+            )
+        if config.branching is not None and not is_multi_turn(self.task):
+            raise ValueError(f"branching copies environment states, which only a multi-turn task has; task {config.task!r} is single-turn")
         solver_inputs = [name for name in self.inputs if name in SOLVER_INPUTS]
         if solver_inputs and is_multi_turn(self.task) and not has_solver(self.task):
             raise ValueError(
@@ -177,6 +193,8 @@ class Trainer:
             if self.prompt_sampler is not None:
                 state["prompt_sampler"] = self.prompt_sampler.state_dict()
             torch.save(state, directory / checkpoints.TRAINER_STATE)
+            if self.critic is not None:
+                torch.save(self.critic.state_dict(), directory / CRITIC_STATE)
 
         return checkpoints.save_checkpoint(
             self.checkpoint_root, self.step, self.policy, write_state, self.config.keep_checkpoints
@@ -202,6 +220,8 @@ class Trainer:
                 f"{self.estimator.name!r} {params!r}"
             )
         self.estimator.load_state_dict(state["estimator"])
+        if self.critic is not None:
+            self.critic.load_state_dict(torch.load(checkpoint / CRITIC_STATE, weights_only=True))
         self.step, self.tokens = state["step"], state["tokens"]
         if self.prompt_sampler is not None:
             if state.get("prompt_sampler") is None:
@@ -244,12 +264,17 @@ class Trainer:
 
     def advantages(self, step: int, rollouts, rewards: torch.Tensor, **inputs) -> torch.Tensor:
         """The estimator's advantages; `inputs` are the extra batch fields (`extra_inputs`)."""
+        return self.advantages_and_returns(step, rollouts, rewards, **inputs)[0]
+
+    def advantages_and_returns(self, step: int, rollouts, rewards: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The estimator's (advantages, returns) (`compute_with_returns`: the returns are a critic estimator's value
+        targets, the advantages again for the others)."""
         group = self.groups()
         fields = {"rewards": rewards, "group": group, "mask": rollouts.response_mask, **inputs}
         fields.update(rollout_inputs(self.inputs, rollouts))
         if rollouts.turns is not None:
-            fields.update(turn_inputs(self.estimator, rollouts.turns))
-        return self.estimator(step=step, **fields)
+            fields.update(turn_inputs(self.estimator, rollouts.turns, rollouts.response_mask, group))
+        return self.estimator.compute_with_returns(step=step, **fields)
 
     def loss_mask(self, step: int, rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
         """D^3S's loss mask [B, T] (`canonrl.training.selection.d3s_keep` at the step's (N, K) from `d3s_schedule`) and its
@@ -291,12 +316,21 @@ class Trainer:
         inputs, extra_metrics = self.extra_inputs(step, problems, rollouts)
         reward_input = estimator_rewards(verdict, self.reward_names, self.device)
         advantage_started = time.perf_counter()
-        advantages = self.advantages(step, rollouts, reward_input, **inputs)
+        if self.critic is not None:
+            inputs["values"] = self.critic.values(rollouts)
+        advantages, returns = self.advantages_and_returns(step, rollouts, reward_input, **inputs)
         loss_mask, selection_metrics = self.loss_mask(step, rollouts, advantages)
         update_started = time.perf_counter()
-        metrics = self.update(step, rollouts, advantages, inputs.get("ref_logprobs"), loss_mask)
+        if step > self.config.critic_warmup:
+            metrics = self.update(step, rollouts, advantages, inputs.get("ref_logprobs"), loss_mask)
+        else:
+            metrics = {"lr": 0.0, "trained_rows": 0.0}  # the critic's warm-up: the policy stays as it is
         metrics.update(rollout_seconds=rollout_seconds, advantage_seconds=update_started - advantage_started,
                        update_seconds=time.perf_counter() - update_started)  # fmt: skip
+        if self.critic is not None:
+            critic_started = time.perf_counter()
+            metrics.update(self.critic.update(step, rollouts, inputs["values"], returns))
+            metrics["critic_seconds"] = time.perf_counter() - critic_started
         metrics.update(selection_metrics)
         if self.prompt_sampler is not None:
             metrics.update(self._update_prompt_sampler(prompt_ids, rewards))

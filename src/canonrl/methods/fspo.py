@@ -87,14 +87,19 @@ def trajectory_batch(batch: RolloutBatch) -> RolloutBatch:
 
 
 def trajectory_rewards_and_groups(batch: RolloutBatch) -> dict[str, Tensor]:
-    """Per trajectory of ``batch.steps``: ``rewards`` (those of its first step's row) and ``group``."""
+    """Per trajectory of ``batch.steps``: ``rewards`` (those of its first step's row) and ``group``. A trajectory
+    without a step (a row whose ``turn_ids`` are all -1) gets reward 0 in group 0; it has no mask token in the
+    trajectory batches built from these, so it takes part in no statistic."""
     steps = batch.steps
     S, device = steps.num_steps, steps.device
     first_step = torch.full((steps.num_traj,), S, dtype=torch.long, device=device)
     first_step = first_step.scatter_reduce(0, steps.traj, torch.arange(S, device=device), reduce="amin")
-    first_row = steps.occ_row[steps.first_occ[first_step]]
+    has_step = first_step < S
+    first_row = steps.occ_row[steps.first_occ[first_step[has_step]]]
+    rewards = batch.rewards.new_zeros((steps.num_traj, *batch.rewards.shape[1:]))
+    rewards[has_step] = batch.rewards[first_row]
     group = torch.zeros(steps.num_traj, dtype=torch.long, device=device).scatter_(0, steps.traj, steps.group)
-    return {"rewards": batch.rewards[first_row], "group": group}
+    return {"rewards": rewards, "group": group}
 
 
 def trajectory_base_advantages(estimator: Estimator, batch: RolloutBatch) -> Tensor:

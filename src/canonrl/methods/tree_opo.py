@@ -97,6 +97,7 @@ class TreeOPO(StepEstimator):
     verified = False
     layouts = ("row-per-trajectory",)
     inputs_note = "`node` = the prefix each completion starts from, `parent` = that prefix's parent (one row each)"
+    tree_steps = "completions"
 
     @dataclass
     class Params:
