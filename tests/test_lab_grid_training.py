@@ -91,3 +91,39 @@ def test_matchtir_trains_on_calc_with_the_shipped_lab_tiny(tmp_path):
     result = trainer.train_step(1)
     assert result.rollouts.turns is not None and torch.isfinite(result.advantages).all()
     assert result.metrics["turns"] >= 2  # operations and the answer, each a turn
+
+
+def test_the_grid_judge_by_hand():
+    from canonrl.lab.tasks.environment import Episode
+    from canonrl.lab.tasks.grid import GridTask
+
+    judge = GridTask().judge
+    won_long, won_short, lost = Episode(1.0, 6, 0, 0.3), Episode(1.0, 4, 1, 0.4), Episode(0.0, 12, 0, -0.2)
+    assert judge(won_long, lost) == 1.0 and judge(lost, won_long) == 0.0  # the outcome first
+    assert judge(won_short, won_long) == 1.0  # then fewer turns, whatever the invalid moves
+    assert judge(Episode(0.0, 12, 1, 0.0), lost) == 0.0  # then fewer invalid moves
+    assert judge(lost, Episode(0.0, 12, 0, 0.5)) == 0.5  # the turn rewards do not count: a tie
+
+
+def test_arenarl_trains_on_grid_with_round_robin_wins(tmp_path):
+    from canonrl.lab.tasks.environment import Episode
+
+    trainer = Trainer(grid_config("estimator=arenarl", "steps=1"), tmp_path)
+    problems, _ = trainer.draw_problems(1)
+    rollouts, verdict = trainer.rollout(1, problems)
+    inputs, metrics = trainer.extra_inputs(1, problems, rollouts, verdict.scores)
+    turns = rollouts.turns
+    episodes = [Episode(s, len(r), int(i), sum(r)) for s, r, i in
+                zip(verdict.scores, turns.step_rewards, turns.invalid.tolist())]  # fmt: skip
+    for start in (0, 4):  # each problem's 4 episodes play a round robin of 6 games, one point each
+        expected = [sum(trainer.task.judge(episodes[i], episodes[j]) for j in range(start, start + 4) if j != i)
+                    for i in range(start, start + 4)]  # fmt: skip
+        assert inputs["metric"][start : start + 4].tolist() == expected and sum(expected) == 6.0
+    assert "judge_wins" in metrics
+    result = trainer.train_step(1)
+    assert torch.isfinite(result.advantages).all() and (result.advantages != 0).any()
+
+
+def test_arenarl_needs_a_judge(tmp_path):
+    with pytest.raises(ValueError, match=r"needs metric, a judge's tournament over each group"):
+        Trainer(load_config(None, ["estimator=arenarl", "steps=1"]), tmp_path)

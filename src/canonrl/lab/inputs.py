@@ -22,6 +22,7 @@ from canonrl.lab.rewards import RewardScorer
 from canonrl.lab.sampling import Rollouts, generate
 from canonrl.lab.seeds import seed_of
 from canonrl.lab.tasks.base import prompt_values
+from canonrl.lab.tasks.environment import Episode
 
 #: per-token inputs every rollout carries: batch field -> Rollouts attribute
 ROLLOUT_INPUTS = {"entropy": "entropy", "logprobs": "logprobs", "token_ids": "response_ids"}
@@ -39,6 +40,8 @@ class StepContext:
     task: object
     config: object
     scorer: RewardScorer
+    #: [B] the rollouts' rewards (the verdicts' scores)
+    scores: list[float] | None = None
 
     @property
     def budget(self) -> dict:
@@ -119,6 +122,22 @@ def human_values(ctx: StepContext):
     """[B] (RLEV): each prompt's value v from the task (`prompt_values`), repeated to its G rows; free."""
     values = torch.tensor(prompt_values(ctx.task, ctx.problems), dtype=torch.float32, device=ctx.policy.device)
     return values.repeat_interleave(ctx.rollouts.repeats), {"prompt_value": values.mean().item()}
+
+
+@provides("metric", "round-robin wins under the environment's pairwise judge")
+def judge_wins(ctx: StepContext):
+    """[B] (ArenaRL): each episode's wins in a round robin against the other episodes of its problem under the
+    environment's judge (`judge(first, second)`: 1 a win, 0.5 a tie); ArenaRL's anchor topology ranks them (its
+    official ``round_robin.py``). Costs G * (G - 1) judge calls per problem; no model pass."""
+    turns, groups = ctx.rollouts.turns, ctx.rollouts.repeats
+    episodes = [Episode(score, len(rewards), int(invalid), sum(rewards)) for score, rewards, invalid
+                in zip(ctx.scores, turns.step_rewards, turns.invalid.tolist())]  # fmt: skip
+    wins = [0.0] * len(episodes)
+    for start in range(0, len(episodes), groups):
+        for i in range(start, start + groups):
+            wins[i] = sum(ctx.task.judge(episodes[i], episodes[j]) for j in range(start, start + groups) if j != i)
+    value = torch.tensor(wins, dtype=torch.float32, device=ctx.policy.device)
+    return value, {"judge_wins": value.mean().item()}
 
 
 #: what a multi-turn rollout gives a step estimator (`canonrl.lab.multi_turn.Turns`), and how

@@ -56,7 +56,7 @@ from canonrl.lab.run_log import RunLog
 from canonrl.lab.seeds import seed_of
 from canonrl.lab.tasks import get_task
 from canonrl.lab.tasks.base import reward_components
-from canonrl.lab.tasks.environment import has_solver, is_multi_turn
+from canonrl.lab.tasks.environment import has_judge, has_solver, is_multi_turn
 from canonrl.lab.update import PolicyUpdate, TrainingError
 from canonrl.training.selection import d3s_keep
 
@@ -159,6 +159,11 @@ class Trainer:
                 f"estimator {config.estimator!r} needs {', '.join(solver_inputs)}, which only an environment with a "
                 f"solver gives (task=grid); task {config.task!r} has none"
             )
+        if "metric" in self.inputs and not has_judge(self.task):
+            raise ValueError(
+                f"estimator {config.estimator!r} needs metric, a judge's tournament over each group, which task "
+                f"{config.task!r} does not give (an environment gives it with a `judge` method: task=grid)"
+            )
         if "human_values" in self.inputs and not callable(getattr(self.task, "value", None)):
             raise ValueError(
                 f"estimator {config.estimator!r} needs human_values, a per-prompt value, which task {config.task!r} does "
@@ -250,11 +255,12 @@ class Trainer:
         problems = self.draw_problems(step)[0] if problems is None else problems
         return self.sample(self.policy, problems, step)
 
-    def extra_inputs(self, step: int, problems, rollouts) -> tuple[dict, dict]:
+    def extra_inputs(self, step: int, problems, rollouts, scores: list[float] | None = None) -> tuple[dict, dict]:
         """The batch inputs beyond the rollouts' own that the estimator reads, and their costs
-        (`canonrl.lab.inputs.extra_inputs`)."""
+        (`canonrl.lab.inputs.extra_inputs`); `scores` are the rollouts' rewards."""
         scorer = RewardScorer(self.policy, self.task, self.config.verify_timeout, self.device)
-        context = StepContext(step, problems, rollouts, self.policy, self.reference, self.task, self.config, scorer)
+        context = StepContext(step, problems, rollouts, self.policy, self.reference, self.task, self.config, scorer,
+                              scores)  # fmt: skip
         return extra_inputs(self.inputs, context)
 
     def groups(self) -> torch.Tensor:
@@ -313,7 +319,7 @@ class Trainer:
         rollouts, verdict = self.rollout(step, problems)
         rollout_seconds = time.perf_counter() - started
         rewards = torch.tensor(verdict.scores, dtype=torch.float32, device=self.device)
-        inputs, extra_metrics = self.extra_inputs(step, problems, rollouts)
+        inputs, extra_metrics = self.extra_inputs(step, problems, rollouts, verdict.scores)
         reward_input = estimator_rewards(verdict, self.reward_names, self.device)
         advantage_started = time.perf_counter()
         if self.critic is not None:

@@ -78,7 +78,7 @@ class ArenaRL(SequenceEstimator):
     paper = ARENARL_PAPER
     requires = ("metric",)
     works_in = (
-        "library, lab: no (no comparator yet), verl (with the patch: batch key `canonrl_metric`), TRL: no"
+        "library, lab (an environment's judge: task=grid), verl (with the patch: batch key `canonrl_metric`), TRL: no"
     )
     inputs_note = "`metric` (the comparator's score or rank)"
     producer = "comparison scores: an LLM judge's tournament over the group's responses"

@@ -82,6 +82,25 @@ class Environment(Protocol):
 # ``step_label(state, next_state) -> float`` (+1 when the turn was a right step, -1 otherwise: ``step_labels``).
 
 
+# Optional: ``judge(first: Episode, second: Episode) -> float``, a deterministic pairwise judge of two episodes of
+# one problem: 1.0 when the first is better, 0.0 when the second is, 0.5 for a tie (ArenaRL's comparator).
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What a judge sees of an episode: its outcome, its length in turns, its invalid moves and its turn rewards."""
+
+    outcome: float
+    turns: int
+    invalid: int
+    turn_reward: float
+
+
+def has_judge(env: Any) -> bool:
+    """Whether `env` judges pairs of episodes (``judge``)."""
+    return callable(getattr(env, "judge", None))
+
+
 def has_solver(env: Any) -> bool:
     """Whether `env` gives step values and labels (``state_value`` and ``step_label``)."""
     return callable(getattr(env, "state_value", None)) and callable(getattr(env, "step_label", None))

@@ -62,7 +62,7 @@ from dataclasses import dataclass, replace
 from canonrl.lab.tasks import register_task
 from canonrl.lab.tasks._tokenizer import word_level_tokenizer
 from canonrl.lab.tasks.base import Problem, Split, check_split, in_heldout_bucket
-from canonrl.lab.tasks.environment import Transition
+from canonrl.lab.tasks.environment import Episode, Transition
 
 VOCAB: tuple[str, ...] = (
     "<pad>", "<s>", "</s>", "<unk>",
@@ -368,6 +368,16 @@ class GridTask:
 
     def outcome(self, state: GridState) -> float:
         return float(state.grid[state.pos[0]][state.pos[1]] == "G")
+
+    def judge(self, first: Episode, second: Episode) -> float:
+        """1.0 when `first` is the better episode, 0.0 when `second` is, 0.5 for a tie: the higher outcome wins,
+        then the fewer turns (a shorter route to the goal, or a failure that wasted fewer), then the fewer invalid
+        moves."""
+        for mine, theirs in ((first.outcome, second.outcome), (-first.turns, -second.turns),
+                             (-first.invalid, -second.invalid)):  # fmt: skip
+            if mine != theirs:
+                return 1.0 if mine > theirs else 0.0
+        return 0.5
 
     # ------------------------------------------------------------------------------------------------------------
     # warm start
