@@ -18,6 +18,7 @@ import yaml
 from canonrl.lab.critic import CRITICS
 from canonrl.lab.multi_turn import Branching
 from canonrl.lab.policy import resolve_device
+from canonrl.lab.windowed import parse_context
 from canonrl.overrides import OverrideError, parse_override, parse_yaml
 from canonrl.registry import estimator_class, param
 from canonrl.training.losses import KL_ESTIMATORS, LOSS_AGG_MODES
@@ -65,6 +66,7 @@ class TrainConfig:
     temperature: float = param(1.0, "sampling temperature (also of the training forward's log-probs)")
     top_p: float = param(1.0, "nucleus sampling threshold")
     max_new_tokens: int = param(96, "the response budget in tokens")
+    context: str = param("full", "multi-turn tasks: `full` (one row per episode) or `window:K` (one row per step, its prompt the last K turns)")
     branching: dict[str, Any] | None = param(None, "branched episodes for the tree estimators (multi-turn tasks): {at: [turns], width: copies}; group_size = roots x width^len(at) (null: none)")
     # ---- the critic (GAE and the other critic estimators)
     critic: str = param("none", "`none`, `head` (a value head on the policy's last hidden state) or `separate` (a copy of the initial policy with a value head); the critic estimators (gae, sae) need one")
@@ -149,6 +151,7 @@ class TrainConfig:
         self._check_prompt_sampler()
         self._check_critic()
         self.build_branching()
+        self.context_window()
         self.d3s_schedule(1)
 
     def _check_critic(self) -> None:
@@ -173,6 +176,16 @@ class TrainConfig:
                 f"critic={self.critic} trains on a critic estimator's value targets, and estimator {self.estimator!r} "
                 "reads no values: use critic=none, or a critic estimator (gae, sae)"
             )
+
+    def context_window(self) -> int | None:
+        """K of ``context=window:K``; None for ``context=full``."""
+        try:
+            window = parse_context(self.context)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if window is not None and self.branching is not None:
+            raise ConfigError("branching copies whole episodes (context=full); it does not combine with context=window:K")
+        return window
 
     def build_branching(self) -> Branching | None:
         """The rollout's `Branching` (None when off); bad keys and a group_size it does not divide are one-line errors."""

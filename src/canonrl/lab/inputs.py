@@ -160,19 +160,17 @@ _HOW.update(TREE_INPUTS)
 
 
 def turn_inputs(estimator, turns, mask: torch.Tensor, group: torch.Tensor) -> dict:
-    """A step-level estimator's turn fields from a multi-turn rollout's `turns` (all of them: they are free); an
-    outcome-level estimator gets none (it sees one reward per episode). A tree estimator gets the tree of a branched
+    """A step-level estimator's turn fields from a multi-turn rollout's `turns` (all of them: they are free), and
+    those of an estimator that reads turn inputs (EGAE); an outcome-level estimator gets none (it sees one reward per
+    episode). A tree estimator gets the tree of a branched
     rollout instead: its segments between branch points as ``turn_ids``, with ``node`` and ``parent``
     (`canonrl.lab.multi_turn.Branches.tree`)."""
-    if type(estimator).level != "step":
+    if type(estimator).level != "step" and not set(estimator.required_inputs()) & set(TURN_INPUTS):
         return {}
     if "node" in estimator.required_inputs():
         tree = turns.branches.tree(mask)
         return completions_of(tree, group) if type(estimator).tree_steps == "completions" else tree
-    fields = {"turn_ids": turns.turn_ids, "step_rewards": turns.step_rewards, "anchor": turns.anchors}
-    if turns.step_values is not None:
-        fields.update(step_values=turns.step_values, step_labels=turns.step_labels)
-    return fields
+    return turns.step_fields()
 
 
 #: what the lab's critic gives a critic estimator (`canonrl.lab.critic`), and how
@@ -186,6 +184,8 @@ LAB = Consumer(
     missing="use the estimator in the library on your own batches, or add a provider in canonrl.lab.inputs",
 )
 LAB_INPUTS = (*ROLLOUT_INPUTS, *_PROVIDERS, *TURN_INPUTS, *TREE_INPUTS, *CRITIC_INPUTS)
+#: the inputs a provider computes (per episode, in a multi-turn task)
+PROVIDED = tuple(_PROVIDERS)
 #: inputs that need the frozen reference policy
 NEEDS_REFERENCE = ("reference_rewards", "ref_logprobs")
 

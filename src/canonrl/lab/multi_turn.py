@@ -75,6 +75,19 @@ class Turns:
         return Turns(self.turn_ids[rows, :width], rows_of(self.step_rewards), rows_of(self.anchors), self.invalid[rows],
                      self.errors[rows], self.env_seconds, rows_of(self.step_values), rows_of(self.step_labels))  # fmt: skip
 
+    def step_fields(self) -> dict:
+        """A step estimator's fields in the row-per-trajectory layout: ``turn_ids`` and per-row lists of turn rewards
+        and anchors (and, with a solver, of values and labels)."""
+        fields = {"turn_ids": self.turn_ids, "step_rewards": self.step_rewards, "anchor": self.anchors}
+        if self.step_values is not None:
+            fields.update(step_values=self.step_values, step_labels=self.step_labels)
+        return fields
+
+    @property
+    def episodes(self) -> Turns:
+        """The per-episode record (this one: a row is an episode)."""
+        return self
+
     @property
     def counts(self) -> torch.Tensor:
         """[N] turns per episode."""
@@ -372,18 +385,31 @@ class MultiTurnRollout:
     seed: int
     max_observation_tokens: int = 16
     branching: Branching | None = None
+    #: K of ``context=window:K`` (one row per step, `canonrl.lab.windowed`); None: ``context=full``
+    window: int | None = None
 
     @classmethod
     def from_config(cls, config, env) -> MultiTurnRollout:
         branching = config.build_branching()
         if branching is not None and branching.at[-1] >= env.max_turns:
             raise ValueError(f"branching.at: turn {branching.at[-1]} is past the episodes' last turn ({env.max_turns - 1})")
-        return cls(env, config.group_size, config.temperature, config.top_p, config.seed, branching=branching)
+        window = config.context_window()
+        if window is not None and window < env.max_turns and not callable(getattr(env, "prompt_at", None)):
+            raise ValueError(f"context=window:{window} cuts episodes of up to {env.max_turns} turns, which needs the "
+                             f"environment's prompt_at(problem, state); {type(env).__name__} has none")
+        return cls(env, config.group_size, config.temperature, config.top_p, config.seed, branching=branching,
+                   window=window)  # fmt: skip
 
     def __call__(self, policy, problems: list, step: int) -> tuple[Rollouts, VerifyResult]:
         generator = torch.Generator(device=policy.device).manual_seed(seed_of(self.seed, "rollout", step))
         policy.model.eval()
         try:
+            if self.window is not None:
+                from canonrl.lab.windowed import run_windowed_episodes
+
+                return run_windowed_episodes(policy, self.env, problems, repeats=self.group_size, window=self.window,
+                                             generator=generator, temperature=self.temperature, top_p=self.top_p,
+                                             max_observation_tokens=self.max_observation_tokens)  # fmt: skip
             return run_episodes(policy, self.env, problems, repeats=self.group_size, generator=generator,
                                 temperature=self.temperature, top_p=self.top_p,
                                 max_observation_tokens=self.max_observation_tokens, branching=self.branching)  # fmt: skip
@@ -394,19 +420,22 @@ class MultiTurnRollout:
 @torch.no_grad()
 def evaluate_environment(
     policy, env, *, problems: int = 256, seed: int = 0, samples: int = 4, temperature: float = 1.0,
-    top_p: float = 1.0, greedy: bool = True, chunk: int = 256, sample_seed: int | None = None,
+    top_p: float = 1.0, greedy: bool = True, chunk: int = 256, sample_seed: int | None = None, window: int | None = None,
 ) -> dict:  # fmt: skip
     """Held-out success of `policy` in `env`: the mean outcome of `samples` sampled episodes per problem (the
-    "accuracy" RL optimises), greedy success (``greedy_pass1``), turns, invalid moves and errors per episode."""
+    "accuracy" RL optimises), greedy success (``greedy_pass1``), turns, invalid moves and errors per episode. With
+    `window`, the episodes run as the ``context=window:K`` rollout does (`canonrl.lab.windowed`)."""
     was_training = policy.model.training
     policy.model.eval()
     heldout = env.problems("heldout", problems, seed=seed)
     generator = torch.Generator(device=policy.device).manual_seed(seed if sample_seed is None else sample_seed)
+    context = {} if window is None else {"window": window}
     sampled = _episodes_in_chunks(policy, env, heldout, chunk, samples, generator=generator, temperature=temperature,
-                                  top_p=top_p)  # fmt: skip
+                                  top_p=top_p, **context)  # fmt: skip
     result = {"k": samples, **sampled}
     if greedy:
-        result["greedy_pass1"] = _episodes_in_chunks(policy, env, heldout, chunk, 1, generator=None, greedy=True)["accuracy"]
+        greedy_run = _episodes_in_chunks(policy, env, heldout, chunk, 1, generator=None, greedy=True, **context)
+        result["greedy_pass1"] = greedy_run["accuracy"]
     policy.model.train(was_training)
     return result
 
@@ -414,12 +443,16 @@ def evaluate_environment(
 def _episodes_in_chunks(policy, env, problems: list, chunk: int, repeats: int, **sampling) -> dict:
     scores, turns, invalid, actions, entropy_sum, errors = [], [], [], [], 0.0, 0
     per_call = max(1, chunk // repeats)
+    runner = run_episodes
+    if "window" in sampling:
+        from canonrl.lab.windowed import run_windowed_episodes as runner
     for start in range(0, len(problems), per_call):
-        rollouts, verdict = run_episodes(policy, env, problems[start : start + per_call], repeats=repeats, **sampling)
+        rollouts, verdict = runner(policy, env, problems[start : start + per_call], repeats=repeats, **sampling)
+        record = rollouts.turns.episodes
         scores += verdict.scores
-        turns += rollouts.turns.counts.tolist()
-        invalid += rollouts.turns.invalid.tolist()
-        actions += rollouts.lengths.tolist()
+        turns += record.counts.tolist()
+        invalid += record.invalid.tolist()
+        actions += episode_action_tokens(rollouts).tolist()
         entropy_sum += float((rollouts.entropy * rollouts.response_mask).sum())
         errors += verdict.failures
     correct = sum(s >= 1.0 for s in scores)
@@ -432,6 +465,15 @@ def _episodes_in_chunks(policy, env, problems: list, chunk: int, repeats: int, *
         "entropy": entropy_sum / max(sum(actions), 1),
         "tokens_per_correct": sum(actions) / correct if correct else math.inf,
     }
+
+
+def episode_action_tokens(rollouts: Rollouts) -> torch.Tensor:
+    """[N] action tokens per episode, whatever the layout (one row per episode, or one per step)."""
+    episode = getattr(rollouts.turns, "episode", None)
+    if episode is None:
+        return rollouts.lengths
+    lengths = rollouts.lengths.cpu()
+    return torch.zeros(rollouts.turns.episodes.invalid.shape[0]).index_add_(0, episode, lengths)
 
 
 def turn_metrics(turns: Turns, group: torch.Tensor) -> dict:

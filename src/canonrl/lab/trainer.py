@@ -39,6 +39,7 @@ from canonrl.lab.evaluate import evaluate
 from canonrl.lab.inputs import (
     LAB,
     NEEDS_REFERENCE,
+    PROVIDED,
     SOLVER_INPUTS,
     TREE_INPUTS,
     TURN_INPUTS,
@@ -150,6 +151,26 @@ class Trainer:
             raise ValueError(
                 f"estimator {config.estimator!r} needs {', '.join(tree_inputs)}, which a branched multi-turn rollout "
                 f"gives: set branching (e.g. task=grid branching.at=[2,4] branching.width=2)"
+            )
+        window = config.context_window()
+        if window is not None and not is_multi_turn(self.task):
+            raise ValueError(f"context=window:{window} lays out episodes one row per step; task {config.task!r} is single-turn")
+        provided = [name for name in self.inputs if name in PROVIDED]
+        if window is not None and provided:
+            raise ValueError(
+                f"estimator {config.estimator!r} needs {', '.join(provided)}, which the lab gives per episode, not per "
+                f"step row: use context=full"
+            )
+        cls = type(self.estimator)
+        reads_turns = cls.level == "step" or any(name in TURN_INPUTS for name in self.inputs)
+        layout = "row-per-step" if window is not None else "row-per-trajectory"
+        # an episode row of turns is a response row of segments to the estimators defined on responses
+        accepted = {"row-per-step"} if window is not None else {"row-per-trajectory", "row-per-response"}
+        if is_multi_turn(self.task) and reads_turns and not accepted & set(cls.layouts):
+            hint = "context=window:K" if window is None else "context=full"
+            raise ValueError(
+                f"estimator {config.estimator!r} is defined on the {' and '.join(cls.layouts)} layout; "
+                f"context={config.context} gives {layout}: set {hint}"
             )
         if config.branching is not None and not is_multi_turn(self.task):
             raise ValueError(f"branching copies environment states, which only a multi-turn task has; task {config.task!r} is single-turn")
@@ -263,10 +284,13 @@ class Trainer:
                               scores)  # fmt: skip
         return extra_inputs(self.inputs, context)
 
-    def groups(self) -> torch.Tensor:
-        """[B] the prompt of each row (rows come in groups of `group_size`), on the trainer's device."""
+    def groups(self, rollouts=None) -> torch.Tensor:
+        """[B] the prompt of each row (rows come in groups of `group_size`), on the trainer's device; for `rollouts`
+        with one row per step (``context=window:K``), the prompt of each step row's episode."""
         config = self.config
-        return torch.arange(config.prompts_per_step, device=self.device).repeat_interleave(config.group_size)
+        groups = torch.arange(config.prompts_per_step, device=self.device).repeat_interleave(config.group_size)
+        episode = row_episodes(rollouts)
+        return groups if episode is None else groups[episode.to(self.device)]
 
     def advantages(self, step: int, rollouts, rewards: torch.Tensor, **inputs) -> torch.Tensor:
         """The estimator's advantages; `inputs` are the extra batch fields (`extra_inputs`)."""
@@ -275,7 +299,10 @@ class Trainer:
     def advantages_and_returns(self, step: int, rollouts, rewards: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The estimator's (advantages, returns) (`compute_with_returns`: the returns are a critic estimator's value
         targets, the advantages again for the others)."""
-        group = self.groups()
+        group = self.groups(rollouts)
+        episode = row_episodes(rollouts)
+        if episode is not None:  # one row per step: every step of an episode gets its outcome
+            rewards = rewards[episode.to(rewards.device)]
         fields = {"rewards": rewards, "group": group, "mask": rollouts.response_mask, **inputs}
         fields.update(rollout_inputs(self.inputs, rollouts))
         if rollouts.turns is not None:
@@ -290,7 +317,7 @@ class Trainer:
         if schedule is None:
             return None, {}
         num_keep, top_fraction = schedule
-        group = self.groups()
+        group = self.groups(rollouts)
         mask = rollouts.response_mask
         rows, tokens = d3s_keep(
             advantages, rollouts.entropy, mask, group, num_keep=num_keep, top_fraction=top_fraction,
@@ -354,7 +381,7 @@ class Trainer:
             rollout_tokens_per_second=new_tokens / rollout_seconds,
         )
         if rollouts.turns is not None:
-            metrics.update(turn_metrics(rollouts.turns, self.groups()))
+            metrics.update(turn_metrics(rollouts.turns.episodes, self.groups()))
         mu_at = getattr(self.estimator, "mu_at", None)
         if mu_at is not None:
             metrics["mu"] = float(mu_at(step, metrics["accuracy"]))
@@ -395,7 +422,7 @@ class Trainer:
             return evaluate_environment(
                 self.policy, self.task, problems=config.eval_problems, seed=config.eval_seed,
                 samples=config.eval_samples, temperature=config.temperature, top_p=config.top_p,
-                sample_seed=seed_of(config.seed, "eval", step),
+                sample_seed=seed_of(config.seed, "eval", step), window=config.context_window(),
             )  # fmt: skip
         return evaluate(
             self.policy, self.task, problems=config.eval_problems, seed=config.eval_seed, samples=config.eval_samples,
@@ -446,6 +473,11 @@ class Trainer:
         }
         checkpoints.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
         return summary
+
+
+def row_episodes(rollouts) -> torch.Tensor | None:
+    """[B] the episode of each row of a one-row-per-step rollout (`canonrl.lab.windowed.StepRows`); None otherwise."""
+    return getattr(getattr(rollouts, "turns", None), "episode", None)
 
 
 def default_run_dir(config: TrainConfig) -> Path:

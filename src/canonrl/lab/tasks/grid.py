@@ -350,6 +350,11 @@ class GridTask:
     def render(self, state: GridState) -> str:
         return _observation(state.pos, state.has_key)
 
+    def prompt_at(self, problem: Problem, state: GridState) -> str:
+        """The prompt of a step whose window starts at `state` (``context=window:K``): the map, ``@``, the state's
+        observation — the prompt of an episode started there."""
+        return "|".join(state.grid) + "@" + self.render(state)
+
     def anchor(self, state: GridState) -> Hashable:
         return (state.pos[0], state.pos[1], state.has_key)
 
