@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from canonrl.fields import Consumer
+from canonrl.lab.answer_probe import answer_logprobs
 from canonrl.lab.forward import reference_logprobs
 from canonrl.lab.multi_turn import completions_of
 from canonrl.lab.rewards import RewardScorer
@@ -54,7 +55,8 @@ class StepContext:
         return self.rollouts.prompt_ids[::groups], self.rollouts.prompt_mask[::groups]
 
 
-Provider = Callable[[StepContext], tuple[torch.Tensor, dict]]
+#: ``provider(context) -> (value, metrics)``; a provider of several fields returns them as a dict ``{name: value}``
+Provider = Callable[[StepContext], tuple[torch.Tensor | dict, dict]]
 _PROVIDERS: dict[str, Provider] = {}
 #: batch input -> how the lab gets it, in a few words (for errors and docs)
 _HOW: dict[str, str] = {"entropy": "the sampler's", "logprobs": "the sampler's", "token_ids": "the sampled tokens"}
@@ -140,6 +142,22 @@ def judge_wins(ctx: StepContext):
     return value, {"judge_wins": value.mean().item()}
 
 
+@provides("prompt_values", "IGPO's answer probe: a teacher-forced pass of the environment's answer per turn")
+def answer_probe(ctx: StepContext):
+    """``prompt_values`` [B] and ``step_values`` (per row, per turn) (IGPO with ``info_gain`` log_prob or prob): the
+    policy's mean log-prob of the ground-truth answer before the first turn and after each turn
+    (`canonrl.lab.answer_probe`). Costs one forward per turn of each episode, no backward."""
+    started = time.perf_counter()
+    step_values, prompt_values = answer_logprobs(ctx.policy, ctx.rollouts, ctx.problems, ctx.task,
+                                                 ctx.config.micro_batch_size)  # fmt: skip
+    # the belief before the last turn (lab-calc's answer turn): after the turn before it, or the prompt's
+    before_last = [v[-2] if len(v) > 1 else float(p) for v, p in zip(step_values, prompt_values.tolist())]
+    metrics = {"answer_logprob_start": prompt_values.mean().item(),
+               "answer_logprob_before_last_turn": sum(before_last) / len(before_last),
+               "answer_probe_seconds": time.perf_counter() - started}  # fmt: skip
+    return {"prompt_values": prompt_values.to(ctx.policy.device), "step_values": step_values}, metrics
+
+
 #: what a multi-turn rollout gives a step estimator (`canonrl.lab.multi_turn.Turns`), and how
 TURN_INPUTS = {
     "turn_ids": "the multi-turn rollout's turn of each action token",
@@ -197,7 +215,8 @@ def extra_inputs(names: tuple[str, ...], ctx: StepContext) -> tuple[dict, dict]:
     metrics: dict = {"verify_failures": 0, "verify_timeouts": 0}
     for name, provider in _PROVIDERS.items():
         if name in names:
-            fields[name], cost = provider(ctx)
+            value, cost = provider(ctx)
+            fields.update(value if isinstance(value, dict) else {name: value})
             metrics.update(cost)
     metrics.update(verify_failures=ctx.scorer.failures, verify_timeouts=ctx.scorer.timeouts)
     return fields, metrics

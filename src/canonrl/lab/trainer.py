@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from canonrl.lab import checkpoints
+from canonrl.lab.answer_probe import has_answer_probe
 from canonrl.lab.config import TrainConfig, load_config, save_config
 from canonrl.lab.critic import Critic
 from canonrl.lab.evaluate import evaluate
@@ -174,7 +175,13 @@ class Trainer:
             )
         if config.branching is not None and not is_multi_turn(self.task):
             raise ValueError(f"branching copies environment states, which only a multi-turn task has; task {config.task!r} is single-turn")
-        solver_inputs = [name for name in self.inputs if name in SOLVER_INPUTS]
+        probed = "prompt_values" in self.inputs  # IGPO's answer probe gives step_values with prompt_values
+        if probed and not has_answer_probe(self.task):
+            raise ValueError(
+                f"estimator {config.estimator!r} needs prompt_values and step_values from an answer probe, which task "
+                f"{config.task!r} does not give (an environment gives it with `answer_probe(problem)`: task=calc)"
+            )
+        solver_inputs = [name for name in self.inputs if name in SOLVER_INPUTS and not (probed and name == "step_values")]
         if solver_inputs and is_multi_turn(self.task) and not has_solver(self.task):
             raise ValueError(
                 f"estimator {config.estimator!r} needs {', '.join(solver_inputs)}, which only an environment with a "
@@ -303,10 +310,11 @@ class Trainer:
         episode = row_episodes(rollouts)
         if episode is not None:  # one row per step: every step of an episode gets its outcome
             rewards = rewards[episode.to(rewards.device)]
-        fields = {"rewards": rewards, "group": group, "mask": rollouts.response_mask, **inputs}
+        fields = {"rewards": rewards, "group": group, "mask": rollouts.response_mask}
         fields.update(rollout_inputs(self.inputs, rollouts))
         if rollouts.turns is not None:
             fields.update(turn_inputs(self.estimator, rollouts.turns, rollouts.response_mask, group))
+        fields.update(inputs)  # a provider's fields over the rollout's (IGPO's answer probe gives its step_values)
         return self.estimator.compute_with_returns(step=step, **fields)
 
     def loss_mask(self, step: int, rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor | None, dict]:

@@ -179,6 +179,10 @@ class CalcTask:
         text = action.strip()
         return text.endswith(";") or (text.endswith("=") and not text.startswith("ans"))
 
+    def answer_probe(self, problem: Problem) -> tuple[str, str]:
+        """(prefix, ground-truth answer) whose probability after each turn IGPO's information gain reads."""
+        return "ans=", problem.answer
+
     def outcome(self, state: CalcState) -> float:
         return float(state.answer is not None and state.answer == chain_value(list(state.operands), list(state.ops)))
 
