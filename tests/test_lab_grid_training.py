@@ -127,3 +127,23 @@ def test_arenarl_trains_on_grid_with_round_robin_wins(tmp_path):
 def test_arenarl_needs_a_judge(tmp_path):
     with pytest.raises(ValueError, match=r"needs metric, a judge's tournament over each group"):
         Trainer(load_config(None, ["estimator=arenarl", "steps=1"]), tmp_path)
+
+
+def test_seeupo_reverse_turn_order_updates_the_last_turn_first(tmp_path):
+    trainer = Trainer(grid_config("estimator=grpo", "turn_order=reverse", "steps=1"), tmp_path)
+    masks = []
+    update = trainer.updater
+
+    def recording(step, rollouts, advantages, ref_logprobs=None, loss_mask=None):
+        masks.append(loss_mask.clone())
+        return update(step, rollouts, advantages, ref_logprobs, loss_mask)
+
+    trainer.updater = recording
+    result = trainer.train_step(1)
+    turn_ids, mask = result.rollouts.turns.turn_ids, result.rollouts.response_mask
+    last = int(turn_ids.max())
+    assert result.metrics["turn_passes"] == last + 1 == len(masks)
+    for index, loss_mask in enumerate(masks):  # turn last, last - 1, ..., 0: each pass that turn's tokens only
+        assert torch.equal(loss_mask, mask * (turn_ids == last - index))
+    with pytest.raises(ValueError, match="turn_order=reverse updates turn by turn"):
+        Trainer(load_config(None, ["estimator=grpo", "turn_order=reverse", "steps=1"]), tmp_path / "single")

@@ -28,6 +28,8 @@ from canonrl.training.selection import d3s_schedule
 
 #: `prompt_sampler` values: "fresh" draws new problems from the task every step; the others pick from a fixed pool
 PROMPT_SAMPLERS = ("fresh", "uniform", "vade")
+#: `turn_order` values: one update over all turns, or SeeUPO's sequential updates from the last turn to the first
+TURN_ORDERS = ("joint", "reverse")
 #: `d3s` keys: the schedule's endpoints (required) and `d3s_keep`'s options
 D3S_REQUIRED = ("n_init", "n_final", "k_init", "k_final")
 D3S_OPTIONS = ("cross_group", "drop_constant", "keep_singletons", "per_row")
@@ -88,6 +90,7 @@ class TrainConfig:
     policy_loss_params: dict[str, Any] = mapping("the policy loss's own parameters, e.g. clip_cov_ratio, kl_cov_ratio")
     loss_agg: str = param("seq-mean-token-sum-norm", "verl's loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr.GRPO)")
     loss_scale_factor: float | None = param(None, "seq-mean-token-sum-norm's constant (null: max_new_tokens)")
+    turn_order: str = param("joint", "multi-turn tasks: `joint` (one update over every turn) or `reverse` (SeeUPO: one update per turn position, the last turn first)")
     kl_coef: float = param(0.0, "weight of the KL to a frozen copy of the initial policy (0: off)")
     kl_estimator: str = param("low_var_kl", "the KL estimate: low_var_kl, k1, k2")
     grad_clip: float = param(1.0, "gradient-norm clipping")
@@ -150,6 +153,8 @@ class TrainConfig:
         self._check_policy_loss()
         self._check_prompt_sampler()
         self._check_critic()
+        if self.turn_order not in TURN_ORDERS:
+            raise ConfigError(f"unknown turn_order {self.turn_order!r}; choose from {', '.join(TURN_ORDERS)}")
         self.build_branching()
         self.context_window()
         self.d3s_schedule(1)

@@ -162,6 +162,8 @@ class Trainer:
                 f"estimator {config.estimator!r} needs {', '.join(provided)}, which the lab gives per episode, not per "
                 f"step row: use context=full"
             )
+        if config.turn_order == "reverse" and (not is_multi_turn(self.task) or window is not None):
+            raise ValueError("turn_order=reverse updates turn by turn, which needs a multi-turn task with context=full")
         cls = type(self.estimator)
         reads_turns = cls.level == "step" or any(name in TURN_INPUTS for name in self.inputs)
         layout = "row-per-step" if window is not None else "row-per-trajectory"
@@ -341,9 +343,22 @@ class Trainer:
         return loss_mask, metrics
 
     def update(self, step: int, rollouts, advantages: torch.Tensor, ref_logprobs=None, loss_mask=None) -> dict:
-        """The policy update (`canonrl.lab.update.PolicyUpdate`); its metrics."""
+        """The policy update (`canonrl.lab.update.PolicyUpdate`); its metrics. With ``turn_order=reverse`` (SeeUPO),
+        one update per turn position, the last first, each on that turn's tokens only: a turn's update sees the
+        policy the later turns' updates left (its ratio to the sampling policy carries them); the metrics are the
+        passes' means, with ``turn_passes``."""
         try:
-            return self.updater(step, rollouts, advantages, ref_logprobs, loss_mask)
+            if self.config.turn_order == "joint":
+                return self.updater(step, rollouts, advantages, ref_logprobs, loss_mask)
+            base = rollouts.response_mask if loss_mask is None else loss_mask
+            turn_ids = rollouts.turns.turn_ids.to(base.device)
+            passes = []
+            for turn in range(int(turn_ids.max()), -1, -1):
+                turn_mask = base * (turn_ids == turn)
+                if turn_mask.any():
+                    passes.append(self.updater(step, rollouts, advantages, ref_logprobs, turn_mask))
+            metrics = {key: sum(p[key] for p in passes) / len(passes) for key in passes[0]}
+            return {**metrics, "turn_passes": len(passes)}
         except TrainingError as error:
             raise TrainingError(f"{error}; {self._last_good()}") from None
 
