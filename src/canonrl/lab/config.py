@@ -68,6 +68,7 @@ class TrainConfig:
     temperature: float = param(1.0, "sampling temperature (also of the training forward's log-probs)")
     top_p: float = param(1.0, "nucleus sampling threshold")
     max_new_tokens: int = param(96, "the response budget in tokens")
+    players: int = param(1, "players per game, for a multi-turn task with a multi-player mode (task=grid players=2: a race; each game's players are consecutive rows of a group)")
     context: str = param("full", "multi-turn tasks: `full` (one row per episode) or `window:K` (one row per step, its prompt the last K turns)")
     branching: dict[str, Any] | None = param(None, "branched episodes for the tree estimators (multi-turn tasks): {at: [turns], width: copies}; group_size = roots x width^len(at) (null: none)")
     # ---- the critic (GAE and the other critic estimators)
@@ -142,6 +143,8 @@ class TrainConfig:
             raise ConfigError(f"unknown loss_agg {self.loss_agg!r}; choose from {', '.join(LOSS_AGG_MODES)}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"unknown kl_estimator {self.kl_estimator!r}; choose from {', '.join(KL_ESTIMATORS)}")
+        if self.players < 1 or self.group_size % self.players:
+            raise ConfigError(f"players must be >= 1 and divide group_size ({self.group_size}), got {self.players}")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ConfigError(
                 f"minibatches ({self.minibatches}) must divide prompts_per_step x group_size ({self.prompts_per_step * self.group_size})"

@@ -166,6 +166,8 @@ TURN_INPUTS = {
     "step_values": "the environment solver's V* of each turn's end state",
     "step_labels": "the environment solver's label of each turn (+1 right, -1 wrong)",
 }
+#: what a game of several players (``players=2``) gives
+TURN_INPUTS["agent"] = "the player of each episode row (players=2: a game's players are consecutive rows)"
 #: turn inputs only an environment with a solver gives (`canonrl.lab.tasks.environment.has_solver`)
 SOLVER_INPUTS = ("step_values", "step_labels")
 #: what a branched multi-turn rollout (config `branching`) gives a tree estimator

@@ -64,6 +64,8 @@ class Turns:
     step_labels: list[list[float]] | None = None
     #: how rows branched from each other (a branched rollout); None otherwise
     branches: Branches | None = None
+    #: [N] long: the player of each row in a game of several players (``players=2``); None for one player
+    agents: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor, width: int) -> Turns:
         picked = rows.tolist()
@@ -73,12 +75,15 @@ class Turns:
 
         # the selected rows no longer hold their parents: the branches are a whole-batch record
         return Turns(self.turn_ids[rows, :width], rows_of(self.step_rewards), rows_of(self.anchors), self.invalid[rows],
-                     self.errors[rows], self.env_seconds, rows_of(self.step_values), rows_of(self.step_labels))  # fmt: skip
+                     self.errors[rows], self.env_seconds, rows_of(self.step_values), rows_of(self.step_labels),
+                     agents=None if self.agents is None else self.agents[rows.cpu()])  # fmt: skip
 
     def step_fields(self) -> dict:
         """A step estimator's fields in the row-per-trajectory layout: ``turn_ids`` and per-row lists of turn rewards
         and anchors (and, with a solver, of values and labels)."""
         fields = {"turn_ids": self.turn_ids, "step_rewards": self.step_rewards, "anchor": self.anchors}
+        if self.agents is not None:
+            fields["agent"] = self.agents
         if self.step_values is not None:
             fields.update(step_values=self.step_values, step_labels=self.step_labels)
         return fields
@@ -261,8 +266,61 @@ class _Episodes:
             self.step_labels[row].append(float(env.step_label(state, transition.state)))
         return not transition.done
 
+    def step_rows(self, rows: list[int], actions: list[str]) -> dict[int, bool]:
+        """Apply the actions of `rows`; for each, whether its episode goes on."""
+        return {row: self.step(row, actions[row]) for row in rows}
+
+    def render(self, row: int) -> str:
+        return self.env.render(self.states[row])
+
     def outcomes(self) -> list[float]:
         return [0.0 if error else float(self.env.outcome(state)) for state, error in zip(self.states, self.errors)]
+
+    @property
+    def agents(self) -> torch.Tensor | None:
+        return None
+
+
+class _Games(_Episodes):
+    """Episodes of an environment of several players (``env.players > 1``): rows ``players * k ... players * k +
+    players - 1`` are the players of game k, in order; they share one joint state, act in the same turns and end
+    together (`step_joint`)."""
+
+    def step_rows(self, rows: list[int], actions: list[str]) -> dict[int, bool]:
+        players, going, live = self.env.players, {}, set(rows)
+        for first in sorted({row - row % players for row in rows}):
+            game = list(range(first, first + players))
+            if not live.issuperset(game):  # a player's episode ended alone (an error): the game ends with it
+                going.update({row: False for row in game if row in live})
+                continue
+            state = self.states[first]
+            for player, row in enumerate(game):
+                self.anchors[row].append(self.env.anchor(state, player))
+            try:
+                joint = self.env.step_joint(state, [actions[row] for row in game])
+            except Exception:  # noqa: BLE001 — a failing game ends its players' episodes only, counted
+                for row in game:
+                    self.step_rewards[row].append(0.0)
+                    self.errors[row], going[row] = True, False
+                continue
+            for player, row in enumerate(game):
+                self.states[row] = joint.state
+                self.step_rewards[row].append(float(joint.rewards[player]))
+                self.invalid[row] += not joint.valid[player]
+                going[row] = not joint.done
+        return going
+
+    def render(self, row: int) -> str:
+        return self.env.render(self.states[row], row % self.env.players)
+
+    def outcomes(self) -> list[float]:
+        players = self.env.players
+        return [0.0 if error else float(self.env.outcome(state, row % players))
+                for row, (state, error) in enumerate(zip(self.states, self.errors))]  # fmt: skip
+
+    @property
+    def agents(self) -> torch.Tensor:
+        return torch.arange(len(self.states)) % self.env.players
 
 
 @torch.no_grad()
@@ -275,7 +333,11 @@ def run_episodes(
     model, tokenizer = policy.model, policy.tokenizer
     prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])
     started = repeats if branching is None else branching.roots(repeats)
-    episodes = _Episodes.start(env, problems, started)
+    players = getattr(env, "players", 1)
+    if players > 1 and (branching is not None or repeats % players):
+        raise ValueError(f"a game of {players} players needs whole games per problem and no branching; got {repeats} "
+                         f"rows per problem")  # fmt: skip
+    episodes = (_Games if players > 1 else _Episodes).start(env, problems, started)
     rows, device = len(episodes.states), prompt_ids.device
     budget = env.max_turns * (env.max_action_tokens + max_observation_tokens)
     decoder = make_decoder(model, prompt_ids, prompt_mask, budget, started)
@@ -305,10 +367,12 @@ def run_episodes(
                                temperature, top_p, greedy, generator)  # fmt: skip
         observations = {}
         env_started = time.perf_counter()
-        for row in live.nonzero().squeeze(1).tolist():
-            going_on = episodes.step(row, actions[row]) and turn < env.max_turns - 1
+        live_rows = live.nonzero().squeeze(1).tolist()
+        going = episodes.step_rows(live_rows, actions)
+        for row in live_rows:
+            going_on = going[row] and turn < env.max_turns - 1
             if going_on:
-                ids = tokenizer(env.render(episodes.states[row]), add_special_tokens=False).input_ids
+                ids = tokenizer(episodes.render(row), add_special_tokens=False).input_ids
                 if len(ids) > max_observation_tokens:
                     episodes.errors[row], going_on = True, False
                 else:
@@ -327,7 +391,7 @@ def run_episodes(
         out["mask"] = torch.where(branches.ghost.to(device)[:, None], 0.0, out["mask"])
     turns = Turns(out["turn"][:, :used], episodes.step_rewards, episodes.anchors,
                   torch.tensor(episodes.invalid), torch.tensor(episodes.errors), env_seconds, episodes.step_values,
-                  episodes.step_labels, branches)  # fmt: skip
+                  episodes.step_labels, branches, episodes.agents)  # fmt: skip
     rollouts = Rollouts(
         prompt_ids.repeat_interleave(repeats, dim=0), prompt_mask.repeat_interleave(repeats, dim=0),
         out["tokens"][:, :used], out["mask"][:, :used], out["logprobs"][:, :used], out["entropy"][:, :used],

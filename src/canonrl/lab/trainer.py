@@ -94,6 +94,8 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.task = get_task(config.task, **config.task_options)
+        if config.players > 1:
+            self.task = with_players(self.task, config.task, config.players)
         self.estimator = config.build_estimator()
         self.inputs = tuple(self.estimator.required_inputs())
         self._check_inputs()
@@ -162,6 +164,13 @@ class Trainer:
                 f"estimator {config.estimator!r} needs {', '.join(provided)}, which the lab gives per episode, not per "
                 f"step row: use context=full"
             )
+        if "agent" in self.inputs and config.players == 1:
+            raise ValueError(
+                f"estimator {config.estimator!r} needs agent, the player of each row, which a game of several players "
+                f"gives: set players=2 (task=grid)"
+            )
+        if config.players > 1 and (window is not None or config.branching is not None):
+            raise ValueError("a game of several players runs with context=full and no branching")
         if config.turn_order == "reverse" and (not is_multi_turn(self.task) or window is not None):
             raise ValueError("turn_order=reverse updates turn by turn, which needs a multi-turn task with context=full")
         cls = type(self.estimator)
@@ -405,6 +414,8 @@ class Trainer:
         )
         if rollouts.turns is not None:
             metrics.update(turn_metrics(rollouts.turns.episodes, self.groups()))
+        if self.config.players > 1:
+            metrics.update(player_metrics(rewards, self.config.players))
         mu_at = getattr(self.estimator, "mu_at", None)
         if mu_at is not None:
             metrics["mu"] = float(mu_at(step, metrics["accuracy"]))
@@ -443,7 +454,7 @@ class Trainer:
         config = self.config
         if is_multi_turn(self.task):
             return evaluate_environment(
-                self.policy, self.task, problems=config.eval_problems, seed=config.eval_seed,
+                self.policy, getattr(self.task, "evaluation_env", self.task), problems=config.eval_problems, seed=config.eval_seed,
                 samples=config.eval_samples, temperature=config.temperature, top_p=config.top_p,
                 sample_seed=seed_of(config.seed, "eval", step), window=config.context_window(),
             )  # fmt: skip
@@ -496,6 +507,22 @@ class Trainer:
         }
         checkpoints.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
         return summary
+
+
+def with_players(task, name: str, players: int):
+    """The `players`-player version of a multi-turn task (its ``with_players``); a one-line error without one."""
+    factory = getattr(task, "with_players", None)
+    if not is_multi_turn(task) or factory is None:
+        raise ValueError(f"task {name!r} has no game of {players} players (task=grid has a two-player race)")
+    return factory(players)
+
+
+def player_metrics(rewards: torch.Tensor, players: int) -> dict:
+    """Each player's mean outcome (``reward/player<p>``) and the share of games every player won alike (ties)."""
+    games = rewards.view(-1, players)
+    metrics = {f"reward/player{p}": games[:, p].mean().item() for p in range(players)}
+    metrics["tied_games"] = (games == games[:, :1]).all(dim=1).float().mean().item()
+    return metrics
 
 
 def row_episodes(rollouts) -> torch.Tensor | None:

@@ -243,6 +243,17 @@ class GridTask:
         self.heldout_buckets = heldout_buckets
         self.progress_reward = progress_reward
         self.invalid_penalty = invalid_penalty
+        self.options = dict(min_size=min_size, max_size=max_size, wall_fraction=wall_fraction, key_door=key_door,
+                            max_turns=max_turns, heldout_buckets=heldout_buckets, progress_reward=progress_reward,
+                            invalid_penalty=invalid_penalty)  # fmt: skip
+
+    def with_players(self, players: int):
+        """The `players`-player version of this task (``players=2``: the race, `canonrl.lab.tasks.grid_race`)."""
+        if players != 2:
+            raise ValueError(f"lab-grid plays alone or as a two-player race; players={players}")
+        from canonrl.lab.tasks.grid_race import GridRace
+
+        return GridRace(**self.options)
 
     # ------------------------------------------------------------------------------------------------------------
     # problems
