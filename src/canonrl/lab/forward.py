@@ -36,15 +36,17 @@ def sequence_logprobs(
     return token_logprobs, token_entropy
 
 
-def response_hidden(model, rollouts: Rollouts) -> torch.Tensor:
+def response_hidden(model, rollouts: Rollouts, before: bool = True) -> torch.Tensor:
     """[N, T, H] the model's last hidden state before each response token (with grad, if enabled): the state the
-    token was sampled from, where verl's critic reads a token's value (its ``[-T - 1 : -1]`` slice)."""
+    token was sampled from, where verl's critic reads a token's value (its ``[-T - 1 : -1]`` slice); with
+    ``before=False``, the hidden state at each response token itself."""
     prompt_len = rollouts.prompt_ids.shape[1]
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.response_ids], dim=1)
     attention = torch.cat([rollouts.prompt_mask, rollouts.attention], dim=1)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions_from_mask(attention),
                 output_hidden_states=True)  # fmt: skip
-    return out.hidden_states[-1][:, prompt_len - 1 : -1, :].float()
+    start = prompt_len - 1 if before else prompt_len
+    return out.hidden_states[-1][:, start : start + rollouts.response_ids.shape[1], :].float()
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 
 from canonrl.fields import Consumer
 from canonrl.lab.answer_probe import answer_logprobs
-from canonrl.lab.forward import reference_logprobs
+from canonrl.lab.forward import reference_logprobs, response_hidden
 from canonrl.lab.multi_turn import completions_of
 from canonrl.lab.rewards import RewardScorer
 from canonrl.lab.sampling import Rollouts, generate
@@ -140,6 +140,25 @@ def judge_wins(ctx: StepContext):
             wins[i] = sum(ctx.task.judge(episodes[i], episodes[j]) for j in range(start, start + groups) if j != i)
     value = torch.tensor(wins, dtype=torch.float32, device=ctx.policy.device)
     return value, {"judge_wins": value.mean().item()}
+
+
+@provides("indicators", "a no-grad forward for the responses' hidden states, then their SVDs")
+def effective_rank_indicators(ctx: StepContext):
+    """[B, 3] (VERL's effective-rank shaping): (ERA, ERV, ER) of each response's last-layer hidden states at its
+    own tokens (`canonrl.producers.effective_rank`, the official stride 40 over the last 512 tokens), from a no-grad
+    forward of the policy that sampled. Costs one forward and a batched SVD per prefix stride."""
+    from canonrl.producers.effective_rank import effective_rank_indicators as indicators
+
+    started = time.perf_counter()
+    rollouts, size = ctx.rollouts, ctx.config.micro_batch_size
+    out = torch.zeros(rollouts.response_ids.shape[0], 3, device=rollouts.response_ids.device)
+    ctx.policy.model.eval()
+    with torch.no_grad():
+        for chunk in rollouts.lengths.argsort(stable=True).split(size):
+            mini = rollouts.select(chunk)
+            out[chunk] = indicators(response_hidden(ctx.policy.model, mini, before=False), mini.response_mask)
+    ctx.policy.model.train()
+    return out, {"effective_rank": out[:, 2].mean().item(), "indicators_seconds": time.perf_counter() - started}
 
 
 @provides("prompt_values", "IGPO's answer probe: a teacher-forced pass of the environment's answer per turn")

@@ -38,7 +38,8 @@ Differences from the official code:
 
 Edge cases: fully masked rows get 0 and do not count in the batch means; a batch with no valid row leaves the state
 unchanged; indicators must be finite at valid rows. The batch field ``indicators`` [B, 3] carries I; no rollout gives
-it (the producer needs the policy's hidden states), so the lab, verl and TRL do not feed it yet.
+it (the producer needs the policy's hidden states): the lab computes it (a no-grad forward per step), verl and TRL do
+not feed it yet.
 
 Examples:
     >>> import torch, canonrl
@@ -105,7 +106,7 @@ class EffectiveRank(HasBase, Estimator):
     verified = False
     stateful = True
     simulator_alignment = "z"
-    works_in = "library (needs the [B, 3] effective-rank indicators of the hidden states)"
+    works_in = "library (needs the [B, 3] effective-rank indicators of the hidden states), lab"
     inputs_note = "`indicators` [B, 3] (ERA, ERV, ER) (+ the base's)"
     producer = "canonrl.producers.effective_rank.effective_rank_indicators: SVDs of the response's hidden states"
 
