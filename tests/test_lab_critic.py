@@ -125,3 +125,21 @@ def test_a_killed_critic_run_resumes_bit_exactly(kind, tmp_path):
     strip = lambda record: {k: v for k, v in record.items() if k not in WALL_CLOCK_KEYS}  # noqa: E731
     assert [strip(r) for r in a] == [strip(r) for r in b]
     assert any("value_loss" in r for r in a)
+
+
+def test_compare_runs_a_critic_configuration_beside_a_step_estimator(tmp_path):
+    from typer.testing import CliRunner
+
+    from canonrl.cli import app
+
+    gae = tmp_path / "gae.yaml"
+    gae.write_text("estimator: gae\nlabel: gae-head\ncritic: head\n")
+    out = tmp_path / "report"
+    args = ["compare", "-e", "gigpo", "-e", str(gae), "--seeds", "0", "--jobs", "1", *TINY, "steps=1",
+            "eval_every=0", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = (out / "summary.md").read_text()
+    assert "gigpo" in summary and "gae-head" in summary
+    record = json.loads((out / "runs" / "gae-head-seed0" / "summary.json").read_text())
+    assert record["estimator"] == "gae" and record["task"] == "grid"
