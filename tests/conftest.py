@@ -94,6 +94,26 @@ def train_until_interrupted(config, run_dir, at_step: int) -> None:
         Trainer(config, run_dir).train(interrupt)
 
 
+def assert_resume_is_bit_exact(config, tmp_path, at_step: int = 3) -> list[dict]:
+    """Train `config` straight through, and again killed right after step `at_step` and resumed: both logs must
+    agree record for record, wall-clock fields aside. Returns the records."""
+    import json
+
+    from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer
+
+    Trainer(config, tmp_path / "a").train()
+    train_until_interrupted(config, tmp_path / "b", at_step=at_step)
+    Trainer(config, tmp_path / "b", resume=True).train()
+
+    def records(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_KEYS} for line in lines if line]
+
+    straight = records(tmp_path / "a")
+    assert straight == records(tmp_path / "b")
+    return straight
+
+
 def use_test_tasks(monkeypatch, tasks: dict) -> None:
     """Make `task=<name>` build `tasks[name]()` for the names in `tasks`; every other name goes to the real registry."""
     import canonrl.lab.tasks

@@ -4,8 +4,6 @@ estimator of the registry training by name on lab-grid, and resume bit-exact."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,8 +11,8 @@ import canonrl
 from canonrl.lab.config import ConfigError, load_config
 from canonrl.lab.forward import sequence_logprobs
 from canonrl.lab.multi_turn import Branches, Branching, completions_of
-from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer
-from conftest import train_until_interrupted
+from canonrl.lab.trainer import Trainer
+from conftest import assert_resume_is_bit_exact
 
 TINY = ["task=grid", "prompts_per_step=2", "group_size=8", "eval_problems=4", "eval_samples=2", "threads=1",
         "tensorboard=false", "branching.at=[1,3]", "branching.width=2"]  # fmt: skip
@@ -100,12 +98,4 @@ def test_a_tree_estimator_trains_on_grid_by_name(estimator, tmp_path):
 
 def test_a_killed_branched_run_resumes_bit_exactly(tmp_path):
     config = load_config(None, [*TINY, "estimator=spo_tree", "steps=3", "eval_every=2", "checkpoint_every=2"])
-    Trainer(config, tmp_path / "a").train()
-    train_until_interrupted(config, tmp_path / "b", at_step=3)
-    Trainer(config, tmp_path / "b", resume=True).train()
-
-    def records(run_dir):
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_KEYS} for line in lines if line]
-
-    assert records(tmp_path / "a") == records(tmp_path / "b")
+    assert_resume_is_bit_exact(config, tmp_path)

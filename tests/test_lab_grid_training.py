@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from canonrl.lab.config import load_config
-from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer
-from conftest import train_until_interrupted
+from canonrl.lab.trainer import Trainer
+from conftest import assert_resume_is_bit_exact
 
 TINY = ["task=grid", "prompts_per_step=2", "group_size=4", "eval_problems=4", "eval_samples=2", "threads=1",
         "tensorboard=false"]  # fmt: skip
@@ -21,10 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def grid_config(*overrides: str):
     return load_config(None, [*TINY, *overrides])
-
-
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("estimator", ["gigpo", "trloo", "igpo", "grpo", "spo_chain", "spae", "fspo"])
@@ -52,13 +48,8 @@ def test_an_estimator_trains_on_grid_by_name(estimator, tmp_path):
 
 def test_a_killed_grid_run_resumes_bit_exactly(tmp_path):
     config = grid_config("estimator=gigpo", "steps=3", "eval_every=2", "checkpoint_every=2")
-    Trainer(config, tmp_path / "a").train()
-    train_until_interrupted(config, tmp_path / "b", at_step=3)
-    Trainer(config, tmp_path / "b", resume=True).train()
-    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    strip = lambda record: {k: v for k, v in record.items() if k not in WALL_CLOCK_KEYS}  # noqa: E731
-    assert [strip(r) for r in a] == [strip(r) for r in b]
-    assert [r["kind"] for r in a].count("train") == 3
+    records = assert_resume_is_bit_exact(config, tmp_path)
+    assert [r["kind"] for r in records].count("train") == 3
 
 
 def test_a_step_estimator_needs_a_multi_turn_task(tmp_path):

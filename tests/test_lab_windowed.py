@@ -3,16 +3,14 @@ against a fresh forward, the step fields, the layout rules, EGAE and GiGPO train
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from canonrl.lab.config import ConfigError, load_config
 from canonrl.lab.forward import sequence_logprobs
-from canonrl.lab.trainer import WALL_CLOCK_KEYS, Trainer
+from canonrl.lab.trainer import Trainer
 from canonrl.lab.windowed import StepRows, parse_context
-from conftest import train_until_interrupted
+from conftest import assert_resume_is_bit_exact
 
 TINY = ["task=grid", "prompts_per_step=2", "group_size=4", "eval_problems=4", "eval_samples=2", "threads=1",
         "tensorboard=false"]  # fmt: skip
@@ -109,12 +107,4 @@ def test_estimators_train_on_step_rows(overrides, tmp_path):
 def test_a_killed_windowed_run_resumes_bit_exactly(tmp_path):
     config = load_config(None, [*TINY, "estimator=gigpo", "context=window:2", "steps=3", "eval_every=2",
                                 "checkpoint_every=2"])  # fmt: skip
-    Trainer(config, tmp_path / "a").train()
-    train_until_interrupted(config, tmp_path / "b", at_step=3)
-    Trainer(config, tmp_path / "b", resume=True).train()
-
-    def records(run_dir):
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_KEYS} for line in lines if line]
-
-    assert records(tmp_path / "a") == records(tmp_path / "b")
+    assert_resume_is_bit_exact(config, tmp_path)
