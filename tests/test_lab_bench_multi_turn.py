@@ -14,7 +14,8 @@ def test_the_benchmark_table_has_both_rollouts_and_the_step_split():
     result = run_multi_turn_benchmark(prompts=1, group_size=2, repeats=1)
     labels = [what for what, _, _ in result.rows]
     assert labels[0].startswith("rollout: canonrl") and labels[1].startswith("rollout: model.generate")
-    assert {"train step (total)", "  advantages"} <= set(labels)
+    assert {"train step (total)", "  advantages (critic values included)", "  critic update"} <= set(labels)
+    assert sum(note.endswith("critic=head") for _, _, note in result.rows) == 6  # the gigpo rows and the critic's
     assert all(seconds > 0 for _, seconds, _ in result.rows)
     assert result.markdown().startswith("| measured | time (s) | note |")
 

@@ -9,7 +9,9 @@ Both rollouts play the same mazes with the same policy (lab-grid-tiny) at temper
   token, then the environments step and their observations are appended as text-derived tokens.
 
 A trainer step (`canonrl train task=grid estimator=gigpo`, 8 mazes × 8 episodes) is split into the rollout
-(sampling with the environment inside), the environment's own share of it, the advantages and the update.
+(sampling with the environment inside), the environment's own share of it, the advantages and the update; a second
+one with a critic (`estimator=gae critic=head`) adds the critic's share (its values are in the advantages' time,
+its update in its own row).
 Times are medians of `repeats` runs after one warm-up; compare ratios, not absolute times.
 """
 
@@ -100,13 +102,17 @@ def run_multi_turn_benchmark(prompts: int = 8, group_size: int = 8, repeats: int
         (f"rollout: model.generate per turn ({episodes} episodes)", loop_seconds,
          f"{loop_seconds / canonrl_seconds:.1f}× canonrl's time"),
     ]  # fmt: skip
-    config = load_config(None, ["task=grid", "estimator=gigpo", f"prompts_per_step={prompts}",
-                                f"group_size={group_size}", "tensorboard=false"])  # fmt: skip
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, run_dir)
-        splits = [trainer.train_step(step).metrics for step in range(1, repeats + 2)][1:]
-    for key, what in (("step_seconds", "train step (total)"), ("rollout_seconds", "  rollout (sampling + environment)"),
-                      ("env_seconds", "    of which the environment"), ("advantage_seconds", "  advantages"),
-                      ("update_seconds", "  update (forward + backward + optimizer)")):  # fmt: skip
-        rows.append((what, statistics.median(m[key] for m in splits), f"{prompts} mazes × {group_size} episodes, gigpo"))
+    stages = (("step_seconds", "train step (total)"), ("rollout_seconds", "  rollout (sampling + environment)"),
+              ("env_seconds", "    of which the environment"), ("advantage_seconds", "  advantages (critic values included)"),
+              ("update_seconds", "  update (forward + backward + optimizer)"),
+              ("critic_seconds", "  critic update"))  # fmt: skip
+    for label, overrides in (("gigpo", ["estimator=gigpo"]), ("gae, critic=head", ["estimator=gae", "critic=head"])):
+        config = load_config(None, ["task=grid", *overrides, f"prompts_per_step={prompts}", f"group_size={group_size}",
+                                    "tensorboard=false"])  # fmt: skip
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = Trainer(config, run_dir)
+            splits = [trainer.train_step(step).metrics for step in range(1, repeats + 2)][1:]
+        for key, what in stages:
+            if key in splits[0]:
+                rows.append((what, statistics.median(m[key] for m in splits), f"{prompts} mazes × {group_size} episodes, {label}"))
     return MultiTurnBench(rows)
