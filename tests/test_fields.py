@@ -43,11 +43,12 @@ def test_a_consumer_builds_what_it_can_feed_and_names_what_it_cannot():
 
 
 def test_every_consumer_declares_what_it_provides_and_how():
-    from canonrl.integrations.verl import BATCH_KEYS, VERL
+    from canonrl.integrations.verl import BATCH_KEYS, NON_TENSOR_KEYS, VERL
     from canonrl.lab.inputs import LAB, LAB_INPUTS
     from canonrl.simulate.measures import SIMULATOR
 
-    assert set(LAB.provides) == set(LAB_INPUTS) and set(VERL.provides) == set(BATCH_KEYS)
+    assert set(LAB.provides) == set(LAB_INPUTS)
+    assert set(VERL.provides) == {*BATCH_KEYS, *NON_TENSOR_KEYS, "token_rewards"}
     for consumer in (LAB, VERL, SIMULATOR):
         assert not set(consumer.provides) & set(BASE) and all(consumer.provides.values()), consumer.name
     with pytest.raises(ValueError, match="the simulator: estimator 'gae' needs values"):

@@ -98,7 +98,12 @@ def test_register_all_names_and_idempotence(registered):
     snapshot = dict(core_algos.ADV_ESTIMATOR_REGISTRY)
     assert cv.register_all() == names
     assert core_algos.ADV_ESTIMATOR_REGISTRY == snapshot
-    assert set(cv.VERL_NAMES.values()) == {e.name for e in canonrl.estimators() if e.outcome_level}
+    registered = set(cv.VERL_NAMES.values())
+    assert {e.name for e in canonrl.estimators() if e.outcome_level} <= registered  # missing inputs: errors that say so
+    # step estimators of verl's agent-loop layout (a trajectory per row) and critic ones: registered
+    assert {"gigpo", "trloo", "matchtir", "mars", "gae"} <= registered and "canonrl_gae" in cv.VERL_NAMES
+    # trees, row-per-step-only and producer inputs verl has no key for: not registered
+    assert not {"rose", "spo_tree", "egae", "spo_chain", "fspo"} & registered
 
 
 def test_importing_canonrl_does_not_import_verl():

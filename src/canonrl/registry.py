@@ -88,6 +88,13 @@ class EstimatorInfo:
 SIMULATOR_ALIGNMENTS = ("centred", "z", "fit")
 #: Where an outcome-level estimator runs unless it says otherwise (``Estimator.works_in``).
 OUTCOME_WORKS_IN = "library, lab, verl, TRL"
+#: Where a step or critic estimator runs unless it says otherwise: the lab's multi-turn tasks, and verl's agent-loop
+#: layout (a trajectory per row) through the patched dispatcher.
+STEP_WORKS_IN = "library, lab (multi-turn tasks), verl (agent-loop layout, with the patch); TRL: no"
+#: Where a tree estimator runs: the lab's branched episodes; no trainer records rollout trees.
+TREE_WORKS_IN = "library, lab (branching); verl, TRL: no"
+#: Where an estimator reading a solver's step values or labels runs: the lab's lab-grid (its BFS solver).
+SOLVER_WORKS_IN = "library, lab (task=grid's solver); verl, TRL: no"
 #: The default ``Estimator.reward_range``: every finite reward.
 ANY_REWARD = (-math.inf, math.inf)
 
@@ -305,7 +312,7 @@ class Estimator(ABC):
             reward_range=defaults.reward_range,
             wraps_base=cls.wraps_base,
             simulator_alignment=cls.simulator_alignment,
-            works_in=cls.works_in or (OUTCOME_WORKS_IN if outcome_level else "library"),
+            works_in=cls.works_in or (OUTCOME_WORKS_IN if outcome_level else STEP_WORKS_IN),
             inputs_note=cls.inputs_note,
             producer=cls.producer,
         )

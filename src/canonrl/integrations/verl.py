@@ -48,6 +48,16 @@ BATCH_KEYS: dict[str, tuple[str, ...]] = {
     "human_values": ("canonrl_human_values",),
     "greedy_rewards": ("reward_baselines",),
     "ref_logprobs": ("ref_log_prob",),
+    "values": ("values",),
+    "turn_ids": ("canonrl_turn_ids",),
+}
+
+#: canonrl per-step field -> the ``non_tensor_batch`` keys (object arrays, one entry per row) the patched dispatcher
+#: reads it from (first one present wins): the agent loop's per-turn scores, the anchor of each turn, the player
+NON_TENSOR_KEYS: dict[str, tuple[str, ...]] = {
+    "step_rewards": ("canonrl_step_rewards", "turn_scores"),
+    "anchor": ("canonrl_anchor", "anchor_obs"),
+    "agent": ("canonrl_agent", "agent"),
 }
 
 #: The batch key the ``keep_entropy`` patch copies the legacy trainer's entropies to before verl pops ``entropys``.
@@ -82,11 +92,17 @@ _HOW_TO_GET = {
     "reference policy, e.g. actor_rollout_ref.actor.use_kl_loss=true)",
     "reference_rewards": "a reference-policy response's reward per row (verl does not generate one)",
     "prompt_confidence": "a per-prompt confidence (verl does not compute prompt log-probs)",
+    "values": "the critic's values (batch key 'values': critic.enable=true)",
+    "token_rewards": "verl's token_level_rewards (each token's reward), as given",
+    "turn_ids": "each token's turn (batch key 'canonrl_turn_ids' [bs, T]; default: the runs of response_mask)",
+    "step_rewards": "per-turn rewards, one list per row (non_tensor_batch 'turn_scores' or 'canonrl_step_rewards')",
+    "anchor": "the anchor state of each turn, one list per row (non_tensor_batch 'anchor_obs' or 'canonrl_anchor')",
+    "agent": "the player of each row (non_tensor_batch 'agent' or 'canonrl_agent')",
 }
 #: what verl's advantage step can give an estimator beyond rewards, group and mask (with the patch), and how
 VERL = Consumer(
     "verl",
-    {field: _HOW_TO_GET[field] for field in BATCH_KEYS},
+    {field: _HOW_TO_GET[field] for field in (*BATCH_KEYS, *NON_TENSOR_KEYS, "token_rewards")},
     missing="the estimator works in the canonrl library and lab, not in verl (docs/estimators.md: where each works)",
 )
 
@@ -257,7 +273,8 @@ def compute(
     if kwargs.get("greedy_rewards") is None and kwargs.get("reward_baselines") is not None:
         kwargs["greedy_rewards"] = kwargs["reward_baselines"]  # verl's own dispatcher passes this one unpatched
     VERL.check(est)
-    fields: dict[str, Any] = {}
+    kwargs.setdefault("token_rewards", token_level_rewards)
+    fields: dict[str, Any] = _turn_fields(est, kwargs)
     for field in est.required_inputs():
         value = kwargs.get(field)
         if value is None:
@@ -268,17 +285,26 @@ def compute(
             )
         fields[field] = value
     step = kwargs.get("step")
-    advantages = est(
-        rewards=rewards,
-        token_rewards=token_level_rewards,
-        group=index,
-        mask=response_mask,
-        step=None if step is None else int(step),
-        **fields,
-    )
+    call = {"rewards": rewards, "token_rewards": token_level_rewards, "group": index, "mask": response_mask}
+    call.update(fields)
+    advantages, returns = est.compute_with_returns(step=None if step is None else int(step), **call)
     if advantages.dtype != token_level_rewards.dtype and token_level_rewards.dtype.is_floating_point:
-        advantages = advantages.to(token_level_rewards.dtype)
-    return advantages, advantages
+        advantages, returns = advantages.to(token_level_rewards.dtype), returns.to(token_level_rewards.dtype)
+    return advantages, returns
+
+
+def _turn_fields(est: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The step fields of verl's agent-loop layout (one row per trajectory) a step estimator reads: ``turn_ids``
+    (batch key ``canonrl_turn_ids``, else the runs of the response mask: each run of policy tokens between tool or
+    observation holes is a turn) and, when the batch has them, the per-turn rewards, anchors and players. The
+    counts of per-turn values must match the turns; the core's validation names the rows where they do not."""
+    if type(est).level != "step":
+        return {}
+    fields: dict[str, Any] = {"turn_ids": kwargs.get("turn_ids", "mask_runs")}
+    for field in ("step_rewards", "anchor", "agent"):
+        if kwargs.get(field) is not None:
+            fields[field] = kwargs[field]
+    return fields
 
 
 def advantage_fn(name: str):
@@ -310,13 +336,16 @@ def register_all() -> dict[str, str]:
     """
     from verl.trainer.ppo import core_algos
 
-    from canonrl.registry import estimators
+    from canonrl.registry import estimator_class, estimators
 
     registry = core_algos.ADV_ESTIMATOR_REGISTRY
     builtin = {e.value for e in core_algos.AdvantageEstimator}
     for info in estimators():
-        if not info.outcome_level:
-            continue  # step and critic estimators need the agent-loop fields (a later integration)
+        cls = estimator_class(info.name)
+        if not info.outcome_level and VERL.missing_inputs(tuple(cls().required_inputs())):
+            continue  # a step input verl has no key for (a tree's nodes, a producer's values): library and lab only
+        if not info.outcome_level and not {"row-per-trajectory", "row-per-response"} & set(cls.layouts):
+            continue  # verl's agent loop keeps a trajectory in one row; row-per-step needs verl-agent's layout
         fn = advantage_fn(info.name)
         for verl_name in (info.name, f"canonrl_{info.name}"):
             if verl_name in builtin:
@@ -341,10 +370,21 @@ def _extra_inputs(data: Any) -> dict[str, Any]:
             if key in keys:
                 out[field] = data.batch[key]
                 break
+    for field, candidates in NON_TENSOR_KEYS.items():
+        for key in candidates:
+            if key in data.non_tensor_batch:
+                out[field] = _per_row(data.non_tensor_batch[key])
+                break
     step = (data.meta_info or {}).get("global_steps")
     if step is not None:
         out["step"] = int(step)
     return out
+
+
+def _per_row(values: Any) -> list:
+    """A ``non_tensor_batch`` object array as a plain list: per-row lists (of per-turn values) stay lists."""
+    return [list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") and getattr(v, "ndim", 0) else v
+            for v in values]  # fmt: skip
 
 
 def _make_patched(original: Any):

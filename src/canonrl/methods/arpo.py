@@ -51,7 +51,7 @@ from canonrl.groups import Grouping
 from canonrl.methods._common import require_choice, require_range, singleton_param
 from canonrl.methods._normalise import STD_CHOICES, group_normalised
 from canonrl.methods.fspo import trajectory_rewards_and_groups
-from canonrl.registry import Paper, StepEstimator, param, register
+from canonrl.registry import TREE_WORKS_IN, Paper, StepEstimator, param, register
 
 ARPO_PAPER = Paper("Agentic Reinforced Policy Optimization", "2507.19849")
 
@@ -61,6 +61,7 @@ ATTRIBUTIONS = ("soft", "hard")
 @register
 class ARPO(StepEstimator):
     name = "arpo"
+    works_in = TREE_WORKS_IN
     description = "GRPO of branched trajectories on every segment (soft); hard: shared segments get the branches' mean"
     paper = ARPO_PAPER
     requires = ("node", "parent")

@@ -63,7 +63,7 @@ from canonrl.batch import RolloutBatch, describe_row_indices, make_batch
 from canonrl.methods.rose import group_leaf_means
 from canonrl.methods.spo_tree import leaf_rewards
 from canonrl.nodes import NodeTable
-from canonrl.registry import Paper, StepEstimator, param, register
+from canonrl.registry import TREE_WORKS_IN, Paper, StepEstimator, param, register
 
 ATTNRL_PAPER = Paper(
     "Attention as a Compass: Efficient Exploration for Process-Supervised RL in Reasoning Models", "2509.26628"
@@ -98,6 +98,7 @@ def keep_rows(batch: RolloutBatch | None = None, /, **fields: Any) -> Tensor:
 @register
 class AttnRL(StepEstimator):
     name = "attnrl"
+    works_in = TREE_WORKS_IN
     description = "Tree paths: (V(node) - V(root) + V(node) - V(parent)) / sqrt(#leaves below), leaf-mean values"
     paper = ATTNRL_PAPER
     requires = ("node", "parent")

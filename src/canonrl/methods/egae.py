@@ -38,6 +38,7 @@ from canonrl.registry import CriticEstimator, param, register
 @register
 class EGAE(CriticEstimator):
     name = "egae"
+    works_in = "library, lab (context=window:K); verl, TRL: no (a row per step: verl-agent's layout)"
     description = "Turn-level GAE: each turn's discounted return on its last token, then token GAE with the critic"
     paper = DR_KERNEL
     requires = ("values", "step_rewards")

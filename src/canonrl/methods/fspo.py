@@ -39,7 +39,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_row_indices, make_batch
 from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, HasBase, check_base
-from canonrl.registry import Estimator, Paper, StepEstimator, param, register
+from canonrl.registry import SOLVER_WORKS_IN, Estimator, Paper, StepEstimator, param, register
 
 FSPO_PAPER = Paper(
     "The Hallucination Dilemma: Factuality-Aware Reinforcement Learning for Large Reasoning Models", "2505.24630"
@@ -125,6 +125,7 @@ def checked_labels(steps, value) -> Tensor:
 @register
 class FSPO(HasBase, StepEstimator):
     name = "fspo"
+    works_in = SOLVER_WORKS_IN
     description = "A base advantage with its sign set by each step's factuality label (step_labels in {-1, 0, +1})"
     paper = FSPO_PAPER
     requires = ("step_labels",)

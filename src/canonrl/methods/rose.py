@@ -78,7 +78,7 @@ from canonrl.batch import RolloutBatch, describe_row_indices
 from canonrl.groups import Grouping
 from canonrl.methods._common import require_choice, require_finite, require_range
 from canonrl.methods.spo_tree import leaf_rewards
-from canonrl.registry import Paper, StepEstimator, param, register
+from canonrl.registry import TREE_WORKS_IN, Paper, StepEstimator, param, register
 from canonrl.steps import StepTable, lexicographic_codes
 
 ROSE_PAPER = Paper("Reinforced Efficient Reasoning via Semantically Diverse Exploration", "2601.05053")
@@ -133,6 +133,7 @@ def per_trajectory(steps: StepTable, per_step: Tensor, at: Tensor) -> Tensor:
 @register
 class ROSE(StepEstimator):
     name = "rose"
+    works_in = TREE_WORKS_IN
     description = "Tree segments: mean outcome of the responses through the segment's end minus through its start"
     paper = ROSE_PAPER
     requires = ("node", "parent")

@@ -39,7 +39,7 @@ from canonrl.batch import RolloutBatch
 from canonrl.methods._common import require_finite, require_range
 from canonrl.methods._wrapped import BASE_HELP, BASE_PARAMS_HELP, HasBase, check_base
 from canonrl.methods.fspo import check_trajectory_base, trajectory_base_advantages
-from canonrl.registry import Paper, StepEstimator, param, register
+from canonrl.registry import SOLVER_WORKS_IN, Paper, StepEstimator, param, register
 
 SPAE_PAPER = Paper(
     "Step Potential Advantage Estimation: Harnessing Intermediate Confidence and Correctness for Efficient "
@@ -65,6 +65,7 @@ def after_saturation(steps, potentials: Tensor, threshold: float) -> Tensor:
 @register
 class SPAE(HasBase, StepEstimator):
     name = "spae"
+    works_in = SOLVER_WORKS_IN
     description = "Base advantage + xi * potential difference per step, scaled down after the potential saturates"
     paper = SPAE_PAPER
     requires = ("step_values",)

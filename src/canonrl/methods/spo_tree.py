@@ -47,7 +47,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_row_indices
 from canonrl.methods._common import require_choice, require_range
-from canonrl.registry import Paper, StepEstimator, param, register
+from canonrl.registry import TREE_WORKS_IN, Paper, StepEstimator, param, register
 
 SPO_PAPER = Paper(
     "Segment Policy Optimization: Effective Segment-Level Credit Assignment in RL for Large Language Models",
@@ -86,6 +86,7 @@ def parent_values(nodes, per_node: Tensor) -> Tensor:
 @register
 class SPOTree(StepEstimator):
     name = "spo_tree"
+    works_in = TREE_WORKS_IN
     description = "Tree Monte Carlo: V(child) - V(parent) per edge, V = recursive mean of children (row per edge)"
     paper = SPO_PAPER
     requires = ("node", "parent")

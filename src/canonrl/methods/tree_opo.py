@@ -48,7 +48,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_row_indices
 from canonrl.methods._common import require_choice, require_range
-from canonrl.registry import Paper, StepEstimator, param, register
+from canonrl.registry import TREE_WORKS_IN, Paper, StepEstimator, param, register
 
 TREE_OPO_PAPER = Paper(
     "Tree-OPO: Off-policy Monte Carlo Tree-Guided Advantage Optimization for Multistep Reasoning", "2509.09284"
@@ -91,6 +91,7 @@ def subtree_statistic(nodes, step_values: Tensor, member: Tensor, baseline: str)
 @register
 class TreeOPO(StepEstimator):
     name = "tree_opo"
+    works_in = TREE_WORKS_IN
     description = "Completion reward minus alpha * a subtree value of its MCTS prefix, centred in the group"
     paper = TREE_OPO_PAPER
     requires = ("node", "parent")

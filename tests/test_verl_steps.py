@@ -1,0 +1,126 @@
+"""Step and critic estimators through verl's real ``compute_advantage`` on batches in verl's agent-loop layout (one
+row per trajectory, tool/observation tokens as response-mask holes, per-turn scores in ``non_tensor_batch``), with
+canonrl's patch: they equal the library's advantages on the same fields; returns are the critic's targets; counts
+that do not match the turns, and a dispatcher without the patch, are one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+ray_trainer = pytest.importorskip("verl.trainer.ppo.ray_trainer")
+from omegaconf import OmegaConf  # noqa: E402
+from verl import DataProto  # noqa: E402
+
+import canonrl  # noqa: E402
+from canonrl.integrations import verl as cv  # noqa: E402
+
+pytestmark = pytest.mark.verl
+ATOL = 1e-5
+
+#: per row: the response mask (1 = policy token, 0 = tool/observation hole, trailing 0 = padding)
+MASKS = [
+    [1, 1, 0, 0, 1, 1, 0, 1, 0, 0],
+    [1, 0, 0, 1, 1, 1, 0, 0, 0, 0],
+    [1, 1, 1, 0, 1, 0, 0, 0, 0, 0],
+    [1, 1, 0, 1, 0, 1, 1, 1, 0, 0],
+    [1, 0, 1, 1, 0, 0, 0, 0, 0, 0],
+    [1, 1, 1, 1, 0, 0, 1, 0, 0, 0],
+]
+UIDS = ["a", "b", "a", "b", "a", "b"]
+OUTCOMES = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    cv.register_all()
+    yield
+    cv.unpatch_compute_advantage()
+
+
+@pytest.fixture
+def patched():
+    cv.patch_compute_advantage()
+    yield
+    cv.unpatch_compute_advantage()
+
+
+def agent_loop_batch(seed: int = 0, *, values: bool = False, turn_scores: list | None = None) -> DataProto:
+    """A batch as verl's agent loop leaves it: the outcome on each row's last policy token, per-turn scores and the
+    anchor of each turn in non_tensor_batch (object arrays of per-row lists)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor(MASKS, dtype=torch.float32)
+    runs = canonrl.steps.mask_run_ids(mask)
+    turns = (runs.amax(1) + 1).tolist()
+    last = torch.where(mask > 0, torch.arange(mask.shape[1]), -1).amax(1)
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(len(MASKS)), last] = torch.tensor(OUTCOMES)
+    scores = turn_scores or [torch.rand(n, generator=g).round(decimals=1).tolist() for n in turns]
+    anchors = [[f"s{int(x)}" for x in torch.randint(0, 3, (n,), generator=g)] for n in turns]
+    tensors = {"token_level_rewards": rewards, "response_mask": mask}
+    if values:
+        tensors["values"] = torch.rand(mask.shape, generator=g)
+    non_tensors = {"uid": np.array(UIDS, dtype=object)}
+    non_tensors["turn_scores"] = np.empty(len(MASKS), dtype=object)
+    non_tensors["anchor_obs"] = np.empty(len(MASKS), dtype=object)
+    for row in range(len(MASKS)):
+        non_tensors["turn_scores"][row] = scores[row]
+        non_tensors["anchor_obs"][row] = anchors[row]
+    return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
+
+
+def direct(name: str, data: DataProto, **params) -> torch.Tensor:
+    fields = {"rewards": torch.tensor(OUTCOMES), "group": UIDS, "mask": data.batch["response_mask"],
+              "token_rewards": data.batch["token_level_rewards"], "turn_ids": "mask_runs",
+              "step_rewards": [list(x) for x in data.non_tensor_batch["turn_scores"]],
+              "anchor": [list(x) for x in data.non_tensor_batch["anchor_obs"]]}  # fmt: skip
+    return canonrl.get_estimator(name, **params).compute_with_returns(**fields)
+
+
+def algo(**extra):
+    return OmegaConf.create({"adv_estimator": "x", "norm_adv_by_std_in_grpo": True, **extra})
+
+
+@pytest.mark.parametrize("name", ["gigpo", "trloo", "matchtir", "srgpo", "mapo_dialogue"])
+def test_a_step_estimator_in_the_agent_loop_layout_equals_the_library(name, patched):
+    data = agent_loop_batch(seed=1)
+    expected, _ = direct(name, data)
+    out = ray_trainer.compute_advantage(data, adv_estimator=name, config=algo())
+    torch.testing.assert_close(out.batch["advantages"], expected, atol=ATOL, rtol=ATOL)
+    assert (out.batch["advantages"][data.batch["response_mask"] == 0] == 0).all()
+
+
+def test_hyperparameters_reach_a_step_estimator(patched):
+    data = agent_loop_batch(seed=2)
+    expected, _ = direct("gigpo", data, gamma=0.95, mode="mean_std_norm")
+    out = ray_trainer.compute_advantage(data, adv_estimator="gigpo", config=algo(gigpo={"gamma": 0.95, "mode": "mean_std_norm"}))
+    torch.testing.assert_close(out.batch["advantages"], expected, atol=ATOL, rtol=ATOL)
+
+
+def test_gae_with_verl_critic_values_returns_real_targets(patched):
+    data = agent_loop_batch(seed=3, values=True)
+    out = ray_trainer.compute_advantage(data, adv_estimator="canonrl_gae", config=algo(gae={"gamma": 1.0, "lam": 0.95}))
+    expected, returns = canonrl.get_estimator("gae", lam=0.95).compute_with_returns(
+        rewards=torch.tensor(OUTCOMES), group=UIDS, mask=data.batch["response_mask"],
+        token_rewards=data.batch["token_level_rewards"], values=data.batch["values"],
+    )  # fmt: skip
+    torch.testing.assert_close(out.batch["advantages"], expected, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(out.batch["returns"], returns, atol=ATOL, rtol=ATOL)
+    assert not torch.allclose(out.batch["returns"], out.batch["advantages"])  # the critic's targets, not A again
+
+
+def test_turn_scores_that_do_not_match_the_turns_name_the_rows(patched):
+    scores = [[0.1, 0.2, 0.3], [0.1], [0.2, 0.3], [0.1, 0.2, 0.3], [0.5, 0.5], [0.1, 0.2]]  # row 1 has 2 turns
+    data = agent_loop_batch(turn_scores=scores)
+    with pytest.raises(ValueError, match=r"step_rewards.*\b1\b") as caught:
+        ray_trainer.compute_advantage(data, adv_estimator="trloo", config=algo())
+    assert "\n" not in str(caught.value)
+
+
+def test_without_the_patch_a_step_estimator_says_how_to_get_its_turns():
+    assert not cv.is_patched()
+    with pytest.raises(ValueError, match="patch_compute_advantage") as caught:
+        ray_trainer.compute_advantage(agent_loop_batch(), adv_estimator="gigpo", config=algo())
+    assert "\n" not in str(caught.value)
