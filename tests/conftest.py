@@ -94,6 +94,16 @@ def train_until_interrupted(config, run_dir, at_step: int) -> None:
         Trainer(config, run_dir).train(interrupt)
 
 
+@pytest.fixture
+def patched():
+    """verl's compute_advantage patched by canonrl for one test (verl tests only: it imports verl)."""
+    from canonrl.integrations import verl as cv
+
+    cv.patch_compute_advantage()
+    yield
+    cv.unpatch_compute_advantage()
+
+
 def assert_resume_is_bit_exact(config, tmp_path, at_step: int = 3) -> list[dict]:
     """Train `config` straight through, and again killed right after step `at_step` and resumed: both logs must
     agree record for record, wall-clock fields aside. Returns the records."""

@@ -36,13 +36,6 @@ def registered():
     cv.unpatch_compute_advantage()
 
 
-@pytest.fixture
-def patched():
-    cv.patch_compute_advantage()
-    yield
-    cv.unpatch_compute_advantage()
-
-
 def make_inputs(seed: int = 0, sizes=(4, 3, 5, 4), T: int = 7, vocab: int = 6):
     """Groups of unequal sizes (no singletons), uids shuffled, right-padded masks, score on the last valid token."""
     g = torch.Generator().manual_seed(seed)

@@ -40,13 +40,6 @@ def registered():
     cv.unpatch_compute_advantage()
 
 
-@pytest.fixture
-def patched():
-    cv.patch_compute_advantage()
-    yield
-    cv.unpatch_compute_advantage()
-
-
 def agent_loop_batch(seed: int = 0, *, values: bool = False, turn_scores: list | None = None) -> DataProto:
     """A batch as verl's agent loop leaves it: the outcome on each row's last policy token, per-turn scores and the
     anchor of each turn in non_tensor_batch (object arrays of per-row lists)."""
