@@ -99,6 +99,21 @@ def test_register_all_names_and_idempotence(registered):
     assert not {"rose", "spo_tree", "egae", "spo_chain", "fspo"} & registered
 
 
+def test_the_installed_verl_is_a_tested_release():
+    import verl
+
+    assert cv.check_verl_version(), (
+        f"verl {verl.__version__} is outside canonrl's tested range {cv.SUPPORTED_VERL}: rerun the verl tests "
+        f"and, if they pass, widen SUPPORTED_VERL and the pin in pyproject.toml"
+    )
+
+
+def test_an_untested_verl_release_warns_with_the_range():
+    with pytest.warns(RuntimeWarning, match=r"tested with verl >=0\.9,<0\.10, not 0\.10\.0"):
+        assert not cv.check_verl_version("0.10.0")
+    assert cv.check_verl_version("0.9.1")
+
+
 def test_importing_canonrl_does_not_import_verl():
     code = "import sys, canonrl, canonrl.integrations, canonrl.integrations.verl; assert 'verl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)  # a hang guard only

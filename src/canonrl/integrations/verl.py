@@ -36,6 +36,10 @@ __all__ = [
     "advantage_fn",
 ]
 
+#: verl releases this adapter is tested with: it wraps the dispatcher and private trainer methods, whose signatures
+#: change between minor releases. Registration warns outside this range (:func:`check_verl_version`).
+SUPPORTED_VERL = ">=0.9,<0.10"
+
 #: verl estimator name -> canonrl estimator name, filled by :func:`register_all`.
 VERL_NAMES: dict[str, str] = {}
 
@@ -328,6 +332,27 @@ def _canonrl_name_of(fn: Any) -> str | None:
     return name if name is not None and _FUNCTIONS.get(name) is fn else None
 
 
+def check_verl_version(version: str | None = None) -> bool:
+    """Whether verl's version (default: the installed one) is in :data:`SUPPORTED_VERL`; warns once when it is not."""
+    import warnings
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if version is None:
+        import verl
+
+        version = verl.__version__
+    if Version(version) in SpecifierSet(SUPPORTED_VERL):
+        return True
+    warnings.warn(
+        f"canonrl's verl adapter is tested with verl {SUPPORTED_VERL}, not {version}: the patched dispatcher and the "
+        f"wrapped trainer methods may not match this release (run canonrl's verl tests to check)",
+        RuntimeWarning, stacklevel=2,
+    )  # fmt: skip
+    return False
+
+
 def register_all() -> dict[str, str]:
     """Register every canonrl estimator with verl (idempotent); returns :data:`VERL_NAMES`.
 
@@ -338,6 +363,8 @@ def register_all() -> dict[str, str]:
 
     from canonrl.registry import estimator_class, estimators
 
+    if not VERL_NAMES:  # the first registration in this process
+        check_verl_version()
     registry = core_algos.ADV_ESTIMATOR_REGISTRY
     builtin = {e.value for e in core_algos.AdvantageEstimator}
     for info in estimators():
