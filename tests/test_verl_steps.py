@@ -117,3 +117,52 @@ def test_without_the_patch_a_step_estimator_says_how_to_get_its_turns():
     with pytest.raises(ValueError, match="patch_compute_advantage") as caught:
         ray_trainer.compute_advantage(agent_loop_batch(), adv_estimator="gigpo", config=algo())
     assert "\n" not in str(caught.value)
+
+
+def multi_session_batch(seed: int = 4) -> tuple[DataProto, list[str]]:
+    """A v1 multi-turn batch: 2 prompts x 3 sessions, each session 1-3 outputs (turn rows), keys uid_session_index;
+    the rows of one session end with the same reward, which only its final output's statistics should count."""
+    g = torch.Generator().manual_seed(seed)
+    keys, rewards = [], []
+    for uid in ("p0", "p1"):
+        for session in range(3):
+            outcome = float(torch.randint(0, 2, (1,), generator=g))
+            for index in range(int(torch.randint(1, 4, (1,), generator=g))):
+                keys.append(f"{uid}_{session}_{index}")
+                rewards.append(outcome)
+    order = torch.randperm(len(keys), generator=g).tolist()  # rows interleaved, as TransferQueue may return them
+    keys, rewards = [keys[i] for i in order], [rewards[i] for i in order]
+    T = 5
+    mask = torch.ones(len(keys), T)
+    token_rewards = torch.zeros(len(keys), T)
+    token_rewards[:, -1] = torch.tensor(rewards)
+    uids = np.array([key.split("_")[0] for key in keys], dtype=object)
+    return DataProto.from_dict(tensors={"token_level_rewards": token_rewards, "response_mask": mask},
+                               non_tensors={"uid": uids}), keys  # fmt: skip
+
+
+def test_multi_turn_v1_batches_group_sessions_not_turn_rows(patched):
+    from verl.trainer.ppo.v1 import trainer_base, utils
+
+    assert trainer_base.compute_advantage_for_multi_trajectories is utils.compute_advantage_for_multi_trajectories
+    data, keys = multi_session_batch()
+    final, slot = cv.final_session_rows(keys)
+    rewards = data.batch["token_level_rewards"].sum(-1)
+    uids = list(data.non_tensor_batch["uid"])
+    per_session = canonrl.advantages("rloo", rewards=rewards[final], group=[uids[r] for r in final],
+                                     mask=torch.ones(len(final), 1))[:, 0]  # fmt: skip
+    out = utils.compute_advantage_for_multi_trajectories(data, keys, "canonrl_rloo", config=algo())
+    torch.testing.assert_close(out.batch["advantages"], per_session[torch.tensor(slot)][:, None].expand(-1, 5))
+    # every turn row in the statistics, as verl does for estimators other than its GRPO, when asked
+    data, keys = multi_session_batch()
+    out = utils.compute_advantage_for_multi_trajectories(data, keys, "canonrl_rloo",
+                                                         config=algo(canonrl_multi_turn_rows="all"))  # fmt: skip
+    all_rows = canonrl.advantages("rloo", rewards=rewards, group=uids, mask=data.batch["response_mask"])
+    torch.testing.assert_close(out.batch["advantages"], all_rows)
+
+
+def test_final_session_rows_by_hand():
+    final, slot = cv.final_session_rows(["a_0_1", "a_0_0", "b_0_0", "a_1_0", "a_0_2"])
+    assert final == [4, 2, 3] and slot == [0, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match="not verl's"):
+        cv.final_session_rows(["a0"])

@@ -571,6 +571,63 @@ def _make_v1_compute_advantage(original: Any):
     return _compute_advantage
 
 
+#: ``algorithm.<key>``: which rows of a multi-turn v1 batch a canonrl sequence-level estimator groups — "final" (each
+#: agent-loop session's final output, broadcast to its other rows, as verl does for its own GRPO) or "all" (every
+#: turn row, verl's default for other estimators)
+MULTI_TURN_ROWS_KEY = "canonrl_multi_turn_rows"
+
+
+def final_session_rows(batch_keys: list[str]) -> tuple[list[int], list[int]]:
+    """(the row of each session's final output, each row's position in that list) from the v1 trainer's batch keys
+    ``{uid}_{session_id}_{index}`` (verl's ``compute_advantage_for_multi_trajectories`` parsing)."""
+    final: dict[str, tuple[int, int]] = {}
+    sessions = []
+    for row, key in enumerate(batch_keys):
+        fields = key.rsplit("_", 2)
+        if len(fields) != 3:
+            raise ValueError(f"batch key {key!r} at row {row} is not verl's {{uid}}_{{session_id}}_{{index}}")
+        session, index = f"{fields[0]}_{fields[1]}", int(fields[2])
+        sessions.append(session)
+        if session not in final or final[session][0] < index:
+            final[session] = (index, row)
+    position = {session: slot for slot, session in enumerate(final)}
+    return [row for _, row in final.values()], [position[session] for session in sessions]
+
+
+def _make_multi_trajectories(original: Any):
+    def compute_advantage_for_multi_trajectories(data, batch_keys, adv_estimator, gamma=1.0, lam=1.0, num_repeat=1,
+                                                 norm_adv_by_std_in_grpo=True, config=None):  # fmt: skip
+        import torch
+        from verl.trainer.ppo import core_algos, ray_trainer
+
+        from canonrl.registry import estimator_class
+
+        name = adv_estimator.value if isinstance(adv_estimator, Enum) else adv_estimator
+        canonrl_name = _canonrl_name_of(core_algos.ADV_ESTIMATOR_REGISTRY.get(name)) if isinstance(name, str) else None
+        rows = _config_get(config, MULTI_TURN_ROWS_KEY, "final")
+        if rows not in ("final", "all"):
+            raise ValueError(f"algorithm.{MULTI_TURN_ROWS_KEY} must be 'final' or 'all', got {rows!r}")
+        final, slot = final_session_rows(list(batch_keys))
+        by_session = (canonrl_name is not None and rows == "final" and len(final) < len(batch_keys)
+                      and estimator_class(canonrl_name).level == "sequence")  # fmt: skip
+        arguments = dict(adv_estimator=adv_estimator, gamma=gamma, lam=lam, num_repeat=num_repeat,
+                         norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=config)  # fmt: skip
+        if not by_session:
+            return original(data, batch_keys, **arguments)
+        # one advantage per session, from its final output's group statistics, on every row of the session
+        final_data = ray_trainer.compute_advantage(data.select_idxs(final), **arguments)
+        mask = final_data.batch["response_mask"]
+        per_session = final_data.batch["advantages"][torch.arange(len(final)), mask.argmax(dim=1)]
+        scores = per_session[torch.tensor(slot)].unsqueeze(-1) * data.batch["response_mask"]
+        data.batch["advantages"] = scores
+        data.batch["returns"] = scores
+        return data
+
+    compute_advantage_for_multi_trajectories.__wrapped__ = original
+    compute_advantage_for_multi_trajectories.canonrl_patched = True
+    return compute_advantage_for_multi_trajectories
+
+
 def _make_kept_entropy(original: Any):
     def _compute_old_log_prob(self, batch):
         old_log_prob, mfu = original(self, batch)
@@ -622,6 +679,14 @@ def patch_compute_advantage(*, keep_entropy: bool = True) -> None:
     if v1_utils is not None:
         if not getattr(v1_utils.compute_advantage, "canonrl_patched", False):
             _set(v1_utils, "compute_advantage", patched)
+        multi = v1_utils.compute_advantage_for_multi_trajectories
+        if not getattr(multi, "canonrl_patched", False):
+            multi = _make_multi_trajectories(multi)
+            _set(v1_utils, "compute_advantage_for_multi_trajectories", multi)
+        from verl.trainer.ppo.v1 import trainer_base
+
+        if not getattr(trainer_base.compute_advantage_for_multi_trajectories, "canonrl_patched", False):
+            _set(trainer_base, "compute_advantage_for_multi_trajectories", multi)  # imported there by name
         method = PPOTrainer.__dict__["_compute_advantage"]
         if not getattr(method, "canonrl_patched", False):
             _set(PPOTrainer, "_compute_advantage", _make_v1_compute_advantage(method))
