@@ -166,3 +166,42 @@ def test_final_session_rows_by_hand():
     assert final == [4, 2, 3] and slot == [0, 0, 1, 2, 0]
     with pytest.raises(ValueError, match="not verl's"):
         cv.final_session_rows(["a0"])
+
+
+def hadw_batch(seed: int) -> DataProto:
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.zeros(8, 4)
+    rewards[:, -1] = torch.randint(0, 2, (8,), generator=g).float()
+    uids = np.array([f"q{seed}_{i // 4}" for i in range(8)], dtype=object)
+    return DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": torch.ones(8, 4)},
+                               non_tensors={"uid": uids})  # fmt: skip
+
+
+def test_a_stateful_estimator_resumes_with_the_verl_checkpoint(patched, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    for cls in (ray_trainer.RayPPOTrainer, PPOTrainer):  # both trainers save and load the states
+        assert cls._save_checkpoint.canonrl_patched and cls._load_checkpoint.canonrl_patched
+    monkeypatch.setattr(cv, "_ESTIMATORS", {})
+    monkeypatch.setattr(cv, "_HYPERPARAMETERS", {})
+    config = OmegaConf.create({"trainer": {"default_local_dir": str(tmp_path), "resume_mode": "auto"}})
+    trainer = SimpleNamespace(config=config, global_steps=2)
+
+    def advantages(seed: int) -> torch.Tensor:
+        return ray_trainer.compute_advantage(hadw_batch(seed), adv_estimator="hadw", config=algo()).batch["advantages"]
+
+    advantages(1), advantages(2)  # HA-DW's anchor moves with every batch
+    cv._make_saving(lambda self: None)(trainer)
+    assert (tmp_path / "global_step_2" / cv.ESTIMATOR_STATE_FILE).is_file()
+    expected = advantages(3)
+    # a new process: no estimator yet; verl's load sets global_steps, the wrapper restores the states
+    monkeypatch.setattr(cv, "_ESTIMATORS", {})
+    monkeypatch.setattr(cv, "_HYPERPARAMETERS", {})
+    fresh = advantages(3)
+    monkeypatch.setattr(cv, "_ESTIMATORS", {})
+    monkeypatch.setattr(cv, "_HYPERPARAMETERS", {})
+    cv._make_loading(lambda self: setattr(self, "global_steps", 2))(SimpleNamespace(config=config, global_steps=0))
+    torch.testing.assert_close(advantages(3), expected)
+    assert not torch.allclose(fresh, expected)  # the restored anchor is what makes them equal

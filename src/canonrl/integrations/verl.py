@@ -112,6 +112,7 @@ VERL = Consumer(
 
 _FUNCTIONS: dict[str, Any] = {}  # canonrl name -> the one function object registered with verl
 _ESTIMATORS: dict[tuple[str, str], Any] = {}  # (canonrl name, repr of hyperparameters) -> estimator instance
+_HYPERPARAMETERS: dict[tuple[str, str], dict[str, Any]] = {}  # the same keys -> the hyperparameters, as given
 _ORIGINALS: dict[tuple[str, str], Any] = {}  # (module, attribute) -> what the patch replaced
 # Inputs the wrapped v1 ``_compute_advantage`` fetched from TransferQueue for the dispatcher call it makes; a context
 # variable rather than a global because the async v1 trainers may compute advantages in several threads.
@@ -233,6 +234,7 @@ def _estimator(name: str, hyperparameters: dict[str, Any]):
         except TypeError as e:  # unknown hyperparameter (already caught above) or a bad value type
             raise ValueError(str(e).splitlines()[0]) from None
         _ESTIMATORS[key] = est
+        _HYPERPARAMETERS[key] = dict(hyperparameters)
     return est
 
 
@@ -628,6 +630,72 @@ def _make_multi_trajectories(original: Any):
     return compute_advantage_for_multi_trajectories
 
 
+#: The file in each verl checkpoint folder (``global_step_N``) that holds canonrl's estimator states.
+ESTIMATOR_STATE_FILE = "canonrl_estimators.pt"
+
+
+def estimator_states() -> list[dict[str, Any]]:
+    """Every estimator this process has built for verl: its name, hyperparameters and ``state_dict`` (the step it
+    counted, and a stateful estimator's history, e.g. HA-DW's anchor)."""
+    return [{"name": name, "hyperparameters": _HYPERPARAMETERS[(name, params)], "state": est.state_dict()}
+            for (name, params), est in _ESTIMATORS.items()]  # fmt: skip
+
+
+def load_estimator_states(states: list[dict[str, Any]]) -> None:
+    """Rebuild the estimators of :func:`estimator_states` and give each its saved state."""
+    for entry in states:
+        _estimator(entry["name"], entry["hyperparameters"]).load_state_dict(entry["state"])
+
+
+def _checkpoint_folder(trainer: Any) -> str:
+    """The ``global_step_N`` folder the trainer saves to, or loaded from (its ``global_steps`` is then N)."""
+    config = trainer.config.trainer
+    if _config_get(config, "resume_mode") == "resume_path" and _config_get(config, "resume_from_path"):
+        folder = config.resume_from_path
+    else:
+        folder = os.path.join(config.default_local_dir, f"global_step_{trainer.global_steps}")
+    return folder if os.path.isabs(folder) else os.path.join(os.getcwd(), folder)
+
+
+def _make_saving(original: Any):
+    def _save_checkpoint(self, *args, **kwargs):
+        import torch
+
+        result = original(self, *args, **kwargs)
+        folder = _checkpoint_folder(self)
+        os.makedirs(folder, exist_ok=True)
+        torch.save(estimator_states(), os.path.join(folder, ESTIMATOR_STATE_FILE))
+        return result
+
+    _save_checkpoint.__wrapped__ = original
+    _save_checkpoint.canonrl_patched = True
+    return _save_checkpoint
+
+
+def _make_loading(original: Any):
+    def _load_checkpoint(self, *args, **kwargs):
+        import torch
+
+        result = original(self, *args, **kwargs)
+        if getattr(self, "global_steps", 0):  # resumed: restore the states saved beside the weights
+            path = os.path.join(_checkpoint_folder(self), ESTIMATOR_STATE_FILE)
+            if os.path.exists(path):
+                load_estimator_states(torch.load(path, weights_only=True))
+        return result
+
+    _load_checkpoint.__wrapped__ = original
+    _load_checkpoint.canonrl_patched = True
+    return _load_checkpoint
+
+
+def _patch_checkpoints(trainer_cls: Any) -> None:
+    """Save and restore canonrl's estimator states with the trainer's checkpoints (``ESTIMATOR_STATE_FILE``)."""
+    for name, make in (("_save_checkpoint", _make_saving), ("_load_checkpoint", _make_loading)):
+        method = trainer_cls.__dict__.get(name)
+        if method is not None and not getattr(method, "canonrl_patched", False):
+            _set(trainer_cls, name, make(method))
+
+
 def _make_kept_entropy(original: Any):
     def _compute_old_log_prob(self, batch):
         old_log_prob, mfu = original(self, batch)
@@ -690,6 +758,8 @@ def patch_compute_advantage(*, keep_entropy: bool = True) -> None:
         method = PPOTrainer.__dict__["_compute_advantage"]
         if not getattr(method, "canonrl_patched", False):
             _set(PPOTrainer, "_compute_advantage", _make_v1_compute_advantage(method))
+        _patch_checkpoints(PPOTrainer)
+    _patch_checkpoints(ray_trainer.RayPPOTrainer)
     if keep_entropy:
         trainer_cls = ray_trainer.RayPPOTrainer
         method = trainer_cls.__dict__.get("_compute_old_log_prob")
