@@ -114,6 +114,17 @@ def test_an_untested_verl_release_warns_with_the_range():
     assert cv.check_verl_version("0.9.1")
 
 
+def test_a_failing_plugin_says_so_before_verl_swallows_it(monkeypatch, caplog):
+    def broken():
+        raise AttributeError("'module' object has no attribute 'ADV_ESTIMATOR_REGISTRY'")
+
+    monkeypatch.setattr(cv, "register_all", broken)
+    with pytest.warns(RuntimeWarning, match="canonrl's verl plugin failed.*ADV_ESTIMATOR_REGISTRY"):
+        with pytest.raises(AttributeError):
+            cv.verl_plugin  # noqa: B018 — reading the attribute runs the plugin, as verl's loader does
+    assert any(r.levelname == "ERROR" and "plugin failed" in r.getMessage() for r in caplog.records)
+
+
 def test_importing_canonrl_does_not_import_verl():
     code = "import sys, canonrl, canonrl.integrations, canonrl.integrations.verl; assert 'verl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)  # a hang guard only

@@ -786,9 +786,21 @@ def is_patched() -> bool:
 
 
 def _plugin() -> dict[str, str]:
-    names = register_all()
-    if os.environ.get(PATCH_ENV, "").strip().lower() in ("1", "true", "yes"):
-        patch_compute_advantage()
+    """Register (and with ``CANONRL_VERL_PATCH=1`` patch). verl logs a failing plugin at debug level only, so a broken
+    install would show as "unknown adv_estimator" later: a failure here is logged as an error and warned first."""
+    try:
+        names = register_all()
+        if os.environ.get(PATCH_ENV, "").strip().lower() in ("1", "true", "yes"):
+            patch_compute_advantage()
+    except Exception as error:
+        import logging
+        import warnings
+
+        message = (f"canonrl's verl plugin failed, so canonrl's estimators are not (all) registered or patched: "
+                   f"{type(error).__name__}: {error}")  # fmt: skip
+        logging.getLogger("canonrl").error(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        raise
     return names
 
 
