@@ -104,6 +104,11 @@ def patched():
     cv.unpatch_compute_advantage()
 
 
+#: the shortest run a resume check needs: killed after step 2, whose checkpoint was not written yet, it resumes from
+#: step 1's and must replay step 2 exactly
+SHORT_RESUME = ("steps=2", "eval_every=0", "checkpoint_every=1")
+
+
 def assert_resume_is_bit_exact(config, tmp_path, at_step: int = 3) -> list[dict]:
     """Train `config` straight through, and again killed right after step `at_step` and resumed: both logs must
     agree record for record, wall-clock fields aside. Returns the records."""

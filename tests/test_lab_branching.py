@@ -12,7 +12,7 @@ from canonrl.lab.config import ConfigError, load_config
 from canonrl.lab.forward import sequence_logprobs
 from canonrl.lab.multi_turn import Branches, Branching, completions_of
 from canonrl.lab.trainer import Trainer
-from conftest import assert_resume_is_bit_exact
+from conftest import SHORT_RESUME, assert_resume_is_bit_exact
 
 TINY = ["task=grid", "prompts_per_step=2", "group_size=8", "eval_problems=4", "eval_samples=2", "threads=1",
         "tensorboard=false", "branching.at=[1,3]", "branching.width=2"]  # fmt: skip
@@ -97,5 +97,5 @@ def test_a_tree_estimator_trains_on_grid_by_name(estimator, tmp_path):
 
 
 def test_a_killed_branched_run_resumes_bit_exactly(tmp_path):
-    config = load_config(None, [*TINY, "estimator=spo_tree", "steps=3", "eval_every=2", "checkpoint_every=2"])
-    assert_resume_is_bit_exact(config, tmp_path)
+    config = load_config(None, [*TINY, "estimator=spo_tree", *SHORT_RESUME])
+    assert_resume_is_bit_exact(config, tmp_path, at_step=2)

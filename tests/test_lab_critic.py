@@ -12,7 +12,7 @@ from canonrl.lab.config import ConfigError, load_config
 from canonrl.lab.critic import Critic, value_metrics
 from canonrl.lab.trainer import CRITIC_STATE, Trainer
 from canonrl.training.value_loss import clipped_value_loss
-from conftest import assert_resume_is_bit_exact
+from conftest import SHORT_RESUME, assert_resume_is_bit_exact
 
 TINY = ["task=grid", "prompts_per_step=2", "group_size=4", "eval_problems=4", "eval_samples=2", "threads=1",
         "tensorboard=false"]  # fmt: skip
@@ -111,9 +111,8 @@ def test_the_critic_warmup_leaves_the_policy_alone(tmp_path):
 
 @pytest.mark.parametrize("kind", ["head", "separate"])
 def test_a_killed_critic_run_resumes_bit_exactly(kind, tmp_path):
-    config = load_config(None, [*TINY, "estimator=gae", f"critic={kind}", "steps=3", "eval_every=2",
-                                "checkpoint_every=2"])  # fmt: skip
-    records = assert_resume_is_bit_exact(config, tmp_path)
+    config = load_config(None, [*TINY, "estimator=gae", f"critic={kind}", *SHORT_RESUME])
+    records = assert_resume_is_bit_exact(config, tmp_path, at_step=2)
     assert (tmp_path / "b" / "checkpoints" / "step-000002" / CRITIC_STATE).is_file()
     assert any("value_loss" in r for r in records)
 

@@ -138,3 +138,15 @@ def test_seeupo_reverse_turn_order_updates_the_last_turn_first(tmp_path):
         assert torch.equal(loss_mask, mask * (turn_ids == last - index))
     with pytest.raises(ValueError, match="turn_order=reverse updates turn by turn"):
         Trainer(load_config(None, ["estimator=grpo", "turn_order=reverse", "steps=1"]), tmp_path / "single")
+
+
+def test_a_step_that_trains_no_row_steps_adamw_as_a_resumed_run_would(tmp_path):
+    """Gradients exist (zeros) from the start, so a step whose advantages are all 0 steps AdamW on every parameter
+    whether the run is fresh, continuing or just resumed (a None grad would make AdamW skip it)."""
+    trainer = Trainer(grid_config("estimator=grpo", "steps=1"), tmp_path)
+    assert all(p.grad is not None for p in trainer.policy.model.parameters())
+    rollouts, _ = trainer.rollout(1)
+    metrics = trainer.update(1, rollouts, torch.zeros_like(rollouts.response_mask))
+    assert metrics["trained_rows"] == 0.0
+    steps = [float(state["step"]) for state in trainer.optimizer.state_dict()["state"].values()]
+    assert len(steps) == len(list(trainer.policy.model.parameters())) and set(steps) == {1.0}

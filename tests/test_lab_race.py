@@ -10,7 +10,7 @@ import torch
 from canonrl.lab.config import ConfigError, load_config
 from canonrl.lab.tasks.grid_race import GridRace
 from canonrl.lab.trainer import Trainer
-from conftest import assert_resume_is_bit_exact
+from conftest import SHORT_RESUME, assert_resume_is_bit_exact
 
 TINY = ["task=grid", "players=2", "prompts_per_step=2", "group_size=4", "eval_problems=4", "eval_samples=2",
         "threads=1", "tensorboard=false"]  # fmt: skip
@@ -62,5 +62,5 @@ def test_race_config_errors(overrides, error, message, tmp_path):
 
 
 def test_a_killed_race_resumes_bit_exactly(tmp_path):
-    config = load_config(None, [*TINY, "estimator=mars", "steps=3", "eval_every=2", "checkpoint_every=2"])
-    assert_resume_is_bit_exact(config, tmp_path)
+    config = load_config(None, [*TINY, "estimator=mars", *SHORT_RESUME])
+    assert_resume_is_bit_exact(config, tmp_path, at_step=2)

@@ -10,7 +10,7 @@ from canonrl.lab.config import ConfigError, load_config
 from canonrl.lab.forward import sequence_logprobs
 from canonrl.lab.trainer import Trainer
 from canonrl.lab.windowed import StepRows, parse_context
-from conftest import assert_resume_is_bit_exact
+from conftest import SHORT_RESUME, assert_resume_is_bit_exact
 
 TINY = ["task=grid", "prompts_per_step=2", "group_size=4", "eval_problems=4", "eval_samples=2", "threads=1",
         "tensorboard=false"]  # fmt: skip
@@ -105,6 +105,5 @@ def test_estimators_train_on_step_rows(overrides, tmp_path):
 
 
 def test_a_killed_windowed_run_resumes_bit_exactly(tmp_path):
-    config = load_config(None, [*TINY, "estimator=gigpo", "context=window:2", "steps=3", "eval_every=2",
-                                "checkpoint_every=2"])  # fmt: skip
-    assert_resume_is_bit_exact(config, tmp_path)
+    config = load_config(None, [*TINY, "estimator=gigpo", "context=window:2", *SHORT_RESUME])
+    assert_resume_is_bit_exact(config, tmp_path, at_step=2)

@@ -120,6 +120,12 @@ class PolicyUpdate:
 
     def __init__(self, config: TrainConfig, policy, optimizer: torch.optim.Optimizer, loss: PolicyLoss, reference=None):
         self.config, self.policy, self.optimizer, self.loss, self.reference = config, policy, optimizer, loss, reference
+        # Zero gradients from the start, not None: AdamW skips a parameter whose grad is None, so a step that trains no
+        # row (all advantages 0) would move the weights (momentum) in a run that had trained before and not in one
+        # just resumed from a checkpoint, whose gradients are still None — and resume would not be bit-exact.
+        for parameter in policy.model.parameters():
+            if parameter.requires_grad and parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
         self.clip = config.clip_range()
         self.scale = config.loss_scale_factor or config.max_new_tokens
 
