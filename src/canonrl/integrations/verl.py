@@ -411,9 +411,8 @@ def _extra_inputs(data: Any) -> dict[str, Any]:
 
 
 def _per_row(values: Any) -> list:
-    """A ``non_tensor_batch`` object array as a plain list: per-row lists (of per-turn values) stay lists."""
-    return [list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") and getattr(v, "ndim", 0) else v
-            for v in values]  # fmt: skip
+    """A ``non_tensor_batch`` object array as a plain list: per-row arrays and tuples (of per-turn values) as lists."""
+    return [v.tolist() if hasattr(v, "tolist") else list(v) if isinstance(v, tuple) else v for v in values]
 
 
 def _make_patched(original: Any):

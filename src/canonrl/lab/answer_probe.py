@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from canonrl.lab.decoding import positions_from_mask
+from canonrl.lab.sampling import left_padded
 
 
 def has_answer_probe(env) -> bool:
@@ -23,16 +24,13 @@ def has_answer_probe(env) -> bool:
 
 
 def turn_starts(turn_ids: torch.Tensor) -> list[list[int]]:
-    """Per row, the response column where each turn's first action token sits."""
-    starts: list[list[int]] = []
-    for row in turn_ids.tolist():
-        seen, columns = set(), []
-        for column, turn in enumerate(row):
-            if turn >= 0 and turn not in seen:
-                seen.add(turn)
-                columns.append(column)
-        starts.append(columns)
-    return starts
+    """Per row, the response column where each turn's first action token sits (turn ids are 0, 1, ... in order)."""
+    rows, width = turn_ids.shape
+    turns = int(turn_ids.max()) + 1 if turn_ids.numel() else 0
+    columns = torch.arange(width, device=turn_ids.device).expand(rows, width)
+    first = torch.full((rows, max(turns, 1) + 1), width, dtype=torch.long, device=turn_ids.device)
+    first = first.scatter_reduce(1, torch.where(turn_ids >= 0, turn_ids, turns), columns, reduce="amin")[:, :turns]
+    return [[c for c in row if c < width] for row in first.tolist()]
 
 
 def _row_ends(rollouts) -> list[int]:
@@ -77,15 +75,11 @@ def _mean_answer_logprobs(model, sequences, answers, pad_id, device, micro_batch
     out = [0.0] * len(sequences)
     for start in range(0, len(order), micro_batch_size):
         chunk = order[start : start + micro_batch_size]
-        width = max(len(sequences[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for slot, i in enumerate(chunk):  # left padding, as the sampler's prompts
-            ids[slot, width - len(sequences[i]) :] = torch.tensor(sequences[i])
-            mask[slot, width - len(sequences[i]) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_padded([sequences[i] for i in chunk], pad_id, device)  # as the sampler's prompts
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits.float()
         log_dist = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        for slot, i in enumerate(chunk):
-            out[i] = float(log_dist[slot, -answers[i] :].mean())
+        count = torch.tensor([answers[i] for i in chunk], device=device)
+        tail = torch.arange(log_dist.shape[1], device=device) >= log_dist.shape[1] - count[:, None]
+        for i, mean in zip(chunk, ((log_dist * tail).sum(1) / count).tolist()):
+            out[i] = mean
     return out

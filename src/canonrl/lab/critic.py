@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from canonrl.lab.forward import response_hidden
+from canonrl.lab.forward import micro_batches, response_hidden
 from canonrl.lab.sampling import Rollouts
 from canonrl.lab.seeds import seed_of
 from canonrl.training.value_loss import clipped_value_loss
@@ -90,10 +90,9 @@ class Critic:
         """[B, T, H] the last hidden state before each response token, in micro-batches of similar lengths."""
         rows, width = rollouts.response_ids.shape
         out = torch.zeros(rows, width, model.config.hidden_size, device=rollouts.response_ids.device)
-        if rows == 0 or width == 0:
+        if width == 0:
             return out
-        for chunk in rollouts.lengths.argsort(stable=True).split(self.micro_batch_size):
-            mini = rollouts.select(chunk)
+        for chunk, mini in micro_batches(rollouts, self.micro_batch_size):
             out[chunk, : mini.response_ids.shape[1]] = response_hidden(model, mini)
         return out
 

@@ -49,6 +49,15 @@ def response_hidden(model, rollouts: Rollouts, before: bool = True) -> torch.Ten
     return out.hidden_states[-1][:, start : start + rollouts.response_ids.shape[1], :].float()
 
 
+def micro_batches(rollouts: Rollouts, size: int):
+    """(row indices, `rollouts.select` of them) over micro-batches of `size` rows of similar response lengths, each
+    cut to its own longest response (a no-grad pass over a whole batch pays no padding it does not need)."""
+    if rollouts.response_ids.shape[0] == 0:
+        return
+    for chunk in rollouts.lengths.argsort(stable=True).split(size):
+        yield chunk, rollouts.select(chunk)
+
+
 @torch.no_grad()
 def reference_logprobs(model, rollouts: Rollouts, temperature: float = 1.0, micro_batch_size: int = 32) -> torch.Tensor:
     """Log-probs [N, T] of the response tokens under `model`, without grad (0 outside the mask).
@@ -57,12 +66,9 @@ def reference_logprobs(model, rollouts: Rollouts, temperature: float = 1.0, micr
     cut to its own longest response: one forward over prompt + response per row.
     """
     out = torch.zeros_like(rollouts.logprobs)
-    rows = rollouts.response_ids.shape[0]
-    if rows == 0 or out.shape[1] == 0:
+    if out.shape[1] == 0:
         return out
-    order = rollouts.lengths.argsort(stable=True)
-    for chunk in order.split(micro_batch_size):
-        mini = rollouts.select(chunk)
+    for chunk, mini in micro_batches(rollouts, micro_batch_size):
         logprobs, _ = sequence_logprobs(model, mini, temperature)
         out[chunk, : logprobs.shape[1]] = logprobs
     return out

@@ -17,7 +17,7 @@ import torch
 
 from canonrl.fields import Consumer
 from canonrl.lab.answer_probe import answer_logprobs
-from canonrl.lab.forward import reference_logprobs, response_hidden
+from canonrl.lab.forward import micro_batches, reference_logprobs, response_hidden
 from canonrl.lab.multi_turn import completions_of
 from canonrl.lab.rewards import RewardScorer
 from canonrl.lab.sampling import Rollouts, generate
@@ -150,12 +150,11 @@ def effective_rank_indicators(ctx: StepContext):
     from canonrl.producers.effective_rank import effective_rank_indicators as indicators
 
     started = time.perf_counter()
-    rollouts, size = ctx.rollouts, ctx.config.micro_batch_size
+    rollouts = ctx.rollouts
     out = torch.zeros(rollouts.response_ids.shape[0], 3, device=rollouts.response_ids.device)
     ctx.policy.model.eval()
     with torch.no_grad():
-        for chunk in rollouts.lengths.argsort(stable=True).split(size):
-            mini = rollouts.select(chunk)
+        for chunk, mini in micro_batches(rollouts, ctx.config.micro_batch_size):
             out[chunk] = indicators(response_hidden(ctx.policy.model, mini, before=False), mini.response_mask)
     ctx.policy.model.train()
     return out, {"effective_rank": out[:, 2].mean().item(), "indicators_seconds": time.perf_counter() - started}

@@ -141,8 +141,26 @@ class Trainer:
             self.inputs = tuple(self.estimator.required_inputs())
 
     def _check_inputs(self) -> None:
-        config = self.config
+        """One-line errors at start for what the task, the rollout options and the estimator's inputs cannot meet."""
         LAB.check(self.estimator)
+        self._check_rollout_options()
+        self._check_multi_turn_inputs()
+        self._check_task_inputs()
+
+    def _check_rollout_options(self) -> None:
+        config, window = self.config, self.config.context_window()
+        if window is not None and not is_multi_turn(self.task):
+            raise ValueError(f"context=window:{window} lays out episodes one row per step; task {config.task!r} is single-turn")
+        if config.branching is not None and not is_multi_turn(self.task):
+            raise ValueError(f"branching copies environment states, which only a multi-turn task has; task {config.task!r} is single-turn")
+        if config.players > 1 and (window is not None or config.branching is not None):
+            raise ValueError("a game of several players runs with context=full and no branching")
+        if config.turn_order == "reverse" and (not is_multi_turn(self.task) or window is not None):
+            raise ValueError("turn_order=reverse updates turn by turn, which needs a multi-turn task with context=full")
+
+    def _check_multi_turn_inputs(self) -> None:
+        """Turn, tree, player and per-episode inputs, and the layouts the context gives."""
+        config, window = self.config, self.config.context_window()
         turn_inputs = [name for name in self.inputs if name in TURN_INPUTS]
         if turn_inputs and not is_multi_turn(self.task):
             raise ValueError(
@@ -155,9 +173,6 @@ class Trainer:
                 f"estimator {config.estimator!r} needs {', '.join(tree_inputs)}, which a branched multi-turn rollout "
                 f"gives: set branching (e.g. task=grid branching.at=[2,4] branching.width=2)"
             )
-        window = config.context_window()
-        if window is not None and not is_multi_turn(self.task):
-            raise ValueError(f"context=window:{window} lays out episodes one row per step; task {config.task!r} is single-turn")
         provided = [name for name in self.inputs if name in PROVIDED]
         if window is not None and provided:
             raise ValueError(
@@ -169,10 +184,6 @@ class Trainer:
                 f"estimator {config.estimator!r} needs agent, the player of each row, which a game of several players "
                 f"gives: set players=2 (task=grid)"
             )
-        if config.players > 1 and (window is not None or config.branching is not None):
-            raise ValueError("a game of several players runs with context=full and no branching")
-        if config.turn_order == "reverse" and (not is_multi_turn(self.task) or window is not None):
-            raise ValueError("turn_order=reverse updates turn by turn, which needs a multi-turn task with context=full")
         cls = type(self.estimator)
         reads_turns = cls.level == "step" or any(name in TURN_INPUTS for name in self.inputs)
         layout = "row-per-step" if window is not None else "row-per-trajectory"
@@ -184,8 +195,10 @@ class Trainer:
                 f"estimator {config.estimator!r} is defined on the {' and '.join(cls.layouts)} layout; "
                 f"context={config.context} gives {layout}: set {hint}"
             )
-        if config.branching is not None and not is_multi_turn(self.task):
-            raise ValueError(f"branching copies environment states, which only a multi-turn task has; task {config.task!r} is single-turn")
+
+    def _check_task_inputs(self) -> None:
+        """Inputs only some tasks give: an answer probe, a solver, a judge, per-prompt values."""
+        config = self.config
         probed = "prompt_values" in self.inputs  # IGPO's answer probe gives step_values with prompt_values
         if probed and not has_answer_probe(self.task):
             raise ValueError(

@@ -26,7 +26,7 @@ import torch
 
 from canonrl.lab.decoding import make_decoder
 from canonrl.lab.multi_turn import Turns, _act, _Columns, _Episodes
-from canonrl.lab.sampling import Rollouts
+from canonrl.lab.sampling import Rollouts, left_padded
 from canonrl.lab.verification import VerifyResult
 
 CONTEXT_PATTERN = re.compile(r"^(full|window:(\d+))$")
@@ -117,7 +117,7 @@ def run_windowed_episodes(
         if not rows:
             break
         prompts = [windows.prompt(row, episodes.states[row]) for row in rows]
-        ids, mask = _left_padded(prompts, policy.pad_id, device)
+        ids, mask = left_padded(prompts, policy.pad_id, device)
         decoder = make_decoder(policy.model, ids, mask, env.max_action_tokens)
         columns = _Columns()
         acting = torch.ones(len(rows), dtype=torch.bool, device=device)
@@ -148,19 +148,9 @@ def run_windowed_episodes(
     return rollouts, verdict
 
 
-def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _stacked(steps: list[_Step], record: Turns, pad_id: int, device) -> Rollouts:
     """The steps as one `Rollouts` (prompts left-padded, actions right-padded)."""
-    prompt_ids, prompt_mask = _left_padded([s.prompt for s in steps], pad_id, device)
+    prompt_ids, prompt_mask = left_padded([s.prompt for s in steps], pad_id, device)
     width = max((s.tokens.numel() for s in steps), default=0)
     rows = len(steps)
     tokens = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
