@@ -20,6 +20,7 @@ from verl import DataProto  # noqa: E402
 
 import canonrl  # noqa: E402
 from canonrl.integrations import verl as cv  # noqa: E402
+from canonrl.integrations.verl.adapter import cached_estimator as estimator_for  # noqa: E402
 
 pytestmark = pytest.mark.verl
 
@@ -174,7 +175,7 @@ def test_one_estimator_per_hyperparameters_keeps_its_step():
     config = algo(canon={"split_by": "length", "mu": 0.25})
     run(x, "canon", config=config)
     run(x, "canon", config=config)
-    est = cv._estimator("canon", {"split_by": "length", "mu": 0.25})
+    est = estimator_for("canon", {"split_by": "length", "mu": 0.25})
     assert est.step == 2
 
 
@@ -332,7 +333,7 @@ def test_patch_reads_global_steps_and_kept_entropies(patched):
     data.meta_info["global_steps"] = 7
     config = algo(canon={"split_by": "entropy", "mu": 0.75})
     out = ray_trainer.compute_advantage(data, adv_estimator="canon", config=config)
-    assert cv._estimator("canon", {"split_by": "entropy", "mu": 0.75}).step == 7
+    assert estimator_for("canon", {"split_by": "entropy", "mu": 0.75}).step == 7
     assert cv.KEPT_ENTROPY_KEY not in out.batch.keys()  # dropped after use, not shipped to the actor update
     direct = canonrl.advantages(
         "canon", rewards=x["rewards"], group=list(x["uid"]), mask=x["response_mask"], entropy=x["entropys"], mu=0.75

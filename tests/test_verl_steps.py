@@ -16,6 +16,9 @@ from verl import DataProto  # noqa: E402
 
 import canonrl  # noqa: E402
 from canonrl.integrations import verl as cv  # noqa: E402
+from canonrl.integrations.verl import adapter  # noqa: E402
+from canonrl.integrations.verl.checkpoints import make_loading as load_with_checkpoint  # noqa: E402
+from canonrl.integrations.verl.checkpoints import make_saving as save_with_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.verl
 ATOL = 1e-5
@@ -119,6 +122,28 @@ def test_without_the_patch_a_step_estimator_says_how_to_get_its_turns():
     assert "\n" not in str(caught.value)
 
 
+def test_a_trainer_that_imported_the_dispatcher_by_name_before_the_patch_gets_it_too():
+    """verl's separation trainer (base of the fully-async and one-step-off-policy trainers) binds
+    ``compute_advantage`` at import; a patch applied after that import must still reach its advantage step."""
+    from verl.experimental.separation import ray_trainer as separation
+
+    assert not cv.is_patched() and not getattr(separation.compute_advantage, "canonrl_patched", False)
+    cv.patch_compute_advantage()
+    try:
+        assert separation.compute_advantage is ray_trainer.compute_advantage  # the patched one
+        t = object.__new__(separation.SeparateRayPPOTrainer)
+        data = agent_loop_batch(seed=5)
+        t.metrics, t.timing_raw, t.reward_extra_infos_dict = {}, {}, {}
+        t.reward_tensor = data.batch["token_level_rewards"]
+        t.config = OmegaConf.create({"algorithm": {"adv_estimator": "trloo", "use_kl_in_reward": False, "gamma": 1.0,
+                                                   "lam": 1.0}, "actor_rollout_ref": {"rollout": {"n": 3}}})  # fmt: skip
+        out = t._fit_compute_advantage(data)
+        torch.testing.assert_close(out.batch["advantages"], direct("trloo", data)[0], atol=ATOL, rtol=ATOL)
+    finally:
+        cv.unpatch_compute_advantage()
+    assert not getattr(separation.compute_advantage, "canonrl_patched", False)  # undone everywhere
+
+
 def multi_session_batch(seed: int = 4) -> tuple[DataProto, list[str]]:
     """A v1 multi-turn batch: 2 prompts x 3 sessions, each session 1-3 outputs (turn rows), keys uid_session_index;
     the rows of one session end with the same reward, which only its final output's statistics should count."""
@@ -184,8 +209,8 @@ def test_a_stateful_estimator_resumes_with_the_verl_checkpoint(patched, tmp_path
 
     for cls in (ray_trainer.RayPPOTrainer, PPOTrainer):  # both trainers save and load the states
         assert cls._save_checkpoint.canonrl_patched and cls._load_checkpoint.canonrl_patched
-    monkeypatch.setattr(cv, "_ESTIMATORS", {})
-    monkeypatch.setattr(cv, "_HYPERPARAMETERS", {})
+    monkeypatch.setattr(adapter, "_ESTIMATORS", {})
+    monkeypatch.setattr(adapter, "_HYPERPARAMETERS", {})
     config = OmegaConf.create({"trainer": {"default_local_dir": str(tmp_path), "resume_mode": "auto"}})
     trainer = SimpleNamespace(config=config, global_steps=2)
 
@@ -193,15 +218,15 @@ def test_a_stateful_estimator_resumes_with_the_verl_checkpoint(patched, tmp_path
         return ray_trainer.compute_advantage(hadw_batch(seed), adv_estimator="hadw", config=algo()).batch["advantages"]
 
     advantages(1), advantages(2)  # HA-DW's anchor moves with every batch
-    cv._make_saving(lambda self: None)(trainer)
+    save_with_checkpoint(lambda self: None)(trainer)
     assert (tmp_path / "global_step_2" / cv.ESTIMATOR_STATE_FILE).is_file()
     expected = advantages(3)
     # a new process: no estimator yet; verl's load sets global_steps, the wrapper restores the states
-    monkeypatch.setattr(cv, "_ESTIMATORS", {})
-    monkeypatch.setattr(cv, "_HYPERPARAMETERS", {})
+    monkeypatch.setattr(adapter, "_ESTIMATORS", {})
+    monkeypatch.setattr(adapter, "_HYPERPARAMETERS", {})
     fresh = advantages(3)
-    monkeypatch.setattr(cv, "_ESTIMATORS", {})
-    monkeypatch.setattr(cv, "_HYPERPARAMETERS", {})
-    cv._make_loading(lambda self: setattr(self, "global_steps", 2))(SimpleNamespace(config=config, global_steps=0))
+    monkeypatch.setattr(adapter, "_ESTIMATORS", {})
+    monkeypatch.setattr(adapter, "_HYPERPARAMETERS", {})
+    load_with_checkpoint(lambda self: setattr(self, "global_steps", 2))(SimpleNamespace(config=config, global_steps=0))
     torch.testing.assert_close(advantages(3), expected)
     assert not torch.allclose(fresh, expected)  # the restored anchor is what makes them equal

@@ -8,7 +8,7 @@ A = A^E + step_advantage_w * A^S, on the step's tokens. ``mode="mean_norm"`` lea
 
 Paper: "Group-in-Group Policy Optimization for LLM Agent Training" (arXiv 2505.10978).
 Official code: langfengQ/verl-agent ``gigpo/core_gigpo.py`` at 20bd331 (``compute_step_discounted_returns``,
-``compute_gigpo_outcome_advantage``), transcribed as the test oracle ``tests/official_gigpo.py``.
+``compute_gigpo_outcome_advantage``), transcribed as the test oracle ``canonrl.reference.official_gigpo``.
 
 Inputs (row-per-step, verl-agent's layout; also a row-per-trajectory batch with ``turn_ids``): ``rewards`` [B] the
 episode reward on every step row (or ``token_rewards``, summed), ``group`` the prompt's uid, ``traj`` the

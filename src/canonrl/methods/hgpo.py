@@ -8,7 +8,7 @@ A = sum_k w_k a_k with w_k = (k + 1)^alpha / (sum of the kept (k + 1)^alpha + ep
 
 Paper: "Hierarchy-of-Groups Policy Optimization for Long-Horizon Agentic Tasks" (arXiv 2602.22817).
 Official code: langfengQ/verl-agent ``recipe/hgpo/core_hgpo.py`` at 20bd331 (``hgpo_advantage_estimate``),
-transcribed as the test oracle ``tests/official_hgpo.py``.
+transcribed as the test oracle ``canonrl.reference.official_hgpo``.
 
 Inputs: as GiGPO (row per step: ``rewards`` episode reward, ``group``, ``traj``, ``step_index``, ``step_rewards``,
 ``anchor``); ``history_length`` K must match the memory window the prompts show.
