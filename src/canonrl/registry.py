@@ -88,13 +88,16 @@ class EstimatorInfo:
 SIMULATOR_ALIGNMENTS = ("centred", "z", "fit")
 #: Where an outcome-level estimator runs unless it says otherwise (``Estimator.works_in``).
 OUTCOME_WORKS_IN = "library, lab, verl, TRL"
-#: Where a step or critic estimator runs unless it says otherwise: the lab's multi-turn tasks, and verl's agent-loop
-#: layout (a trajectory per row) through the patched dispatcher.
-STEP_WORKS_IN = "library, lab (multi-turn tasks), verl (agent-loop layout, with the patch); TRL: no"
+#: Where a step or critic estimator runs unless it says otherwise: the lab's multi-turn tasks, verl's agent-loop
+#: layout (a trajectory per row: the canonrl_* v1 trainers or the patch), TRL's tool-using completions (turns from
+#: the tool mask, per-turn inputs from a subclass hook).
+STEP_WORKS_IN = "library, lab (multi-turn tasks), verl (agent-loop layout), TRL (tool turns; per-turn inputs by hook)"
+#: Where a critic estimator runs: where a critic gives its ``values`` (TRL's GRPOTrainer has none).
+CRITIC_WORKS_IN = "library, lab (critic=head|separate), verl (agent-loop layout, verl's critic); TRL: no"
 #: Where a tree estimator runs: the lab's branched episodes; no trainer records rollout trees.
 TREE_WORKS_IN = "library, lab (branching); verl, TRL: no"
 #: Where an estimator reading a solver's step values or labels runs: the lab's lab-grid (its BFS solver).
-SOLVER_WORKS_IN = "library, lab (task=grid's solver); verl, TRL: no"
+SOLVER_WORKS_IN = "library, lab (task=grid's solver), TRL (values or labels by hook); verl: no"
 #: The default ``Estimator.reward_range``: every finite reward.
 ANY_REWARD = (-math.inf, math.inf)
 
@@ -369,6 +372,7 @@ class CriticEstimator(Estimator):
     """A token-level estimator that reads a critic's ``values`` and returns real value targets."""
 
     level = "token"
+    works_in = CRITIC_WORKS_IN
     requires = ("values",)
     critic = True
 

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from canonrl.batch import RolloutBatch, describe_row_indices
 from canonrl.methods._common import require_choice, require_range
-from canonrl.registry import SOLVER_WORKS_IN, Paper, StepEstimator, param, register
+from canonrl.registry import Paper, StepEstimator, param, register
 
 SPO_PAPER = Paper(
     "Segment Policy Optimization: Effective Segment-Level Credit Assignment in RL for Large Language Models",
@@ -79,7 +79,7 @@ def probability_mask(batch: RolloutBatch, threshold: float) -> Tensor:
 @register
 class SPOChain(StepEstimator):
     name = "spo_chain"
-    works_in = SOLVER_WORKS_IN
+    works_in = "library, lab (task=grid's solver); verl, TRL: no"
     description = "Segment advantage V(segment end) - V(previous end) from MC values; tokens with p > 0.9 get 0"
     paper = SPO_PAPER
     requires = ("step_values",)
