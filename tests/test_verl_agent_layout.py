@@ -275,3 +275,26 @@ def test_errors_are_one_line_and_name_the_rows():
     split = data.select_idxs(np.arange(len(data)))
     split.non_tensor_batch["uid"][0] = "another group"
     assert "rows [0" in _error(compute_advantage, split, "gigpo", algorithm())
+
+
+@pytest.mark.parametrize("name", ["gigpo", "hgpo"])
+def test_verls_patched_dispatcher_routes_the_row_per_step_layout(name):
+    """verl's own compute_advantage, patched, on a verl-agent batch (duplicated and reordered after the hook) gives
+    what this module's compute_advantage gives: both layouts go through verl's real dispatcher."""
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo import ray_trainer
+
+    from canonrl.integrations import verl as cv
+
+    data = rollout(7)
+    record_step_index(data)
+    data = duplicated_and_shuffled(data, 7)
+    config = algorithm(name, **({"history_length": 2} if name == "hgpo" else {}))
+    want = compute_advantage(data, name, config).batch["advantages"].clone()
+    cv.patch_compute_advantage()
+    try:
+        got = ray_trainer.compute_advantage(data, adv_estimator=name, config=OmegaConf.create(config))
+    finally:
+        cv.unpatch_compute_advantage()
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got.batch["advantages"], want, atol=0, rtol=0)

@@ -230,3 +230,37 @@ def test_a_stateful_estimator_resumes_with_the_verl_checkpoint(patched, tmp_path
     load_with_checkpoint(lambda self: setattr(self, "global_steps", 2))(SimpleNamespace(config=config, global_steps=0))
     torch.testing.assert_close(advantages(3), expected)
     assert not torch.allclose(fresh, expected)  # the restored anchor is what makes them equal
+
+
+def test_canonrls_v1_trainers_save_and_restore_the_states_without_the_patch(tmp_path, monkeypatch):
+    """CanonrlAdvantageStep (the base of canonrl_sync, ...) wraps its verl trainer's own checkpoint methods."""
+    from canonrl.integrations.verl.v1 import CanonrlAdvantageStep
+
+    class VerlTrainer:  # stands in for verl's trainer: its checkpoint methods, as verl runs them
+        def _save_checkpoint(self):
+            self.saved = True
+
+        def _load_checkpoint(self):
+            self.global_steps = 2  # verl found global_step_2 and resumed from it
+
+    trainer_cls = type("Trainer", (CanonrlAdvantageStep, VerlTrainer), {})
+    assert not cv.is_patched()
+    monkeypatch.setattr(adapter, "_ESTIMATORS", {})
+    monkeypatch.setattr(adapter, "_HYPERPARAMETERS", {})
+    config = OmegaConf.create({"trainer": {"default_local_dir": str(tmp_path), "resume_mode": "auto"}})
+    saving = object.__new__(trainer_cls)
+    saving.config, saving.global_steps = config, 2
+
+    def advantages(seed: int) -> torch.Tensor:
+        return cv.canonrl_compute_advantage(hadw_batch(seed), "hadw", config=algo()).batch["advantages"]
+
+    advantages(1), advantages(2)
+    saving._save_checkpoint()
+    assert saving.saved and (tmp_path / "global_step_2" / cv.ESTIMATOR_STATE_FILE).is_file()
+    expected = advantages(3)
+    monkeypatch.setattr(adapter, "_ESTIMATORS", {})
+    monkeypatch.setattr(adapter, "_HYPERPARAMETERS", {})
+    resuming = object.__new__(trainer_cls)
+    resuming.config, resuming.global_steps = config, 0
+    resuming._load_checkpoint()
+    torch.testing.assert_close(advantages(3), expected)

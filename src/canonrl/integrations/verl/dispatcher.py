@@ -60,13 +60,20 @@ def _per_row(values: Any) -> list:
 
 def canonrl_compute_advantage(data: Any, adv_estimator: Any, config: Any = None) -> Any:
     """Write canonrl's ``advantages`` and ``returns`` into ``data.batch`` for the canonrl estimator registered as
-    ``adv_estimator``, with every input the batch holds; returns ``data`` (verl's dispatcher contract)."""
+    ``adv_estimator``, with every input the batch holds; returns ``data`` (verl's dispatcher contract). A batch in
+    verl-agent's row-per-step layout (``record_step_index`` ran on it) goes to
+    :func:`canonrl.integrations.verl_agent.compute_advantage`."""
     from verl.trainer.ppo import core_algos
 
     name = adv_estimator.value if isinstance(adv_estimator, Enum) else adv_estimator
     canonrl_name = estimator_name(name)
     if canonrl_name is None:
         raise ValueError(f"algorithm.adv_estimator={name!r} is not a canonrl estimator registered with verl")
+    from canonrl.integrations import verl_agent
+
+    if verl_agent.STEP_INDEX_KEY in data.non_tensor_batch:  # verl-agent's row-per-step layout: record_step_index ran
+        step = (data.meta_info or {}).get("global_steps")
+        return verl_agent.compute_advantage(data, canonrl_name, config, step=None if step is None else int(step))
     if "response_mask" not in data.batch.keys():
         from verl.trainer.ppo.ray_trainer import compute_response_mask
 
