@@ -10,8 +10,9 @@ pytest.importorskip("trl")
 import datasets  # noqa: E402
 
 import canonrl  # noqa: E402
-from canonrl.integrations.trl import SUPPORTED_TRL, CanonGRPOConfig, GRPOTrainer, check_trl_version  # noqa: E402
+from canonrl.integrations.trl import SUPPORTED_TRL, CanonGRPOConfig, check_trl_version  # noqa: E402
 from conftest import tiny_lab_model  # noqa: E402
+from trl_recording import RecordingTrainer  # noqa: E402
 
 NUM_GENERATIONS = 4
 PROMPTS = ["3+4-2?", "7+5-3+8?", "9-4+1?", "2+2+2?"]
@@ -51,37 +52,6 @@ def _args(tmp_path, estimator, params, **overrides):
     )
     kwargs.update(overrides)
     return CanonGRPOConfig(**kwargs)
-
-
-class RecordingTrainer(GRPOTrainer):
-    """Records what the estimator read, the generation output, and the advantages the loss received."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.generations, self.loss_inputs = [], []
-
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        record = {
-            "fields": {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.advantage_inputs.items()},
-            "rewards_per_func": self.rewards_per_func.clone(),
-            "output": {k: v.clone() for k, v in output.items() if isinstance(v, torch.Tensor)},
-            "entropy_check": None,
-        }
-        if "entropy" in self.advantage_inputs:  # an independent plain forward with the same (not yet updated) weights
-            ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)
-            att = torch.cat([output["prompt_mask"], output["completion_mask"]], 1)
-            t = output["completion_ids"].shape[1]
-            with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=att).logits[:, -t - 1 : -1]
-            logp = torch.log_softmax(logits.float() / self.temperature, -1)
-            record["entropy_check"] = -(logp.exp() * logp).sum(-1)
-        self.generations.append(record)
-        return output
-
-    def _compute_loss(self, model, inputs):
-        self.loss_inputs.append({k: inputs[k].clone() for k in ("prompt_ids", "completion_ids", "advantages")})
-        return super()._compute_loss(model, inputs)
 
 
 def _train(tmp_path, estimator, params):

@@ -19,6 +19,7 @@ import datasets  # noqa: E402
 import canonrl  # noqa: E402
 from canonrl.integrations.trl import CanonGRPOConfig, GRPOTrainer  # noqa: E402
 from conftest import tiny_lab_model  # noqa: E402
+from trl_recording import RecordingTrainer  # noqa: E402
 
 NUM_GENERATIONS = 4
 PROMPTS = ["3+4-2?", "7+5-3+8?"]
@@ -95,25 +96,6 @@ def _args(tmp_path, estimator, params=None, **overrides):
     )
     kwargs.update(overrides)
     return CanonGRPOConfig(**kwargs)
-
-
-class RecordingTrainer(GRPOTrainer):
-    """Records what the estimator read, the generation output, and the advantages the loss received."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.generations, self.loss_inputs = [], []
-
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        fields = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.advantage_inputs.items()}
-        self.generations.append({"fields": fields, "output": {k: v.clone() for k, v in output.items()
-                                                               if isinstance(v, torch.Tensor)}})
-        return output
-
-    def _compute_loss(self, model, inputs):
-        self.loss_inputs.append({k: inputs[k].clone() for k in ("prompt_ids", "completion_ids", "advantages")})
-        return super()._compute_loss(model, inputs)
 
 
 class TurnRewardTrainer(RecordingTrainer):
