@@ -1,14 +1,18 @@
-"""Held-out evaluation: greedy pass@1, mean@k sampled, length, entropy, and accuracy at token budgets.
+"""Held-out evaluation: greedy pass@1, mean@k and pass@k sampled, length, entropy, and accuracy at token budgets.
 
 The headline "held-out accuracy" is mean@k at the training temperature: the quantity RL optimises. Greedy
-pass@1 is reported next to it. Accuracy at a token budget counts an answer only when the response ended within
-that many tokens — the performance–cost view the CANON paper uses for CANON-Eff.
+pass@1 is reported next to it, and pass@k (the unbiased estimator of Chen et al. 2021) for every power of two
+k <= the samples per problem: whether RL widens what the policy can solve or only sharpens what it already could.
+Accuracy at a token budget counts an answer only when the response ended within that many tokens — the
+performance–cost view the CANON paper uses for CANON-Eff. A task with a ``difficulty(problem)`` method gets the
+same metrics per difficulty level (``by_difficulty``).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 
 import torch
 
@@ -72,6 +76,7 @@ def evaluate(
         finished += part.finished.tolist()
     correct = [s >= 1.0 for s in scores]
     total_tokens = sum(lengths)
+    per_sample = sample_metrics(task, heldout, scores, lengths, samples)
     result = {
         "accuracy": sum(scores) / len(scores),
         "k": samples,
@@ -83,6 +88,7 @@ def evaluate(
         "budget_accuracy": {
             str(b): sum(c and n <= b for c, n in zip(correct, lengths)) / len(correct) for b in budgets if b <= max_new_tokens
         },
+        **per_sample,
     }
     if greedy:
         greedy_scores = []
@@ -94,6 +100,82 @@ def evaluate(
             greedy_scores += verdict.scores
         result["greedy_pass1"] = sum(greedy_scores) / len(greedy_scores)
     policy.model.train(was_training)
+    return result
+
+
+def pass_at_k(n: int, correct: Sequence[int] | torch.Tensor, k: int) -> torch.Tensor:
+    """The unbiased pass@k estimate of each problem from `n` samples of which `correct[i]` were right (Chen et al.
+    2021): 1 - C(n - c, k) / C(n, k), computed as 1 - prod_{i = n-c+1}^{n} (1 - k / i) in float64 (no large
+    binomials); 1 when n - c < k. Returns a float64 tensor shaped like `correct`."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
+    c = torch.as_tensor(correct, dtype=torch.float64)
+    if ((c < 0) | (c > n)).any():
+        raise ValueError(f"correct counts must lie in [0, {n}]")
+    flat = c.reshape(-1, 1)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    factors = torch.where(i > n - flat, 1.0 - k / i, torch.ones((), dtype=torch.float64))
+    estimate = torch.where(n - flat.squeeze(1) < k, 1.0, 1.0 - factors.prod(dim=1))
+    return estimate.reshape(c.shape)
+
+
+def pass_at_k_table(correct: Sequence[int] | torch.Tensor, n: int) -> dict[str, float]:
+    """``{"1": ..., "2": ..., "4": ...}``: pass@k averaged over problems for every power of two k <= `n`."""
+    table, k = {}, 1
+    while k <= n:
+        table[str(k)] = float(pass_at_k(n, correct, k).mean())
+        k *= 2
+    return table
+
+
+def _group_metrics(scores: list[float], lengths: list[float], samples: int) -> dict:
+    """pass@k and the length split by correctness for rows that come `samples` per problem, problem-major."""
+    correct = [s >= 1.0 for s in scores]
+    counts = torch.tensor(correct, dtype=torch.float64).view(-1, samples).sum(dim=1)
+    right = [n for c, n in zip(correct, lengths) if c]
+    wrong = [n for c, n in zip(correct, lengths) if not c]
+    return {
+        "pass_at_k": pass_at_k_table(counts, samples),
+        "length_correct": sum(right) / len(right) if right else None,
+        "length_incorrect": sum(wrong) / len(wrong) if wrong else None,
+    }
+
+
+def sample_metrics(task, problems: list, scores: list[float], lengths: list[float], samples: int) -> dict:
+    """The metrics of `samples` scored rows per problem (rows problem-major, as the samplers lay them out):
+    ``pass_at_k``, ``length_correct``, ``length_incorrect`` (None when no row is correct / incorrect) and, when
+    the task has a ``difficulty(problem)`` method, ``by_difficulty``: per level (``str`` of the difficulty, levels
+    in sorted order) the problems, accuracy (mean score), pass@k, tokens per correct answer, response length and
+    the length split. A correct row is one whose score is >= 1."""
+    if len(scores) != len(problems) * samples or len(lengths) != len(scores):
+        raise ValueError(
+            f"expected {len(problems)} x {samples} scored rows, got {len(scores)} scores, {len(lengths)} lengths"
+        )
+    result = _group_metrics(scores, lengths, samples)
+    difficulty = getattr(task, "difficulty", None)
+    if difficulty is None:
+        return result
+    rows_of: dict = {}
+    for index, problem in enumerate(problems):
+        rows_of.setdefault(difficulty(problem), []).append(index)
+    try:
+        levels = sorted(rows_of)
+    except TypeError:  # mixed types: sort by their text
+        levels = sorted(rows_of, key=str)
+    by_difficulty = {}
+    for level in levels:
+        rows = [index * samples + j for index in rows_of[level] for j in range(samples)]
+        level_scores = [scores[r] for r in rows]
+        level_lengths = [lengths[r] for r in rows]
+        solved = sum(s >= 1.0 for s in level_scores)
+        by_difficulty[str(level)] = {
+            "problems": len(rows_of[level]),
+            "accuracy": sum(level_scores) / len(level_scores),
+            "tokens_per_correct": sum(level_lengths) / solved if solved else math.inf,
+            "response_length": sum(level_lengths) / len(level_lengths),
+            **_group_metrics(level_scores, level_lengths, samples),
+        }
+    result["by_difficulty"] = by_difficulty
     return result
 
 

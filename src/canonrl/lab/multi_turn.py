@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from canonrl.lab.decoding import make_decoder
+from canonrl.lab.evaluate import sample_metrics
 from canonrl.lab.sampling import Rollouts, draw_tokens
 from canonrl.lab.seeds import seed_of
 from canonrl.lab.tasks.environment import has_solver
@@ -521,6 +522,7 @@ def _episodes_in_chunks(policy, env, problems: list, chunk: int, repeats: int, *
         errors += verdict.failures
     correct = sum(s >= 1.0 for s in scores)
     return {
+        **sample_metrics(env, problems, scores, actions, repeats),  # pass@k, lengths by correctness, by_difficulty
         "accuracy": sum(scores) / len(scores),
         "turns": sum(turns) / len(turns),
         "invalid_moves": sum(invalid) / len(invalid),

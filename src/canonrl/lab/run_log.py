@@ -43,12 +43,17 @@ class RunLog:
         if self.writer is not None:
             prefix = "eval" if kind == "eval" else "train"
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "kind"):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
-                elif isinstance(value, dict):
-                    for sub, v in value.items():
-                        self.writer.add_scalar(f"{prefix}/{key}/{sub}", v, step)
+                if key not in ("step", "kind"):
+                    self._add_scalars(f"{prefix}/{key}", value, step)
         return record
+
+    def _add_scalars(self, tag: str, value, step: int) -> None:
+        """A number as one scalar, a (nested) dict as one scalar per number in it; None and the rest are skipped."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self.writer.add_scalar(tag, value, step)
+        elif isinstance(value, dict):
+            for sub, v in value.items():
+                self._add_scalars(f"{tag}/{sub}", v, step)
 
     def _last_time(self) -> float:
         last = 0.0

@@ -65,6 +65,9 @@ class Task(Protocol):
     # a multi-reward estimator gets as rewards [B, K]; see `reward_components`.
     # Optional: ``value(problem) -> float``, the prompt's human value v >= 0 (RLEV's share of an exam's points),
     # which an estimator reading ``metric`` gets; see `prompt_values`.
+    # Optional: ``difficulty(problem) -> int | str``, the problem's difficulty level (lab: its operand count): the
+    # held-out evaluation then reports its metrics per level as well, under ``by_difficulty`` keyed by
+    # ``str(level)`` (`canonrl.lab.evaluate.sample_metrics`). Levels sort as the values do (ints numerically).
 
     def problems(self, split: Split, count: int, seed: int) -> list[Problem]:
         """`count` problems of `split`, a pure function of (split, count, seed).

@@ -121,6 +121,10 @@ class CalcTask:
     def in_split(self, prompt: str, split: Split) -> bool:
         return self.lab.in_split(prompt, split)
 
+    def difficulty(self, problem: Problem) -> int:
+        """The problem's difficulty level (the held-out evaluation's ``by_difficulty``): its operand count."""
+        return self.lab.difficulty(problem)
+
     # ------------------------------------------------------------------------------------------------------------
     # the environment
     # ------------------------------------------------------------------------------------------------------------

@@ -316,6 +316,11 @@ class GridTask:
             out.append(Problem(prompt, "".join(self.solve(problem)), meta))
         return out
 
+    def difficulty(self, problem: Problem) -> int:
+        """The maze's difficulty level (the held-out evaluation's ``by_difficulty``): its shortest solution in
+        moves, the key pickup included."""
+        return problem.meta["distance"]
+
     # ------------------------------------------------------------------------------------------------------------
     # the environment
     # ------------------------------------------------------------------------------------------------------------

@@ -119,6 +119,10 @@ class LabTask:
         0.5-1."""
         return len(problem.meta["ops"]) / (10 * (self.max_operands - 1))
 
+    def difficulty(self, problem: Problem) -> int:
+        """The problem's difficulty level for the held-out evaluation's ``by_difficulty``: its operand count."""
+        return len(problem.meta["operands"])
+
     def verify(self, response: str, problem: Problem) -> Reward:
         match = _ANSWER.search(response.strip())
         if match is None:
