@@ -314,7 +314,10 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def register(app: typer.Typer) -> None:
+    from canonrl.lab.claims_cli import claims_app
+
     app.command("train")(train_command)
     app.command("eval")(eval_command)
     app.command("compare")(compare_command)
     app.add_typer(lab_app, name="lab")
+    app.add_typer(claims_app, name="claims")

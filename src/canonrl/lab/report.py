@@ -262,13 +262,18 @@ def plot_run(run_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def write_comparison(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-                     command: str | None = None) -> Path:
+                     command: str | None = None, baseline: str | None = None) -> Path:
     """Compare runs grouped by label (config `label`, else `estimator`) across seeds; returns ``out_dir/summary.md``.
 
     summary.md holds one table row per label (columns: `COLUMNS`), a per-run table, and links to the PNGs written
     beside it: accuracy_vs_step, length_vs_step, entropy_vs_step (mean over seeds, band = min..max) and
     accuracy_vs_token_budget (final-eval accuracy when only answers finished within a token budget count: the
-    performance–cost view). `command`, when given, is recorded as the invocation that produced the report."""
+    performance–cost view). `command`, when given, is recorded as the invocation that produced the report.
+
+    With two or more labels and two or more seeds shared with the baseline (`baseline`, default the label of the
+    first run directory: the first configuration of `canonrl compare`), summary.md also gets a "Paired differences"
+    table — each label minus the baseline, paired by seed, on `PAIRED_METRICS` (mean difference, bootstrap 95% CI,
+    permutation p, n seeds; see `canonrl.lab.stats`) — and two plots: differences.png and pareto.png."""
     if not run_dirs:
         raise ValueError("write_comparison needs at least one run directory")
     runs = [read_run(run_dir) for run_dir in run_dirs]
@@ -302,6 +307,13 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | 
               "answer (∞ when none was correct). Wall time of an incomplete run is the time of its last record.", ""]
     lines += _table(COLUMNS, [_group_row(label, members) for label, members in groups.items()])
     lines += _warnings(runs, groups)
+    baseline = baseline if baseline is not None else runs[0].label
+    if baseline not in groups:
+        raise ValueError(f"baseline {baseline!r} is not a label of these runs ({', '.join(groups)})")
+    paired = paired_section(groups, baseline, out)
+    if paired:
+        lines += ["", *paired]
+        plots.update({name: out / name for name in ("differences.png", "pareto.png") if (out / name).exists()})
     lines += ["", "## Runs", ""]
     lines += _table(("label", "seed", "task", "last step", "initial acc (%)", "final acc (%)",
                      "final greedy pass@1 (%)", "status", "run"),
@@ -318,6 +330,139 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | 
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     return summary
+
+
+# ---------------------------------------------------------------------------------------------- paired statistics
+
+#: metrics of the paired-difference table: (metric, heading, scale of the printed numbers); pass@k's k is the largest
+#: present in every run's final evaluation
+PAIRED_METRICS: tuple[tuple[str, str, float], ...] = (
+    ("accuracy", "final accuracy (points)", 100.0),
+    ("auc:accuracy", "AUC of accuracy (points)", 100.0),
+    ("tokens_per_correct", "tokens / correct", 1.0),
+    ("pass_at_k.{k}", "pass@{k} (points)", 100.0),
+    ("entropy", "entropy (nats/token)", 1.0),
+)
+PAIRED_COLUMNS: tuple[str, ...] = ("label − baseline", "metric", "mean diff", "95% CI", "p (permutation)", "n seeds")
+
+
+def largest_pass_k(runs: Iterable[Run]) -> str | None:
+    """The largest k (as text) of `pass_at_k` present in every run's final evaluation, or None."""
+    common: set[str] | None = None
+    for run in runs:
+        table = (run.final or {}).get("pass_at_k")
+        keys = {k for k, v in table.items() if _is_number(v)} if isinstance(table, dict) else set()
+        common = keys if common is None else common & keys
+    numeric = [k for k in (common or ()) if k.isdigit()]
+    return max(numeric, key=int) if numeric else None
+
+
+def paired_metrics(groups: dict[str, list[Run]]) -> list[tuple[str, str, float]]:
+    """`PAIRED_METRICS` with pass@k's k filled in (dropped when no k is common to all runs)."""
+    k = largest_pass_k(run for members in groups.values() for run in members)
+    out = []
+    for metric, heading, scale in PAIRED_METRICS:
+        if "{k}" in metric:
+            if k is None:
+                continue
+            metric, heading = metric.format(k=k), heading.format(k=k)
+        out.append((metric, heading, scale))
+    return out
+
+
+def paired_section(groups: dict[str, list[Run]], baseline: str, out: Path) -> list[str]:
+    """The "Paired differences" section of summary.md (and differences.png, pareto.png in `out`); [] when there is
+    no second label or fewer than two seeds are shared with the baseline."""
+    from canonrl.lab.stats import MIN_SEEDS_FOR_CI, MetricError, compare_runs
+
+    base_seeds = {run.seed for run in groups[baseline]}
+    others = [label for label in groups if label != baseline
+              and len(base_seeds & {run.seed for run in groups[label]} - {None}) >= MIN_SEEDS_FOR_CI]
+    if not others:
+        return []
+    rows, comparisons, notes = [], [], []
+    for label in others:
+        for metric, heading, scale in paired_metrics(groups):
+            try:
+                comparison = compare_runs(groups[baseline], groups[label], metric)
+            except (MetricError, ValueError) as error:
+                notes.append(f"{label} vs {baseline} on {metric}: {_one_line(error)}")
+                rows.append([f"{label} − {baseline}", heading, "—", "—", "—", "—"])
+                continue
+            comparisons.append((comparison, heading, scale))
+            rows.append([f"{label} − {baseline}", heading, *format_comparison(comparison, scale)])
+    lines = ["## Paired differences", "",
+             f"Each label minus the baseline `{baseline}` (the first configuration), paired by seed: the mean of the "
+             "per-seed differences, its 95% bootstrap CI (percentile, fixed seed) and a two-sided paired permutation "
+             "p-value (sign flips; exact for up to 13 seeds). Five seeds all on one side give p = 0.0625 at best. "
+             "AUC is the mean level of the held-out accuracy curve over training. Points are percentage points.", ""]
+    lines += _table(PAIRED_COLUMNS, rows)
+    lines += [""] + [f"> **Note:** {note}" for note in notes] if notes else []
+    if comparisons:
+        plot_differences(comparisons, out / "differences.png")
+        plot_pareto(groups, out / "pareto.png")
+    return lines
+
+
+def format_comparison(comparison, scale: float = 1.0) -> list[str]:
+    """[mean diff, CI, p, n] cells of a `canonrl.lab.stats.Comparison`, numbers multiplied by `scale`."""
+    digits = 1 if scale == 100.0 else 3
+
+    def number(value: float | None) -> str:
+        return "—" if value is None else f"{scale * value:+.{digits}f}"
+
+    ci = "—" if comparison.ci_low is None else f"[{number(comparison.ci_low)}, {number(comparison.ci_high)}]"
+    p = "—" if comparison.p_value is None else f"{comparison.p_value:.3g}"
+    return [number(comparison.mean), ci, p, str(comparison.n)]
+
+
+def plot_differences(comparisons: Sequence[tuple[Any, str, float]], path: Path, title: str | None = None) -> Path:
+    """One panel per metric: each comparison's mean difference with its CI (bar) and per-seed differences (dots)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    by_metric: dict[str, list[tuple[Any, float]]] = {}
+    for comparison, heading, scale in comparisons:
+        by_metric.setdefault(heading, []).append((comparison, scale))
+    panels = max(1, len(by_metric))
+    figure = Figure(figsize=(4.0 * min(panels, 3), 0.6 + 3.2 * math.ceil(panels / 3)), dpi=100)
+    FigureCanvasAgg(figure)
+    for index, (heading, items) in enumerate(by_metric.items()):
+        axes = figure.add_subplot(math.ceil(panels / 3), min(panels, 3), index + 1)
+        for row, (comparison, scale) in enumerate(items):
+            mean = scale * comparison.mean
+            if comparison.ci_low is not None:
+                low, high = scale * comparison.ci_low, scale * comparison.ci_high
+                axes.errorbar([mean], [row], xerr=[[mean - low], [high - mean]], fmt="o", color=f"C{row % 10}", capsize=4)
+            else:
+                axes.plot([mean], [row], "o", color=f"C{row % 10}")
+            axes.plot([scale * d for d in comparison.differences], [row] * comparison.n, "x", color="0.4", markersize=4)
+        axes.axvline(0.0, color="0.3", linewidth=0.8)
+        axes.set_yticks(range(len(items)), [f"{c.candidate} − {c.baseline}" for c, _ in items], fontsize="small")
+        axes.set_ylim(-0.7, len(items) - 0.3)
+        axes.set_title(heading, fontsize="small")
+        axes.grid(alpha=0.3, axis="x")
+    figure.suptitle(title or "Paired differences: mean and 95% bootstrap CI; x: per-seed differences", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_pareto(groups: dict[str, list[Run]], path: Path) -> Path:
+    """Accuracy against tokens per correct answer: one point per label (mean over seeds, Student-t 95% CI bars on
+    both axes); runs with no correct answer (infinite tokens per correct) are left out of the x mean."""
+    figure, axes = _figure()
+    for index, (label, runs) in enumerate(groups.items()):
+        accuracy = [v for v in (_final_value(run, ACCURACY) for run in runs) if v is not None]
+        tokens = [v for v in (_final_value(run, "tokens_per_correct") for run in runs) if v is not None and math.isfinite(v)]
+        if not accuracy or not tokens:
+            continue
+        (y, y_half), (x, x_half) = mean_ci(accuracy), mean_ci(tokens)
+        axes.errorbar([x], [y], xerr=None if x_half is None else [x_half], yerr=None if y_half is None else [y_half],
+                      fmt="o", capsize=4, color=f"C{index % 10}", label=f"{label} (n={len(runs)})")
+    _finish(figure, axes, path, "Accuracy vs tokens per correct answer (mean, 95% CI over seeds)", "final accuracy",
+            xlabel="tokens per correct answer")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
