@@ -81,11 +81,16 @@ def report_command(
     page: Path = typer.Option(Path("docs/claims.md"), "--out", "-o", help="the page to write (plots go to <its dir>/claims/)"),
     file: Path = FILE_OPTION,
 ) -> None:
-    """Collect verdict.json files into docs/claims.md; claims not yet run are listed as "not run"."""
-    from canonrl.lab.claims import load_claims, write_claims_page
+    """Publish the verdict.json files of `--from` into <page dir>/claims/ and write docs/claims.md from every
+    published verdict; claims not yet run are listed as "not run"."""
+    from canonrl.lab.claims import load_claims, publish_verdicts, published_verdicts, write_claims_page
 
     with lab_command():
         claims = load_claims(file)
         verdicts = sorted(results.glob("*/verdict.json")) if results.is_dir() else []
-        written = write_claims_page(claims, verdicts, page)
-    console.print(f"{written}: {len(verdicts)} verdict(s), {len(claims)} claim(s)", highlight=False)
+        folder = page.parent / "claims"
+        publish_verdicts(verdicts, folder)
+        published = published_verdicts(folder)
+        written = write_claims_page(claims, published, page)
+    console.print(f"{written}: {len(verdicts)} new verdict(s), {len(published)} published, {len(claims)} claim(s)",
+                  highlight=False)
