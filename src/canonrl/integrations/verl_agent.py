@@ -163,24 +163,17 @@ def _is_none(values: Any) -> Any:
 
 
 def rollout_positions(traj_uid: Any) -> Any:
-    """[N] int64: each row's position among the rows of its trajectory, in row order (vectorized: unique inverse,
-    stable sort, cumulative count)."""
-    import numpy as np
+    """[N] int64: each row's position among the rows of its trajectory, in row order (its within-trajectory rank by
+    row index: :meth:`canonrl.groups.Grouping.rank`)."""
     import torch
 
     from canonrl.batch import encode_groups
+    from canonrl.groups import Grouping
 
     n = len(traj_uid)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    codes = encode_groups(traj_uid, n, torch.device("cpu"))[0].numpy()
-    order = np.argsort(codes, kind="stable")
-    sorted_codes = codes[order]
-    starts = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
-    run_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-    positions = np.empty(n, dtype=np.int64)
-    positions[order] = np.arange(n) - run_start
-    return positions
+    codes, count = encode_groups(traj_uid, n, torch.device("cpu")) if n else (torch.zeros(0, dtype=torch.long), 0)
+    trajectories = Grouping(codes, torch.ones(n, dtype=torch.bool), count)
+    return trajectories.rank(torch.arange(n)).numpy().astype("int64")
 
 
 def record_step_index(data: Any, *, traj_key: str = "traj_uid", active_key: str = "active_masks") -> Any:
