@@ -12,7 +12,7 @@ import datasets  # noqa: E402
 import canonrl  # noqa: E402
 from canonrl.integrations.trl import SUPPORTED_TRL, CanonGRPOConfig, check_trl_version  # noqa: E402
 from conftest import tiny_lab_model  # noqa: E402
-from trl_recording import RecordingTrainer  # noqa: E402
+from trl_recording import RecordingTrainer, cpu_config  # noqa: E402
 
 NUM_GENERATIONS = 4
 PROMPTS = ["3+4-2?", "7+5-3+8?", "9-4+1?", "2+2+2?"]
@@ -29,29 +29,9 @@ def reward_sometimes(completions, **kwargs):
 
 
 def _args(tmp_path, estimator, params, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        advantage_estimator=estimator,
-        advantage_params=params,
-        per_device_train_batch_size=8,
-        num_generations=NUM_GENERATIONS,
-        max_completion_length=8,
-        max_steps=2,
-        learning_rate=1e-2,
-        temperature=1.0,
-        beta=0.0,
-        reward_weights=[1.0, 0.5],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    kwargs.update(overrides)
-    return CanonGRPOConfig(**kwargs)
+    settings = dict(per_device_train_batch_size=8, num_generations=NUM_GENERATIONS, max_completion_length=8,
+                    temperature=1.0, reward_weights=[1.0, 0.5])  # fmt: skip
+    return cpu_config(tmp_path, estimator, params, **{**settings, **overrides})
 
 
 def _train(tmp_path, estimator, params):

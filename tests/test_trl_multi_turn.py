@@ -19,7 +19,7 @@ import datasets  # noqa: E402
 import canonrl  # noqa: E402
 from canonrl.integrations.trl import CanonGRPOConfig, GRPOTrainer  # noqa: E402
 from conftest import tiny_lab_model  # noqa: E402
-from trl_recording import RecordingTrainer  # noqa: E402
+from trl_recording import RecordingTrainer, cpu_config  # noqa: E402
 
 NUM_GENERATIONS = 4
 PROMPTS = ["3+4-2?", "7+5-3+8?"]
@@ -72,30 +72,15 @@ def tool_model():
 
 
 def _args(tmp_path, estimator, params=None, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        advantage_estimator=estimator,
-        advantage_params=params or {},
+    settings = dict(
         per_device_train_batch_size=8,
         num_generations=NUM_GENERATIONS,
         max_completion_length=24,
         max_tool_calling_iterations=2,
         # raises the end-of-sequence probability after 4 tokens, so that turns are short and tool results fit
         generation_kwargs={"exponential_decay_length_penalty": (4, 1.5)},
-        max_steps=2,
-        learning_rate=1e-2,
-        beta=0.0,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        dataloader_num_workers=0,
     )
-    kwargs.update(overrides)
-    return CanonGRPOConfig(**kwargs)
+    return cpu_config(tmp_path, estimator, params, **{**settings, **overrides})
 
 
 class TurnRewardTrainer(RecordingTrainer):

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from canonrl.integrations.trl import GRPOTrainer
+from canonrl.integrations.trl import CanonGRPOConfig, GRPOTrainer
+
+#: what every TRL test run shares: two steps on the CPU, no logging, saving or workers, no KL term, a fixed seed
+CPU_RUN = dict(max_steps=2, learning_rate=1e-2, beta=0.0, use_cpu=True, bf16=False, gradient_checkpointing=False,
+               report_to="none", save_strategy="no", logging_steps=1, seed=0, dataloader_num_workers=0)  # fmt: skip
+
+
+def cpu_config(tmp_path, estimator: str, params: dict | None, **settings) -> CanonGRPOConfig:
+    """A CanonGRPOConfig for a short CPU run of ``estimator`` (``CPU_RUN`` plus the test's own ``settings``)."""
+    return CanonGRPOConfig(output_dir=str(tmp_path), advantage_estimator=estimator, advantage_params=params or {},
+                           **{**CPU_RUN, **settings})  # fmt: skip
 
 
 class RecordingTrainer(GRPOTrainer):
